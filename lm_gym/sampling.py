@@ -1,0 +1,108 @@
+"""A KV-cached sampling agent for ``TextGen-v0`` observations.
+
+:class:`CachedSampler` turns a causal LM into an agent for the vector (or single) environment: it reads
+the observations, keeps one KV cache for all rows (:class:`~lm_gym.decoding.BatchedDecoder`), and samples
+the next tokens with temperature / top-k / top-p applied through ``transformers`` logits warpers. It
+returns the log-probabilities of the sampled tokens *under the distribution they were drawn from*, which
+is what the environment's KL term and a PPO ratio need.
+
+It follows the environment without being told about resets: a row whose observation is its previous
+sequence plus the token it chose is advanced by one cached step; any other row (a new episode) is
+prefilled from its observation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import (
+    LogitsProcessorList,
+    PreTrainedModel,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from lm_gym.decoding import BatchedDecoder
+
+__all__ = ["CachedSampler", "sampling_warpers"]
+
+
+def sampling_warpers(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> LogitsProcessorList:
+    """The ``transformers`` warpers for temperature, top-k (0 = off) and top-p (1.0 = off)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0; got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off); got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1]; got {top_p}")
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k > 0:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers
+
+
+class CachedSampler:
+    """Sample actions for N rows of ``TextGen-v0`` observations with one KV cache.
+
+    Args:
+        model: the policy's causal LM.
+        num_rows: N, the number of environments.
+        pad_token_id: the padding id of the observations.
+        temperature: sampling temperature (pass the same to the env so the KL compares like with like).
+        top_k: keep the k most likely tokens (0 = off).
+        top_p: keep the smallest set with this much probability (1.0 = off).
+        generator: a ``torch.Generator`` on the model's device, for reproducible sampling.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        num_rows: int,
+        pad_token_id: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.decoder = BatchedDecoder(model, num_rows, pad_token_id)
+        self.warpers = sampling_warpers(temperature, top_k, top_p)
+        self.generator = generator
+        self._last_actions: torch.Tensor | None = None  # (N,)
+
+    def _follow(self, obs: dict[str, np.ndarray]) -> None:
+        """Bring the cache to the observed sequences: one cached step where possible, else a prefill."""
+        ids, mask = np.asarray(obs["input_ids"]), np.asarray(obs["attention_mask"])
+        if ids.ndim == 1:
+            ids, mask = ids[None], mask[None]
+        seqs = [row[m > 0].tolist() for row, m in zip(ids, mask)]
+        tokens = self.decoder.tokens
+        step = [
+            self._last_actions is not None and seq[:-1] == tokens[i] and seq[-1] == int(self._last_actions[i])
+            for i, seq in enumerate(seqs)
+        ]
+        if any(step):
+            self.decoder.append(self._last_actions, torch.tensor(step))
+        restart = [i for i, seq in enumerate(seqs) if not step[i] and seq != tokens[i]]
+        self.decoder.reset_rows(restart, [seqs[i] for i in restart])
+
+    @torch.no_grad()
+    def act(self, obs: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample the next token of every row.
+
+        Returns:
+            actions: (N,) int64 token ids.
+            log_probs: (N,) float32, ``log pi(action)`` under the warped distribution that was sampled.
+        """
+        self._follow(obs)
+        ids = torch.tensor([t[-1:] for t in self.decoder.tokens], device=self.decoder.device)  # (N, 1)
+        scores = self.warpers(ids, self.decoder.logits.clone())  # (N, V), -inf outside top-k/top-p
+        log_probs = torch.log_softmax(scores, dim=-1)
+        actions = torch.multinomial(log_probs.exp(), 1, generator=self.generator)[:, 0]  # (N,)
+        self._last_actions = actions
+        return actions, log_probs.gather(1, actions[:, None])[:, 0]

@@ -1,0 +1,79 @@
+"""Tasks: a prompt set with its train/eval split and its (gold) reward.
+
+``get_task("sentiment")`` is the default: continue the opening of a movie review; the reward is VADER's
+positive sentiment of the continuation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+
+from lm_gym.rewards import RewardFunction, VaderSentiment
+
+__all__ = ["TASKS", "Task", "get_task"]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A prompt set and how to score continuations of it.
+
+    Args:
+        name: the task's name.
+        train_prompts: prompts to train on.
+        eval_prompts: held-out prompts, never seen in training.
+        make_reward: builds the task's gold reward function.
+        description: one line for ``--help`` and reports.
+    """
+
+    name: str
+    train_prompts: tuple[str, ...]
+    eval_prompts: tuple[str, ...]
+    make_reward: Callable[[], RewardFunction]
+    description: str = ""
+
+    def prompts(self, split: str) -> tuple[str, ...]:
+        """The prompts of ``split`` (``"train"``, ``"eval"`` or ``"all"``)."""
+        if split == "train":
+            return self.train_prompts
+        if split == "eval":
+            return self.eval_prompts
+        if split == "all":
+            return self.train_prompts + self.eval_prompts
+        raise ValueError(f"split must be 'train', 'eval' or 'all'; got {split!r}")
+
+
+def split_prompts(prompts: Sequence[str], eval_fraction: float, seed: int = 0) -> tuple[tuple[str, ...], ...]:
+    """A deterministic shuffle-and-cut into (train, eval); the same on every machine."""
+    order = np.random.default_rng(seed).permutation(len(prompts))
+    n_eval = int(round(len(prompts) * eval_fraction))
+    eval_idx = set(order[:n_eval].tolist())
+    train = tuple(p for i, p in enumerate(prompts) if i not in eval_idx)
+    held_out = tuple(p for i, p in enumerate(prompts) if i in eval_idx)
+    return train, held_out
+
+
+def _sentiment() -> Task:
+    text = resources.files("lm_gym.tasks").joinpath("data/movie_review_openings.txt").read_text("utf-8")
+    openings = [line.strip() for line in text.splitlines() if line.strip()]
+    train, held_out = split_prompts(openings, eval_fraction=1 / 6, seed=0)
+    return Task(
+        name="sentiment",
+        train_prompts=train,
+        eval_prompts=held_out,
+        make_reward=VaderSentiment,
+        description="continue a movie-review opening; reward: VADER positive sentiment of the continuation",
+    )
+
+
+TASKS: dict[str, Callable[[], Task]] = {"sentiment": _sentiment}
+
+
+def get_task(name: str) -> Task:
+    """The task called ``name`` (see ``TASKS``)."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; available: {', '.join(sorted(TASKS))}")
+    return TASKS[name]()

@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+from lm_gym.models import tiny_causal_lm
+from lm_gym.rewards import VaderSentiment
+from lm_gym.tasks import Task
+
+PROMPTS = (
+    "The film opens on",
+    "I expected very little from this sequel, but",
+    "A slow",
+    "Halfway through the second act, the director decides that the story needs",
+    "Critics have been kind to",
+)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The tiny model and tokenizer (random weights, seed 0)."""
+    model, tokenizer = tiny_causal_lm(seed=0)
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def toy_task():
+    return Task("toy", PROMPTS, PROMPTS[:2], VaderSentiment)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

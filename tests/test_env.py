@@ -1,0 +1,232 @@
+"""TextGen-v0: Gymnasium/SB3 compliance, episode semantics, the KL reward, errors."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env as gym_check_env
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+import lm_gym  # noqa: F401  (registers TextGen-v0)
+from lm_gym import PolicyLogProbCache, TextGenEnv
+
+
+@pytest.fixture
+def make_env(tiny, toy_task):
+    model, tokenizer = tiny
+
+    def make(**kwargs):
+        kwargs = {"model": model, "tokenizer": tokenizer, "task": toy_task, "max_new_tokens": 6,
+                  "max_prompt_tokens": 80, **kwargs}
+        return gym.make("TextGen-v0", **kwargs)
+
+    return make
+
+
+def ref_log_prob(model, tokens, action, temperature=1.0):
+    """log pi_ref(action | tokens) from one full forward, the definition the env must match."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([tokens])).logits[0, -1].double()
+    return float(torch.log_softmax(logits / temperature, -1)[action])
+
+
+def valid_tokens(obs):
+    return obs["input_ids"][obs["attention_mask"] > 0].tolist()
+
+
+def test_gymnasium_check_env(make_env):
+    env = make_env()
+    gym_check_env(env.unwrapped)
+
+
+def test_sb3_check_env(make_env):
+    env = make_env()
+    sb3_check_env(env, warn=True)
+
+
+def test_spaces(make_env, tiny):
+    env = make_env()
+    assert env.action_space == gym.spaces.Discrete(len(tiny[1]))
+    obs, info = env.reset(seed=0)
+    assert obs["input_ids"].shape == (86,) and obs["input_ids"].dtype == np.int64
+    assert env.observation_space.contains(obs)
+    # left-padded: the prompt sits at the right end
+    assert obs["attention_mask"][-1] == 1 and obs["attention_mask"][0] == 0
+    assert info["text"] == "" and info["prompt"] in make_env().unwrapped._vec.prompts
+
+
+def test_reset_with_seed_is_deterministic(make_env):
+    def episode(env, seed):
+        obs, info = env.reset(seed=seed)
+        rewards = []
+        for a in [65, 66, 67, 68, 69, 70]:
+            env.unwrapped.set_policy_log_prob(-3.0)
+            obs, r, term, trunc, info = env.step(a)
+            rewards.append(r)
+        return valid_tokens(obs), rewards
+
+    env = make_env()
+    first, second = episode(env, 7), episode(env, 7)
+    assert first == second
+    prompts = {tuple(episode(env, s)[0][:-6]) for s in range(10)}
+    assert len(prompts) > 1  # different seeds pick different prompts
+
+
+def test_kl_reward_equals_direct_computation(make_env, tiny):
+    model, _ = tiny
+    for estimator, temperature in [("k1", 1.0), ("k3", 0.7)]:
+        env = make_env(kl_coef=0.3, kl_estimator=estimator, temperature=temperature, stop_token_ids=[])
+        obs, _ = env.reset(seed=3)
+        tokens = valid_tokens(obs)
+        for t, (action, logp) in enumerate([(70, -2.0), (101, -4.5), (32, -0.7), (120, -6.0), (99, -1.0), (33, -3.3)]):
+            env.unwrapped.set_policy_log_prob(logp)
+            obs, reward, term, trunc, info = env.step(action)
+            ref = ref_log_prob(model, tokens, action, temperature)
+            kl = logp - ref if estimator == "k1" else np.expm1(ref - logp) - (ref - logp)
+            expected = -0.3 * kl + (info["score"] if trunc else 0.0)
+            assert info["ref_log_prob"] == pytest.approx(ref, abs=1e-4)
+            assert info["policy_log_prob"] == logp and info["kl"] == pytest.approx(kl, abs=1e-4)
+            assert reward == pytest.approx(expected, abs=1e-4)
+            assert trunc == (t == 5)
+            tokens.append(action)
+
+
+def test_score_is_added_at_the_last_step(make_env):
+    texts = []
+
+    def reward(prompts, completions):
+        texts.extend(completions)
+        return [10.0 + len(c) for c in completions]
+
+    env = make_env(reward=reward, kl_coef=0.0)
+    env.reset(seed=0)
+    for action in [72, 105, 33]:  # "H", "i", "!"
+        obs, r, term, trunc, info = env.step(action)
+        assert "score" not in info and r == 0.0
+    env = make_env(reward=reward, kl_coef=0.0, max_new_tokens=3)
+    env.reset(seed=0)
+    for action in [72, 105, 33]:
+        obs, r, term, trunc, info = env.step(action)
+    assert trunc and not term
+    assert texts == ["Hi!"] and info["text"] == "Hi!" and info["score"] == 13.0 and r == 13.0
+
+
+def test_terminates_on_eos(make_env, tiny):
+    eos = tiny[1].eos_token_id
+    env = make_env(kl_coef=0.0)
+    env.reset(seed=0)
+    env.step(72)
+    obs, r, term, trunc, info = env.step(eos)
+    assert term and not trunc
+    assert info["text"] == "H"  # the stop token is not part of the text
+    assert valid_tokens(obs)[-1] == eos
+    with pytest.raises(RuntimeError, match="after the episode ended"):
+        env.step(72)
+
+
+def test_truncates_at_max_new_tokens(make_env):
+    env = make_env(max_new_tokens=4, kl_coef=0.0)
+    env.reset(seed=0)
+    flags = [env.step(80)[2:4] for _ in range(4)]
+    assert flags == [(False, False)] * 3 + [(False, True)]
+
+
+def test_long_prompt_keeps_its_last_tokens(make_env, tiny):
+    tokenizer = tiny[1]
+    prompt = "An extremely long opening sentence that goes on and on about the film"
+    env = make_env(max_prompt_tokens=10)
+    obs, info = env.reset(seed=0, options={"prompt": prompt})
+    assert info["prompt_truncated"]
+    assert valid_tokens(obs) == tokenizer(prompt)["input_ids"][-10:]
+    assert info["prompt"] == tokenizer.decode(tokenizer(prompt)["input_ids"][-10:])
+    obs, info = env.reset(seed=0, options={"prompt": "Short"})
+    assert not info["prompt_truncated"] and valid_tokens(obs) == tokenizer("Short")["input_ids"]
+
+
+def test_policy_log_prob_cache_channel(make_env, tiny):
+    """SB3's path: the policy records its distributions; the env looks its observation up."""
+    cache = PolicyLogProbCache()
+    env = make_env(log_prob_cache=cache, kl_coef=0.5)
+    obs, _ = env.reset(seed=1)
+    log_probs = torch.log_softmax(torch.randn(2, len(tiny[1])), -1)
+    other = {k: np.stack([v, np.roll(v, 1)]) for k, v in obs.items()}  # a second, different observation
+    cache.record(other["input_ids"], other["attention_mask"], log_probs)
+    obs, reward, *_, info = env.step(55)
+    assert info["policy_log_prob"] == pytest.approx(float(log_probs[0, 55]))
+    assert reward == pytest.approx(-0.5 * (info["policy_log_prob"] - info["ref_log_prob"]), abs=1e-6)
+    obs, reward, *_, info = env.step(56)  # this observation was never recorded: no KL term
+    assert "policy_log_prob" not in info and reward == 0.0
+
+
+def test_random_agent_without_policy_log_probs(make_env):
+    env = make_env()
+    env.reset(seed=0)
+    with pytest.warns(UserWarning, match="no policy log-prob"):
+        obs, reward, *_, info = env.step(env.action_space.sample())
+    assert reward == 0.0 and "kl" not in info and np.isfinite(info["ref_log_prob"])
+
+
+def test_async_reference_is_reproducible_and_agrees_with_sync(make_env):
+    def run(async_reference):
+        env = make_env(async_reference=async_reference, stop_token_ids=[])
+        env.reset(seed=4)
+        out = []
+        for a in [70, 80, 90, 100, 110, 120]:
+            env.unwrapped.set_policy_log_prob(-2.0)
+            out.append(env.step(a)[1])
+        env.close()
+        return out
+
+    assert run(True) == run(True)  # bit for bit
+    # the background thread may use fewer torch threads: same values up to float rounding
+    np.testing.assert_allclose(run(True), run(False), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "action, message",
+    [(10_000, r"token id in \[0, 257\)"), (-1, r"token id in \[0, 257\)"), (3.0, "type float"),
+     ("a", "type str"), (True, "type bool")],
+)
+def test_bad_actions(make_env, action, message):
+    env = make_env()
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=message):
+        env.unwrapped.step(action)
+
+
+def test_bad_arguments(make_env, toy_task, tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="unknown model 'gpt-17'"):
+        TextGenEnv(model="gpt-17", task=toy_task)
+    with pytest.raises(ValueError, match="prompt set is empty"):
+        make_env(prompts=[])
+    with pytest.raises(ValueError, match="prompt 1 must be a non-empty string"):
+        make_env(prompts=["fine", ""])
+    with pytest.raises(ValueError, match="kl_coef must be a finite number >= 0"):
+        make_env(kl_coef=-1)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
+        make_env(max_new_tokens=0)
+    with pytest.raises(ValueError, match="unknown task 'poetry'"):
+        make_env(task="poetry")
+    with pytest.raises(ValueError, match="pass tokenizer="):
+        TextGenEnv(model=model, task=toy_task)
+    with pytest.raises(ValueError, match="stop_token_ids must be token ids"):
+        make_env(stop_token_ids=[999_999])
+
+
+def test_render_ansi(make_env):
+    env = make_env(render_mode="ansi", kl_coef=0.0)
+    env.reset(seed=0, options={"prompt": "Great"})
+    env.step(33)
+    assert env.render() == "Great|!"
+
+
+def test_default_make_loads_the_embedded_model():
+    """gym.make("TextGen-v0") alone: SmolLM2-135M offline, the sentiment task, VADER reward."""
+    env = gym.make("TextGen-v0", max_new_tokens=2)
+    obs, info = env.reset(seed=0)
+    assert env.action_space.n == 49152 and info["prompt"] in env.unwrapped._vec.task.train_prompts
+    env.step(504)
+    obs, reward, term, trunc, info = env.step(504)
+    assert trunc and "score" in info and -1.0 <= info["score"] <= 1.0
+    env.close()

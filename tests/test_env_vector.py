@@ -1,0 +1,121 @@
+"""TextGenVectorEnv: equal to N single envs, autoreset modes, batched scoring."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.vector import AutoresetMode
+
+import lm_gym  # noqa: F401
+from lm_gym import TextGenVectorEnv
+
+
+@pytest.fixture
+def kwargs(tiny, toy_task):
+    model, tokenizer = tiny
+    return {"model": model, "tokenizer": tokenizer, "task": toy_task, "max_new_tokens": 5,
+            "max_prompt_tokens": 80, "kl_coef": 0.2}
+
+
+def scripted(rng, n, eos):
+    """Random printable tokens, EOS one time in four: rows end at different steps."""
+    actions = rng.integers(32, 127, size=n)
+    actions[rng.random(n) < 0.25] = eos
+    return actions, -rng.random(n) * 5
+
+
+def test_make_vec_uses_the_native_vector_env(kwargs):
+    envs = gym.make_vec("TextGen-v0", num_envs=3, **kwargs)
+    assert isinstance(envs, TextGenVectorEnv)
+    assert envs.action_space.shape == (3,) and envs.observation_space["input_ids"].shape == (3, 85)
+    assert envs.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
+
+
+def test_vector_env_equals_n_single_envs(kwargs, tiny):
+    n, steps, eos = 3, 24, tiny[1].eos_token_id
+    envs = gym.make_vec("TextGen-v0", num_envs=n, **kwargs)
+    singles = [gym.make("TextGen-v0", **kwargs) for _ in range(n)]
+    v_obs, _ = envs.reset(seed=11)
+    s_obs = [env.reset(seed=11 + i)[0] for i, env in enumerate(singles)]
+    restart = [False] * n
+    rng = np.random.default_rng(0)
+    ends = 0
+    for _ in range(steps):
+        for i in range(n):
+            np.testing.assert_array_equal(v_obs["input_ids"][i], s_obs[i]["input_ids"])
+        actions, log_probs = scripted(rng, n, eos)
+        envs.set_policy_log_probs(log_probs)
+        v_obs, v_rew, v_term, v_trunc, v_info = envs.step(actions)
+        for i, env in enumerate(singles):
+            if restart[i]:  # next-step autoreset: this step only restarted the row
+                s_obs[i], _ = env.reset()
+                assert v_rew[i] == 0.0 and not v_term[i] and not v_trunc[i]
+                restart[i] = False
+                continue
+            env.unwrapped.set_policy_log_prob(log_probs[i])
+            s_obs[i], rew, term, trunc, info = env.step(actions[i])
+            assert v_rew[i] == pytest.approx(rew, abs=1e-5)
+            assert (v_term[i], v_trunc[i]) == (term, trunc)
+            assert v_info["text"][i] == info["text"]
+            assert v_info["ref_log_prob"][i] == pytest.approx(info["ref_log_prob"], abs=1e-5)
+            if term or trunc:
+                assert v_info["_score"][i] and v_info["score"][i] == info["score"]
+                restart[i] = True
+                ends += 1
+    assert ends >= 2 * n  # several episodes each, ending at different steps
+
+
+def test_rows_ending_together_are_scored_in_one_call(kwargs):
+    calls = []
+
+    def reward(prompts, completions):
+        calls.append(len(completions))
+        return np.ones(len(completions))
+
+    envs = TextGenVectorEnv(4, **{**kwargs, "reward": reward, "stop_token_ids": []})
+    envs.reset(seed=0)
+    for _ in range(5):
+        obs, rewards, term, trunc, info = envs.step(np.full(4, 65))
+    assert calls == [4] and trunc.all()
+
+
+def test_same_step_autoreset_puts_the_final_observation_in_info(kwargs):
+    envs = TextGenVectorEnv(2, autoreset_mode="SameStep", **{**kwargs, "max_new_tokens": 2, "kl_coef": 0.0})
+    obs, _ = envs.reset(seed=0, options={"prompts": ["Good", "Bad"]})
+    envs.step(np.array([33, 33]))
+    obs, rewards, term, trunc, info = envs.step(np.array([63, 63]))
+    assert trunc.all() and info["_final_obs"].all()
+    final = info["final_obs"][0]
+    mask = final["attention_mask"] > 0
+    assert final["input_ids"][mask].tolist()[-2:] == [33, 63]
+    assert info["final_info"]["text"].tolist() == ["!?", "!?"]
+    prompts = {tuple(envs.tokenizer(p)["input_ids"]) for p in envs.prompts}
+    for i in range(2):  # already the next prompts, with no generated token
+        assert tuple(obs["input_ids"][i][obs["attention_mask"][i] > 0]) in prompts
+    assert info["text"].tolist() == ["", ""]
+
+
+def test_disabled_autoreset_requires_explicit_reset(kwargs):
+    envs = TextGenVectorEnv(2, autoreset_mode=AutoresetMode.DISABLED, **{**kwargs, "max_new_tokens": 1})
+    envs.reset(seed=0)
+    envs.step(np.array([65, 66]))
+    with pytest.raises(RuntimeError, match=r"episode ended: \[0, 1\]"):
+        envs.step(np.array([65, 66]))
+    obs, info = envs.reset(options={"reset_mask": np.array([True, False]), "prompts": ["Hey"]})
+    assert info["_prompt"].tolist() == [True, False] and info["prompt"][0] == "Hey"
+
+
+def test_vector_bad_input(kwargs):
+    envs = TextGenVectorEnv(2, **kwargs)
+    with pytest.raises(RuntimeError, match="call reset"):
+        envs.step(np.array([1, 2]))
+    envs.reset(seed=0)
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        envs.step(np.array([1, 2, 3]))
+    with pytest.raises(ValueError, match="integer token ids"):
+        envs.step(np.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"\[300\] at envs \[1\]"):
+        envs.step(np.array([1, 300]))
+    with pytest.raises(ValueError, match="expects 2 values"):
+        envs.set_policy_log_probs([0.0])
+    with pytest.raises(ValueError, match="one seed per env"):
+        envs.reset(seed=[1, 2, 3])
