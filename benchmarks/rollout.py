@@ -22,32 +22,57 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode
+from peft import LoraConfig, get_peft_model
 
 from lm_gym.env import TextGenVectorEnv
 from lm_gym.models import load_causal_lm, load_sequence_classifier
 from lm_gym.rewards import HFRewardModel
-from lm_gym.sampling import CachedSampler
+from lm_gym.sampling import CachedSampler, SharedForwardSampler
 from lm_gym.tasks import get_task
 
 
+@contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def ours(envs: TextGenVectorEnv, policy, prompts: list[str], new_tokens: int, seed: int) -> float:
-    sampler = CachedSampler(policy, envs.num_envs, envs.pad_token_id, generator=torch.Generator().manual_seed(seed))
-    start = time.perf_counter()
-    obs, _ = envs.reset(seed=seed, options={"prompts": prompts})
-    for _ in range(new_tokens):
-        actions, log_probs = sampler.act(obs)
-        envs.set_policy_log_probs(log_probs)
-        obs, rewards, terminated, truncated, infos = envs.step(actions)
+    generator = torch.Generator().manual_seed(seed)
+    if envs.policy_adapter:  # LoRA: the env's doubled batch computes the policy's logits too
+        sampler = SharedForwardSampler(envs, generator=generator)
+        threads = torch.get_num_threads()
+    else:  # two weight sets: the env's reference runs in its thread while the policy runs in this one
+        sampler = CachedSampler(policy, envs.num_envs, envs.pad_token_id, generator=generator)
+        threads = (
+            max(1, torch.get_num_threads() - 1) if envs._executor is not None else torch.get_num_threads()
+        )
+    with torch_threads(threads):
+        start = time.perf_counter()
+        obs, _ = envs.reset(seed=seed, options={"prompts": prompts})
+        for _ in range(new_tokens):
+            actions, log_probs = sampler.act(obs)
+            envs.set_policy_log_probs(log_probs)
+            obs, rewards, terminated, truncated, infos = envs.step(actions)
+        elapsed = time.perf_counter() - start
     assert truncated.all() and "_score" in infos and np.isfinite(rewards).all()
-    return time.perf_counter() - start
+    return elapsed
 
 
 @torch.no_grad()
-def baseline(policy, reference, tokenizer, reward: HFRewardModel, prompts: list[str], new_tokens: int, seed: int) -> float:
+def baseline(
+    policy, tokenizer, reward: HFRewardModel, prompts: list[str], new_tokens: int, seed: int, reference=None
+) -> float:
+    """generate + one reference forward (``reference``, or ``policy`` with its adapters off) + RM."""
     torch.manual_seed(seed)
     start = time.perf_counter()
     tokenizer.padding_side = "left"
@@ -66,13 +91,32 @@ def baseline(policy, reference, tokenizer, reward: HFRewardModel, prompts: list[
     scores = torch.stack(out.scores, dim=1).float()  # (B, T, V)
     logp = torch.log_softmax(scores, -1).gather(-1, completion[..., None])[..., 0]  # (B, T)
     mask = torch.cat([batch["attention_mask"], torch.ones_like(completion)], dim=1)
-    ref_logits = reference(input_ids=out.sequences, attention_mask=mask).logits[:, -new_tokens - 1 : -1].float()
+    with policy.disable_adapter() if reference is None else nullcontext():
+        ref_logits = (reference or policy)(input_ids=out.sequences, attention_mask=mask).logits
+    ref_logits = ref_logits[:, -new_tokens - 1 : -1].float()
     ref_logp = torch.log_softmax(ref_logits, -1).gather(-1, completion[..., None])[..., 0]  # (B, T)
     kl = logp - ref_logp
     texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
     score = reward(prompts, texts)
     assert torch.isfinite(kl).all() and np.isfinite(score).all()
     return time.perf_counter() - start
+
+
+def compare(label: str, run_ours, run_baseline, repeats: int, tokens: int) -> float:
+    t_ours, t_base = [], []
+    for r in range(repeats):  # alternate, so that a noisy neighbour hurts both sides alike
+        t_ours.append(run_ours(r))
+        t_base.append(run_baseline(r))
+    ours_tps, base_tps = tokens / min(t_ours), tokens / min(t_base)
+    print(f"{label}")
+    print(
+        f"  ours     (TextGen vector env + sampler)       : {ours_tps:8.1f} tokens/s  runs {np.round(t_ours, 2).tolist()} s"
+    )
+    print(
+        f"  baseline (generate + reference forward + RM) : {base_tps:8.1f} tokens/s  runs {np.round(t_base, 2).tolist()} s"
+    )
+    print(f"  ratio {ours_tps / base_tps:.2f}")
+    return ours_tps / base_tps
 
 
 def main() -> None:
@@ -91,9 +135,7 @@ def main() -> None:
     rm_model, rm_tokenizer = load_sequence_classifier(args.reward_model, num_labels=1)
     reward = HFRewardModel(rm_model, rm_tokenizer)
     prompts = list(get_task("sentiment").prompts("train")[: args.batch])
-    envs = TextGenVectorEnv(
-        args.batch,
-        model=reference,
+    common = dict(
         tokenizer=tokenizer,
         reward=reward,
         max_new_tokens=args.new_tokens,
@@ -101,16 +143,34 @@ def main() -> None:
         autoreset_mode=AutoresetMode.DISABLED,
     )
     tokens = args.batch * args.new_tokens
-    t_ours, t_base = [], []
-    for r in range(args.repeats):
-        t_ours.append(ours(envs, policy, prompts, args.new_tokens, seed=r))
-        t_base.append(baseline(policy, reference, tokenizer, reward, prompts, args.new_tokens, seed=r))
+    print(
+        f"model={args.model} batch={args.batch} new_tokens={args.new_tokens} threads={torch.get_num_threads()}"
+    )
+
+    # Full fine-tuning: policy and reference are two copies of the weights.
+    envs = TextGenVectorEnv(args.batch, model=reference, **common)
+    full = compare(
+        f"full fine-tune (two weight copies; async reference {'on' if envs._executor else 'off'})",
+        lambda r: ours(envs, policy, prompts, args.new_tokens, seed=r),
+        lambda r: baseline(policy, tokenizer, reward, prompts, args.new_tokens, seed=r, reference=reference),
+        args.repeats,
+        tokens,
+    )
     envs.close()
-    ours_tps, base_tps = tokens / min(t_ours), tokens / min(t_base)
-    print(f"model={args.model} batch={args.batch} new_tokens={args.new_tokens} threads={torch.get_num_threads()}")
-    print(f"ours     (TextGen vector env + CachedSampler): {ours_tps:8.1f} tokens/s  (runs: {np.round(t_ours, 2).tolist()} s)")
-    print(f"baseline (generate + reference forward + RM) : {base_tps:8.1f} tokens/s  (runs: {np.round(t_base, 2).tolist()} s)")
-    print(f"ratio ours/baseline: {ours_tps / base_tps:.2f}")
+
+    # LoRA: the reference is the policy with its adapters off; the env runs both as one doubled batch.
+    lora_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+    lora_policy = get_peft_model(copy.deepcopy(reference), lora_config).eval()
+    envs = TextGenVectorEnv(args.batch, model=lora_policy, policy_adapter="default", **common)
+    lora = compare(
+        "LoRA (reference = adapters off; one shared forward per step)",
+        lambda r: ours(envs, None, prompts, args.new_tokens, seed=r),
+        lambda r: baseline(lora_policy, tokenizer, reward, prompts, args.new_tokens, seed=r),
+        args.repeats,
+        tokens,
+    )
+    envs.close()
+    print(f"ratio ours/baseline: full fine-tune {full:.2f}, LoRA {lora:.2f}")
 
 
 if __name__ == "__main__":

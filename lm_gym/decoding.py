@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -22,7 +23,9 @@ from transformers.cache_utils import DynamicLayer
 __all__ = ["BatchedDecoder", "left_pad"]
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists -> (input_ids, attention_mask), both (R, T_max), left-padded."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -40,21 +43,66 @@ class BatchedDecoder:
     After :meth:`reset_rows` or :meth:`append`, :attr:`logits` (N, V) holds each row's next-token logits
     (float32). No gradients are tracked.
 
+    With ``twin_adapter``, ``model`` is a peft model and every row has a twin: the N rows run with the
+    adapters off (the frozen base, i.e. the reference of a LoRA policy) and N twin rows with the adapter
+    ``twin_adapter`` on (the policy), in one forward pass of 2N rows through the shared base weights.
+
     Args:
-        model: a Hugging Face causal LM (kept in eval mode by the caller).
+        model: a Hugging Face causal LM (kept in eval mode by the caller), or a peft model.
         num_rows: N, the number of sequences.
         pad_token_id: the id written in padded positions (never attended to).
+        twin_adapter: name of the LoRA adapter of the twin rows, or None for no twins.
+        keep_hidden: also keep each row's last hidden state (:attr:`hidden`), e.g. for a value head.
     """
 
-    def __init__(self, model: PreTrainedModel, num_rows: int, pad_token_id: int) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        num_rows: int,
+        pad_token_id: int,
+        *,
+        twin_adapter: str | None = None,
+        keep_hidden: bool = False,
+    ) -> None:
         self.model = model
+        self.keep_hidden = keep_hidden
+        self._hidden: torch.Tensor | None = None  # (rows, H)
+        self._new_hidden: torch.Tensor | None = None
         self.num_rows = num_rows
         self.pad_token_id = pad_token_id
-        self.tokens: list[list[int]] = [[] for _ in range(num_rows)]
+        self.twin_adapter = twin_adapter
+        rows = 2 * num_rows if twin_adapter else num_rows  # physical rows: twins follow the N originals
+        self.tokens: list[list[int]] = [[] for _ in range(rows)]
         self.cache: DynamicCache | None = None
-        self.mask: torch.Tensor | None = None  # (N, C) 1 where the cache holds a row's token
-        self.logits: torch.Tensor | None = None  # (N, V)
-        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.mask: torch.Tensor | None = None  # (rows, C) 1 where the cache holds a row's token
+        self._logits: torch.Tensor | None = None  # (rows, V)
+        forward = model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(forward).parameters
+        self._lora_b = _plain_lora_b(model, twin_adapter) if twin_adapter else None
+        if twin_adapter and self._lora_b is None:
+            raise ValueError(
+                f"twin rows need plain LoRA layers for adapter {twin_adapter!r} (unmerged, without DoRA); "
+                "found none or another kind"
+            )
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """(N, V) next-token logits of each row (with ``twin_adapter``: the adapters-off rows)."""
+        return self._logits[: self.num_rows]
+
+    @property
+    def twin_logits(self) -> torch.Tensor:
+        """(N, V) next-token logits of the twin rows, run with the adapter ``twin_adapter`` on."""
+        if not self.twin_adapter:
+            raise RuntimeError("this decoder has no twin rows (twin_adapter=None)")
+        return self._logits[self.num_rows :]
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """(N, H) last-layer hidden state at each row's last token (the twins' with ``twin_adapter``)."""
+        if not self.keep_hidden:
+            raise RuntimeError("this decoder does not keep hidden states (keep_hidden=False)")
+        return self._hidden[self.num_rows :] if self.twin_adapter else self._hidden
 
     @property
     def device(self) -> torch.device:
@@ -62,35 +110,54 @@ class BatchedDecoder:
 
     @property
     def lengths(self) -> torch.Tensor:
-        """(N,) number of tokens each row holds."""
+        """(rows,) number of tokens each physical row holds."""
         return torch.tensor([len(t) for t in self.tokens], device=self.device)
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache):
-        kwargs = {"logits_to_keep": 1} if self._logits_to_keep else {}
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            **kwargs,
-        )
+    def _physical(self, rows: list[int]) -> list[int]:
+        return rows + [r + self.num_rows for r in rows] if self.twin_adapter else rows
+
+    def _forward(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache,
+        rows: list[int],
+    ) -> tuple[torch.Tensor, DynamicCache]:
+        kwargs: dict = {"logits_to_keep": 1} if self._logits_to_keep else {}
+        twin_mask = None
+        if self.twin_adapter:
+            # one pass for both halves: the base weights are read once, the LoRA update kept on twins only
+            is_twin = [r >= self.num_rows for r in rows]
+            twin_mask = torch.tensor(is_twin, device=self.device, dtype=torch.float32)[:, None, None]
+        with _masked_lora(self._lora_b, twin_mask):
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                output_hidden_states=self.keep_hidden,
+                **kwargs,
+            )
+        if self.keep_hidden:
+            self._new_hidden = out.hidden_states[-1][:, -1]  # (R, H) the last layer, after the final norm
         return out.logits[:, -1].float(), out.past_key_values
 
     @torch.no_grad()
     def reset_rows(self, rows: Sequence[int], prompts: Sequence[Sequence[int]]) -> None:
         """Start ``rows`` afresh on ``prompts`` (non-empty token lists), leaving the other rows as they are."""
-        rows = list(rows)
+        rows, prompts = self._physical(list(rows)), list(prompts) * (2 if self.twin_adapter else 1)
         if not rows:
             return
         for row, prompt in zip(rows, prompts):
             self.tokens[row] = list(prompt)
-        if self.cache is None or sorted(rows) == list(range(self.num_rows)) or not self._surgery_ok():
+        if self.cache is None or len(rows) == len(self.tokens) or not self._surgery_ok():
             self._rebuild()
             return
         ids, mask = left_pad(prompts, self.pad_token_id, self.device)  # (R, P)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, fresh = self._forward(ids, mask, positions, DynamicCache())
+        logits, fresh = self._forward(ids, mask, positions, DynamicCache(), rows)
         width, new_width = self.mask.shape[1], mask.shape[1]
         if new_width > width:  # the new prompt is longer than the cache: widen everyone on the left
             grow = new_width - width
@@ -104,7 +171,9 @@ class BatchedDecoder:
             layer.keys[index] = _pad_left(new.keys, width - new_width)  # (R, H, C, D)
             layer.values[index] = _pad_left(new.values, width - new_width)
         self.mask[index] = torch.nn.functional.pad(mask, (width - new_width, 0))
-        self.logits[index] = logits
+        self._logits[index] = logits
+        if self.keep_hidden:
+            self._hidden[index] = self._new_hidden
         self._trim()
 
     @torch.no_grad()
@@ -112,25 +181,38 @@ class BatchedDecoder:
         """Append ``tokens[i]`` (N,) to every row where ``active[i]``; other rows only get a masked slot."""
         active = active.to(self.device)
         tokens = torch.where(active, tokens.to(self.device), self.pad_token_id)
-        lengths = self.lengths  # (N,) position of the new token in its own row
-        mask = torch.cat([self.mask, active.long()[:, None]], dim=1)  # (N, C+1)
-        logits, self.cache = self._forward(tokens[:, None], mask, lengths[:, None], self.cache)
+        if self.twin_adapter:
+            tokens, active = tokens.repeat(2), active.repeat(2)
+        lengths = self.lengths  # (rows,) position of the new token in its own row
+        mask = torch.cat([self.mask, active.long()[:, None]], dim=1)  # (rows, C+1)
+        logits, self.cache = self._forward(
+            tokens[:, None], mask, lengths[:, None], self.cache, list(range(len(self.tokens)))
+        )
         self.mask = mask
-        self.logits = torch.where(active[:, None], logits, self.logits)
-        for i in active.nonzero().flatten().tolist():
-            self.tokens[i].append(int(tokens[i]))
-        if not bool(active.all()):
+        everyone = bool(active.all())
+        self._logits = logits if everyone else torch.where(active[:, None], logits, self._logits)
+        if self.keep_hidden:
+            self._hidden = (
+                self._new_hidden if everyone else torch.where(active[:, None], self._new_hidden, self._hidden)
+            )
+        for i, token in zip(active.nonzero().flatten().tolist(), tokens[active].tolist()):
+            self.tokens[i].append(token)
+        if not everyone:
             self._trim()
 
     def _surgery_ok(self) -> bool:
         # Row slots can be rewritten in place only in plain dynamic caches (not sliding-window, quantized...)
         return all(type(layer) is DynamicLayer for layer in self.cache.layers)
 
+    @torch.no_grad()
     def _rebuild(self) -> None:
         """Recompute the whole cache from the rows' tokens: one prefill of all rows."""
         ids, mask = left_pad(self.tokens, self.pad_token_id, self.device)  # (N, T)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        self.logits, self.cache = self._forward(ids, mask, positions, DynamicCache())
+        self._logits, self.cache = self._forward(
+            ids, mask, positions, DynamicCache(), list(range(len(self.tokens)))
+        )
+        self._hidden = self._new_hidden
         self.mask = mask
 
     def _trim(self) -> None:
@@ -145,6 +227,37 @@ class BatchedDecoder:
             layer.keys = layer.keys[:, :, first:]
             layer.values = layer.values[:, :, first:]
         self.mask = self.mask[:, first:]
+
+
+def _plain_lora_b(model: torch.nn.Module, adapter: str) -> list[torch.nn.Module] | None:
+    """The ``lora_B`` modules of ``adapter`` if every LoRA layer is plain (unmerged, no DoRA), else None.
+
+    For such a layer ``y = W x + scale * B(A(x))``, so zeroing B's output on some rows gives the base
+    model's output on those rows: the twin batch needs no per-adapter split of each layer.
+    """
+    found = []
+    for module in model.modules():
+        lora_b = getattr(module, "lora_B", None)
+        if not isinstance(lora_b, torch.nn.ModuleDict) or adapter not in lora_b:
+            continue
+        if getattr(module, "merged", False) or getattr(module, "use_dora", {}).get(adapter, False):
+            return None
+        found.append(lora_b[adapter])
+    return found or None
+
+
+@contextmanager
+def _masked_lora(lora_b: list[torch.nn.Module] | None, row_mask: torch.Tensor | None):
+    """Multiply the LoRA update by ``row_mask`` (B, 1, 1) for the duration of one forward pass."""
+    if lora_b is None or row_mask is None:
+        yield
+        return
+    handles = [m.register_forward_hook(lambda _m, _i, out: out * row_mask.to(out.dtype)) for m in lora_b]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _pad_left(x: torch.Tensor, n: int) -> torch.Tensor:

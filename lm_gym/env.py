@@ -119,8 +119,13 @@ class TextGenEnv(gym.Env):
         dtype: the reference's weight dtype when loaded by name (log-probs are always float32).
         trust_remote_code: for models loaded by name; off unless you trust the checkpoint.
         log_prob_cache: a :class:`~lm_gym.logprobs.PolicyLogProbCache` shared with the policy.
+        policy_adapter: for a LoRA policy: ``model`` is the peft model, whose base with the adapters off
+            *is* the reference, and the env runs reference and policy (this adapter on) as one doubled
+            batch per step, exposing the policy's logits as ``policy_logits`` (vector env). One forward
+            through the shared weights instead of two models: no second copy of the LM in memory.
         async_reference: run the reference's next forward in a background thread, overlapped with the
-            agent's own forward pass. The results agree with the synchronous path up to float rounding
+            agent's own forward pass. Default: on for models of 20M parameters or more without
+            ``policy_adapter``. The results agree with the synchronous path up to float rounding
             (the thread count changes the order of sums); each setting is reproducible bit for bit.
         reference_threads: torch threads of that background thread (default half the cores, at least 1).
         render_mode: ``"ansi"`` (``render()`` returns the text) or ``"human"`` (prints it).
@@ -134,7 +139,9 @@ class TextGenEnv(gym.Env):
 
     def __init__(self, render_mode: str | None = None, **kwargs: Any) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}; got {render_mode!r}")
+            raise ValueError(
+                f"render_mode must be one of {self.metadata['render_modes']}; got {render_mode!r}"
+            )
         self.render_mode = render_mode
         self._vec = TextGenVectorEnv(num_envs=1, autoreset_mode=AutoresetMode.DISABLED, **kwargs)
         self.observation_space = self._vec.single_observation_space
@@ -236,7 +243,8 @@ class TextGenVectorEnv(VectorEnv):
         dtype: torch.dtype | str | None = None,
         trust_remote_code: bool = False,
         log_prob_cache: PolicyLogProbCache | None = None,
-        async_reference: bool = True,
+        policy_adapter: str | None = None,
+        async_reference: bool | None = None,
         reference_threads: int | None = None,
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
         render_mode: str | None = None,
@@ -263,7 +271,9 @@ class TextGenVectorEnv(VectorEnv):
         self.task = task
         prompt_list = list(prompts) if prompts is not None else list(task.prompts(split))
         if not prompt_list:
-            raise ValueError("the prompt set is empty; pass a non-empty list as prompts= or another task/split")
+            raise ValueError(
+                "the prompt set is empty; pass a non-empty list as prompts= or another task/split"
+            )
         self.reward_fn: RewardFunction = make_reward(reward if reward is not None else task.make_reward())
 
         if isinstance(model, str):
@@ -293,15 +303,35 @@ class TextGenVectorEnv(VectorEnv):
         self._prompt_tokens = [self._tokenize(p, i) for i, p in enumerate(prompt_list)]
 
         self.single_action_space = gym.spaces.Discrete(vocab_size)
-        self.single_observation_space = token_observation_space(vocab_size, max_prompt_tokens + max_new_tokens)
+        self.single_observation_space = token_observation_space(
+            vocab_size, max_prompt_tokens + max_new_tokens
+        )
         self.action_space = batch_space(self.single_action_space, num_envs)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
 
-        self._decoder = BatchedDecoder(self.reference, num_envs, self.pad_token_id)
+        if policy_adapter is not None and policy_adapter not in getattr(self.reference, "peft_config", {}):
+            raise ValueError(
+                f"policy_adapter={policy_adapter!r} needs model= to be a peft model with that LoRA adapter; "
+                f"adapters found: {sorted(getattr(self.reference, 'peft_config', {}))}"
+            )
+        self.policy_adapter = policy_adapter
+        self._decoder = BatchedDecoder(
+            self.reference, num_envs, self.pad_token_id, twin_adapter=policy_adapter
+        )
+        if async_reference is None:
+            # Overlap pays when a forward pass is mostly matrix kernels (which release the GIL); for a tiny
+            # model it is mostly Python, and two threads only contend for the GIL. With a shared forward the
+            # agent needs this step's result at once: nothing to overlap.
+            n_params = sum(p.numel() for p in self.reference.parameters())
+            async_reference = policy_adapter is None and n_params >= 20_000_000
         threads = reference_threads or max(1, torch.get_num_threads() // 2)
         self._executor = (
-            ThreadPoolExecutor(1, thread_name_prefix="lm-gym-reference", initializer=torch.set_num_threads,
-                               initargs=(threads,))
+            ThreadPoolExecutor(
+                1,
+                thread_name_prefix="lm-gym-reference",
+                initializer=torch.set_num_threads,
+                initargs=(threads,),
+            )
             if async_reference
             else None
         )
@@ -374,6 +404,21 @@ class TextGenVectorEnv(VectorEnv):
             raise ValueError(f"set_policy_log_probs expects {self.num_envs} values; got shape {values.shape}")
         self._policy_log_probs = values
 
+    @property
+    def policy_logits(self) -> torch.Tensor:
+        """(N, V) the LoRA policy's next-token logits at the current observations (needs ``policy_adapter``).
+
+        Computed in the same forward pass as the reference's (twin rows with the adapter on), so an agent
+        that samples from them runs no forward pass of its own: see
+        :class:`lm_gym.sampling.SharedForwardSampler`.
+        """
+        if self.policy_adapter is None:
+            raise RuntimeError(
+                "policy_logits needs the env to be built with policy_adapter=<LoRA adapter name>"
+            )
+        self._wait()
+        return self._decoder.twin_logits
+
     def reset(
         self, *, seed: int | Sequence[int] | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -397,7 +442,9 @@ class TextGenVectorEnv(VectorEnv):
                 self._rngs[row] = seeding.np_random(seeds[row])[0]
         prompts = options.get("prompts")
         if prompts is not None and len(prompts) != len(rows):
-            raise ValueError(f"options['prompts'] must hold one prompt per reset env ({len(rows)}); got {len(prompts)}")
+            raise ValueError(
+                f"options['prompts'] must hold one prompt per reset env ({len(rows)}); got {len(prompts)}"
+            )
         self._wait()
         self._start_rows(rows, prompts)
         self._fresh[rows] = False
@@ -441,7 +488,7 @@ class TextGenVectorEnv(VectorEnv):
         truncated = running & ~terminated & (self._steps >= self.max_new_tokens)
         ended = terminated | truncated
 
-        texts = [self._completion(i, bool(terminated[i])) for i in range(self.num_envs)]
+        texts = self._completions(running, terminated)
         scores = np.zeros(self.num_envs)
         ended_rows = np.flatnonzero(ended).tolist()
         if ended_rows:
@@ -450,7 +497,9 @@ class TextGenVectorEnv(VectorEnv):
                 dtype=np.float64,
             ).reshape(-1)
             if got.shape != (len(ended_rows),):
-                raise ValueError(f"the reward function returned {got.shape[0]} scores for {len(ended_rows)} texts")
+                raise ValueError(
+                    f"the reward function returned {got.shape[0]} scores for {len(ended_rows)} texts"
+                )
             scores[ended_rows] = got
             rewards[ended_rows] += got
 
@@ -489,7 +538,9 @@ class TextGenVectorEnv(VectorEnv):
         elif ended_rows:  # SAME_STEP: the final observation and info go into the info; the row restarts now
             extra["final_obs"] = np.array([_row(obs, i) if ended[i] else None for i in range(self.num_envs)])
             extra["_final_obs"] = ended.copy()
-            extra["final_info"] = self._batch_infos([row_infos[i] if ended[i] else None for i in range(self.num_envs)])
+            extra["final_info"] = self._batch_infos(
+                [row_infos[i] if ended[i] else None for i in range(self.num_envs)]
+            )
             extra["_final_info"] = ended.copy()
             self._start_rows(ended_rows)
             for row in ended_rows:
@@ -499,10 +550,8 @@ class TextGenVectorEnv(VectorEnv):
 
     def render(self) -> tuple[str, ...]:
         """Each row's prompt and completion so far, ``"prompt|completion"``."""
-        return tuple(
-            self._prompt_text[i] + "|" + self._completion(i, False)
-            for i in range(self.num_envs)
-        )
+        texts = self._completions(np.ones(self.num_envs, dtype=bool), np.zeros(self.num_envs, dtype=bool))
+        return tuple(prompt + "|" + text for prompt, text in zip(self._prompt_text, texts))
 
     def close(self, **kwargs: Any) -> None:
         if self._executor is not None:
@@ -517,7 +566,9 @@ class TextGenVectorEnv(VectorEnv):
         actions = np.asarray(actions)
         n, vocab = self.num_envs, self.single_action_space.n
         if actions.shape != (n,):
-            raise ValueError(f"actions must be an array of {n} token ids, shape ({n},); got shape {actions.shape}")
+            raise ValueError(
+                f"actions must be an array of {n} token ids, shape ({n},); got shape {actions.shape}"
+            )
         if not np.issubdtype(actions.dtype, np.integer):
             raise ValueError(f"actions must be integer token ids in [0, {vocab}); got dtype {actions.dtype}")
         bad = np.flatnonzero((actions < 0) | (actions >= vocab))
@@ -536,25 +587,46 @@ class TextGenVectorEnv(VectorEnv):
         if self.log_prob_cache is not None:
             obs = self._observe()
             for i in range(self.num_envs):
-                found = self.log_prob_cache.lookup(obs["input_ids"][i], obs["attention_mask"][i], int(actions[i]))
+                found = self.log_prob_cache.lookup(
+                    obs["input_ids"][i], obs["attention_mask"][i], int(actions[i])
+                )
                 if found is not None:
                     values[i] = found
         return values
 
-    def _completion(self, row: int, drop_stop: bool) -> str:
-        generated = self._seq[row][self._prompt_len[row] :]
-        if drop_stop:
-            generated = generated[:-1]
-        return self.tokenizer.decode(generated, skip_special_tokens=True)
+    def _completions(self, rows: np.ndarray, drop_stop: np.ndarray) -> list[str]:
+        """The decoded completion of each row in the mask ``rows`` (others: ""), one batched decode."""
+        generated = [
+            self._seq[i][self._prompt_len[i] : len(self._seq[i]) - int(drop_stop[i])]
+            for i in np.flatnonzero(rows)
+        ]
+        decoded = iter(self.tokenizer.batch_decode(generated, skip_special_tokens=True))
+        return [next(decoded) if r else "" for r in rows]
 
     def _reset_info(self, row: int) -> dict[str, Any]:
-        return {"prompt": self._prompt_text[row], "text": "", "prompt_truncated": bool(self._truncated_prompt[row])}
+        return {
+            "prompt": self._prompt_text[row],
+            "text": "",
+            "prompt_truncated": bool(self._truncated_prompt[row]),
+        }
 
     def _batch_infos(self, row_infos: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+        """Per-row info dicts -> Gymnasium's vector layout: ``info[key]`` an array, ``info["_" + key]`` its mask.
+
+        Same result as calling ``VectorEnv._add_info`` row by row (scalar values only), in one pass per key.
+        """
         infos: dict[str, Any] = {}
-        for i, info in enumerate(row_infos):
-            if info is not None:
-                infos = self._add_info(infos, info, i)
+        for key in dict.fromkeys(k for info in row_infos if info for k in info):
+            present = np.array([info is not None and key in info for info in row_infos])
+            values = [info[key] for info in row_infos if info is not None and key in info]
+            kind = type(values[0])
+            array = (
+                np.zeros(self.num_envs, dtype=kind)
+                if kind in (int, float, bool) or issubclass(kind, np.number)
+                else np.full(self.num_envs, None, dtype=object)
+            )
+            array[present] = values if array.dtype != object else np.array(values + [None], dtype=object)[:-1]
+            infos[key], infos["_" + key] = array, present
         return infos
 
     def _observe(self) -> dict[str, np.ndarray]:

@@ -10,6 +10,7 @@ With ``logp = log pi(a|s)`` and ``ref_logp = log pi_ref(a|s)`` for a token ``a``
 
 from __future__ import annotations
 
+import math
 from typing import Literal, TypeVar
 
 import numpy as np
@@ -40,18 +41,20 @@ class FixedKLController:
     """
 
     def __init__(self, kl_coef: float) -> None:
-        if kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0; got {kl_coef}")
+        if not (math.isfinite(kl_coef) and kl_coef >= 0):
+            raise ValueError(f"kl_coef must be finite and >= 0; got {kl_coef}")
         self.value = float(kl_coef)
 
     def update(self, current_kl: float, n_steps: int) -> float:
         """Leave ``beta`` as it is and return it."""
         return self.value
 
-    def state_dict(self) -> dict[str, float]:
+    def state_dict(self) -> dict[str, float | int | None]:
+        """What a checkpoint must keep to resume the controller."""
         return {"value": self.value}
 
-    def load_state_dict(self, state: dict[str, float]) -> None:
+    def load_state_dict(self, state: dict[str, float | int | None]) -> None:
+        """Restore what :meth:`state_dict` saved."""
         self.value = float(state["value"])
 
 
@@ -69,19 +72,47 @@ class AdaptiveKLController(FixedKLController):
         gain: if given, used instead of ``n_steps / horizon``.
     """
 
-    def __init__(self, kl_coef: float, target: float, horizon: int = 10_000, gain: float | None = None) -> None:
+    def __init__(
+        self, kl_coef: float, target: float, horizon: int = 10_000, gain: float | None = None
+    ) -> None:
         super().__init__(kl_coef)
-        if target <= 0:
-            raise ValueError(f"target KL must be > 0; got {target}")
+        self._configure(target, horizon, gain)
+
+    def _configure(self, target: float, horizon: int, gain: float | None) -> None:
+        if not (math.isfinite(target) and target > 0):
+            raise ValueError(f"target KL must be finite and > 0; got {target}")
         if horizon <= 0:
             raise ValueError(f"horizon must be > 0; got {horizon}")
+        if gain is not None and not (math.isfinite(gain) and gain > 0):
+            raise ValueError(f"gain must be finite and > 0 (or None); got {gain}")
         self.target = float(target)
         self.horizon = int(horizon)
-        self.gain = gain
+        self.gain = None if gain is None else float(gain)
 
     def update(self, current_kl: float, n_steps: int) -> float:
-        """Move ``beta`` after a rollout of ``n_steps`` whose mean KL was ``current_kl``; return it."""
+        """Move ``beta`` after a rollout of ``n_steps`` whose mean KL was ``current_kl``; return it.
+
+        Raises:
+            ValueError: if ``current_kl`` is not finite (it would turn ``beta`` into NaN for good) or
+                ``n_steps`` is negative.
+        """
+        current_kl = float(current_kl)
+        if not math.isfinite(current_kl):
+            raise ValueError(f"current_kl must be finite; got {current_kl}")
+        if n_steps < 0:
+            raise ValueError(f"n_steps must be >= 0; got {n_steps}")
         error = float(np.clip(current_kl / self.target - 1.0, -0.2, 0.2))
         step = self.gain if self.gain is not None else n_steps / self.horizon
         self.value *= 1.0 + error * step
         return self.value
+
+    def state_dict(self) -> dict[str, float | int | None]:
+        """``beta`` and the settings that steer it, so a resumed run tracks the same target."""
+        return {"value": self.value, "target": self.target, "horizon": self.horizon, "gain": self.gain}
+
+    def load_state_dict(self, state: dict[str, float | int | None]) -> None:
+        """Restore what :meth:`state_dict` saved (a state holding only ``value`` keeps the settings)."""
+        self._configure(
+            state.get("target", self.target), state.get("horizon", self.horizon), state.get("gain", self.gain)
+        )
+        super().load_state_dict(state)

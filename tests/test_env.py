@@ -16,8 +16,14 @@ def make_env(tiny, toy_task):
     model, tokenizer = tiny
 
     def make(**kwargs):
-        kwargs = {"model": model, "tokenizer": tokenizer, "task": toy_task, "max_new_tokens": 6,
-                  "max_prompt_tokens": 80, **kwargs}
+        kwargs = {
+            "model": model,
+            "tokenizer": tokenizer,
+            "task": toy_task,
+            "max_new_tokens": 6,
+            "max_prompt_tokens": 80,
+            **kwargs,
+        }
         return gym.make("TextGen-v0", **kwargs)
 
     return make
@@ -78,7 +84,9 @@ def test_kl_reward_equals_direct_computation(make_env, tiny):
         env = make_env(kl_coef=0.3, kl_estimator=estimator, temperature=temperature, stop_token_ids=[])
         obs, _ = env.reset(seed=3)
         tokens = valid_tokens(obs)
-        for t, (action, logp) in enumerate([(70, -2.0), (101, -4.5), (32, -0.7), (120, -6.0), (99, -1.0), (33, -3.3)]):
+        for t, (action, logp) in enumerate(
+            [(70, -2.0), (101, -4.5), (32, -0.7), (120, -6.0), (99, -1.0), (33, -3.3)]
+        ):
             env.unwrapped.set_policy_log_prob(logp)
             obs, reward, term, trunc, info = env.step(action)
             ref = ref_log_prob(model, tokens, action, temperature)
@@ -184,8 +192,13 @@ def test_async_reference_is_reproducible_and_agrees_with_sync(make_env):
 
 @pytest.mark.parametrize(
     "action, message",
-    [(10_000, r"token id in \[0, 257\)"), (-1, r"token id in \[0, 257\)"), (3.0, "type float"),
-     ("a", "type str"), (True, "type bool")],
+    [
+        (10_000, r"token id in \[0, 257\)"),
+        (-1, r"token id in \[0, 257\)"),
+        (3.0, "type float"),
+        ("a", "type str"),
+        (True, "type bool"),
+    ],
 )
 def test_bad_actions(make_env, action, message):
     env = make_env()

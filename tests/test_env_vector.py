@@ -12,8 +12,14 @@ from lm_gym import TextGenVectorEnv
 @pytest.fixture
 def kwargs(tiny, toy_task):
     model, tokenizer = tiny
-    return {"model": model, "tokenizer": tokenizer, "task": toy_task, "max_new_tokens": 5,
-            "max_prompt_tokens": 80, "kl_coef": 0.2}
+    return {
+        "model": model,
+        "tokenizer": tokenizer,
+        "task": toy_task,
+        "max_new_tokens": 5,
+        "max_prompt_tokens": 80,
+        "kl_coef": 0.2,
+    }
 
 
 def scripted(rng, n, eos):

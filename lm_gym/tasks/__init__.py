@@ -47,7 +47,13 @@ class Task:
 
 
 def split_prompts(prompts: Sequence[str], eval_fraction: float, seed: int = 0) -> tuple[tuple[str, ...], ...]:
-    """A deterministic shuffle-and-cut into (train, eval); the same on every machine."""
+    """A deterministic shuffle-and-cut into (train, eval); the same on every machine.
+
+    Raises:
+        ValueError: if ``eval_fraction`` is outside [0, 1] (a negative one would cut from the end).
+    """
+    if not 0.0 <= eval_fraction <= 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1]; got {eval_fraction}")
     order = np.random.default_rng(seed).permutation(len(prompts))
     n_eval = int(round(len(prompts) * eval_fraction))
     eval_idx = set(order[:n_eval].tolist())
@@ -58,7 +64,8 @@ def split_prompts(prompts: Sequence[str], eval_fraction: float, seed: int = 0) -
 
 def _sentiment() -> Task:
     text = resources.files("lm_gym.tasks").joinpath("data/movie_review_openings.txt").read_text("utf-8")
-    openings = [line.strip() for line in text.splitlines() if line.strip()]
+    # Drop repeated lines (keeping the first): a prompt in both splits would leak eval into training.
+    openings = list(dict.fromkeys(line.strip() for line in text.splitlines() if line.strip()))
     train, held_out = split_prompts(openings, eval_fraction=1 / 6, seed=0)
     return Task(
         name="sentiment",
