@@ -419,6 +419,12 @@ class TextGenVectorEnv(VectorEnv):
         self._wait()
         return self._decoder.twin_logits
 
+    @property
+    def policy_hidden(self) -> torch.Tensor:
+        """(N, H) the LoRA policy's last-layer hidden state at the current observations (for a value head)."""
+        _ = self.policy_logits
+        return self._decoder.hidden
+
     def reset(
         self, *, seed: int | Sequence[int] | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -25,7 +25,14 @@ from transformers import (
 
 from lm_gym.decoding import BatchedDecoder
 
-__all__ = ["CachedSampler", "SharedForwardSampler", "sample", "sampling_warpers"]
+__all__ = [
+    "CachedSampler",
+    "SharedForwardSampler",
+    "follow",
+    "observed_sequences",
+    "sample",
+    "sampling_warpers",
+]
 
 
 def sampling_warpers(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> LogitsProcessorList:
@@ -75,22 +82,6 @@ class CachedSampler:
         self.generator = generator
         self._last_actions: torch.Tensor | None = None  # (N,)
 
-    def _follow(self, obs: dict[str, np.ndarray]) -> None:
-        """Bring the cache to the observed sequences: one cached step where possible, else a prefill."""
-        ids, mask = np.asarray(obs["input_ids"]), np.asarray(obs["attention_mask"])
-        if ids.ndim == 1:
-            ids, mask = ids[None], mask[None]
-        seqs = [row[m > 0].tolist() for row, m in zip(ids, mask)]
-        tokens = self.decoder.tokens
-        step = [
-            self._last_actions is not None and seq[:-1] == tokens[i] and seq[-1] == int(self._last_actions[i])
-            for i, seq in enumerate(seqs)
-        ]
-        if any(step):
-            self.decoder.append(self._last_actions, torch.tensor(step))
-        restart = [i for i, seq in enumerate(seqs) if not step[i] and seq != tokens[i]]
-        self.decoder.reset_rows(restart, [seqs[i] for i in restart])
-
     @torch.no_grad()
     def act(self, obs: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample the next token of every row.
@@ -99,9 +90,9 @@ class CachedSampler:
             actions: (N,) int64 token ids.
             log_probs: (N,) float32, ``log pi(action)`` under the warped distribution that was sampled.
         """
-        self._follow(obs)
+        follow(self.decoder, observed_sequences(obs), self._last_actions)
         last = torch.tensor([t[-1:] for t in self.decoder.tokens], device=self.decoder.device)  # (N, 1)
-        actions, log_probs = sample(self.decoder.logits, last, self.warpers, self.generator)
+        actions, log_probs, _ = sample(self.decoder.logits, last, self.warpers, self.generator)
         self._last_actions = actions
         return actions, log_probs
 
@@ -137,7 +128,29 @@ class SharedForwardSampler:
         """Like :meth:`CachedSampler.act`; ``obs`` must be the env's current observation."""
         logits = self.envs.policy_logits  # (N, V)
         last = torch.as_tensor(np.asarray(obs["input_ids"])[:, -1:], device=logits.device)  # (N, 1)
-        return sample(logits, last, self.warpers, self.generator)
+        return sample(logits, last, self.warpers, self.generator)[:2]
+
+
+def observed_sequences(obs: dict[str, np.ndarray]) -> list[list[int]]:
+    """The token list of each row of a (batched or single) ``TextGen-v0`` observation, padding removed."""
+    ids, mask = np.asarray(obs["input_ids"]), np.asarray(obs["attention_mask"])
+    if ids.ndim == 1:
+        ids, mask = ids[None], mask[None]
+    return [row[m > 0].tolist() for row, m in zip(ids, mask)]
+
+
+def follow(decoder: BatchedDecoder, seqs: list[list[int]], last_actions: torch.Tensor | None) -> None:
+    """Bring ``decoder`` to the observed sequences: one cached step for each row whose observation is its
+    previous sequence plus the action it took, a prefill for any other changed row (a new episode)."""
+    tokens = decoder.tokens
+    step = [
+        last_actions is not None and seq[:-1] == tokens[i] and seq[-1] == int(last_actions[i])
+        for i, seq in enumerate(seqs)
+    ]
+    if any(step):
+        decoder.append(last_actions, torch.tensor(step))
+    restart = [i for i, seq in enumerate(seqs) if not step[i] and seq != tokens[i]]
+    decoder.reset_rows(restart, [seqs[i] for i in restart])
 
 
 def sample(
@@ -145,9 +158,15 @@ def sample(
     last_tokens: torch.Tensor,
     warpers: LogitsProcessorList,
     generator: torch.Generator | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Warp ``logits`` (N, V), sample one token per row, return (actions, their log-probs under the warped law)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Warp ``logits`` (N, V) and sample one token per row.
+
+    Returns:
+        actions (N,), their log-probs under the warped law (N,), and that law's entropy (N,).
+    """
     scores = warpers(last_tokens, logits.clone())  # (N, V), -inf outside top-k/top-p
     log_probs = torch.log_softmax(scores, dim=-1)
-    actions = torch.multinomial(log_probs.exp(), 1, generator=generator)[:, 0]  # (N,)
-    return actions, log_probs.gather(1, actions[:, None])[:, 0]
+    probs = log_probs.exp()
+    actions = torch.multinomial(probs, 1, generator=generator)[:, 0]  # (N,)
+    entropy = -(probs * torch.where(probs > 0, log_probs, 0.0)).sum(-1)
+    return actions, log_probs.gather(1, actions[:, None])[:, 0], entropy

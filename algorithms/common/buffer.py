@@ -1,0 +1,138 @@
+"""Rollout storage for LM episodes: per-step arrays, GAE, and whole-sequence minibatches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+__all__ = ["RolloutBuffer", "SequenceBatch", "compute_gae"]
+
+
+def compute_gae(
+    rewards: np.ndarray,
+    values: np.ndarray,
+    dones: np.ndarray,
+    last_values: np.ndarray,
+    gamma: float,
+    lam: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Generalized advantage estimation (Schulman et al. 2016, eq. 16), over (T, N) arrays.
+
+    ``dones[t]`` marks that the episode ended with the action of step ``t`` (nothing to bootstrap);
+    ``last_values`` (N,) bootstraps the rows still running after the last step.
+
+    Returns:
+        advantages, returns (= advantages + values), both (T, N).
+    """
+    steps = rewards.shape[0]
+    advantages = np.zeros_like(rewards, dtype=np.float64)
+    last_gae = np.zeros(rewards.shape[1], dtype=np.float64)
+    for t in reversed(range(steps)):
+        next_values = last_values if t == steps - 1 else values[t + 1]
+        not_done = 1.0 - dones[t]
+        delta = rewards[t] + gamma * next_values * not_done - values[t]
+        last_gae = delta + gamma * lam * not_done * last_gae
+        advantages[t] = last_gae
+    return advantages, advantages + values
+
+
+class SequenceBatch(NamedTuple):
+    """A minibatch of episode segments as left-padded sequences; per-action arrays are (M,)."""
+
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L)
+    action_mask: torch.Tensor  # (B, L) 1 on the tokens that were actions
+    old_log_prob: torch.Tensor  # (M,)
+    old_values: torch.Tensor  # (M,)
+    advantages: torch.Tensor  # (M,)
+    returns: torch.Tensor  # (M,)
+
+
+class RolloutBuffer:
+    """What ``n_steps`` steps of ``n_envs`` TextGen environments produced.
+
+    Args:
+        n_steps: T, steps per rollout.
+        n_envs: N, environments.
+        obs_len: length of the observation arrays.
+    """
+
+    def __init__(self, n_steps: int, n_envs: int, obs_len: int) -> None:
+        self.n_steps, self.n_envs = n_steps, n_envs
+        self.input_ids = np.zeros((n_steps, n_envs, obs_len), dtype=np.int64)  # (T, N, L)
+        self.attention_mask = np.zeros((n_steps, n_envs, obs_len), dtype=np.int64)
+        self.actions = np.zeros((n_steps, n_envs), dtype=np.int64)  # (T, N)
+        self.log_probs = np.zeros((n_steps, n_envs))
+        self.values = np.zeros((n_steps, n_envs))
+        self.rewards = np.zeros((n_steps, n_envs))
+        self.dones = np.zeros((n_steps, n_envs))
+        self.advantages = np.zeros((n_steps, n_envs))
+        self.returns = np.zeros((n_steps, n_envs))
+
+    def add(self, t: int, obs: dict, actions, log_probs, values, rewards, dones) -> None:
+        """Store step ``t``: the observation the actions were taken in, and what followed."""
+        self.input_ids[t], self.attention_mask[t] = obs["input_ids"], obs["attention_mask"]
+        self.actions[t] = _np(actions)
+        self.log_probs[t], self.values[t] = _np(log_probs), _np(values)
+        self.rewards[t], self.dones[t] = rewards, dones
+
+    def compute_returns_and_advantage(self, last_values: np.ndarray, gamma: float, lam: float) -> None:
+        self.advantages, self.returns = compute_gae(
+            self.rewards, self.values, self.dones, last_values, gamma, lam
+        )
+
+    def segments(self) -> list[tuple[int, int, int]]:
+        """The stretches of one episode in one env: ``(env, first_step, last_step)``, in env order."""
+        out = []
+        for env in range(self.n_envs):
+            start = 0
+            for t in range(self.n_steps):
+                if self.dones[t, env] or t == self.n_steps - 1:
+                    out.append((env, start, t))
+                    start = t + 1
+        return out
+
+    def minibatches(
+        self, batch_size: int, rng: np.random.Generator, device: torch.device, pad_token_id: int
+    ) -> Iterator[SequenceBatch]:
+        """Shuffled minibatches of ``batch_size`` segments, each one teacher-forced sequence."""
+        segments = self.segments()
+        order = rng.permutation(len(segments))
+        for start in range(0, len(order), batch_size):
+            yield self._batch([segments[i] for i in order[start : start + batch_size]], device, pad_token_id)
+
+    def _batch(
+        self, segments: list[tuple[int, int, int]], device: torch.device, pad_token_id: int
+    ) -> SequenceBatch:
+        # A segment's last observation holds its whole prefix; append the last action to get the sequence.
+        seqs, n_actions = [], []
+        for env, first, last in segments:
+            obs = self.input_ids[last, env][self.attention_mask[last, env] > 0]
+            seqs.append(np.append(obs, self.actions[last, env]))
+            n_actions.append(last - first + 1)
+        width = max(len(s) for s in seqs)
+        ids = np.full((len(seqs), width), pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(seqs), width), dtype=np.int64)
+        action_mask = np.zeros((len(seqs), width), dtype=np.int64)
+        for i, (seq, k) in enumerate(zip(seqs, n_actions)):
+            ids[i, width - len(seq) :], mask[i, width - len(seq) :] = seq, 1
+            action_mask[i, width - k :] = 1
+        # per-action arrays in action_mask.nonzero() order: row by row, steps in order
+        pick = lambda a: np.concatenate([a[first : last + 1, env] for env, first, last in segments])  # noqa: E731
+        tensor = lambda a, dt=torch.float32: torch.as_tensor(a, dtype=dt, device=device)  # noqa: E731
+        return SequenceBatch(
+            tensor(ids, torch.long),
+            tensor(mask, torch.long),
+            tensor(action_mask, torch.long),
+            tensor(pick(self.log_probs)),
+            tensor(pick(self.values)),
+            tensor(pick(self.advantages)),
+            tensor(pick(self.returns)),
+        )
+
+
+def _np(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)

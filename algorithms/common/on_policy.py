@@ -1,0 +1,379 @@
+"""The shared on-policy core: rollouts through TextGen-v0, the learn loop, logging and checkpoints.
+
+An algorithm subclasses :class:`OnPolicyAlgorithm` and writes only :meth:`~OnPolicyAlgorithm.train`
+(stable-baselines3's layout). Everything that is the same for PPO, A2C, TRPO and NLPO lives here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode
+
+from algorithms.common.buffer import RolloutBuffer
+from algorithms.common.logger import Logger
+from algorithms.policy import LMActorCriticPolicy
+from lm_gym.env import TextGenVectorEnv
+from lm_gym.kl import AdaptiveKLController, FixedKLController
+from lm_gym.rewards import RewardFunction
+from lm_gym.tasks import Task
+
+__all__ = ["NonFiniteLossError", "OnPolicyAlgorithm"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when updates kept producing NaN/inf losses; the weights hold the last finite update."""
+
+
+class OnPolicyAlgorithm:
+    """Collects rollouts of ``n_envs`` TextGen environments and calls the subclass's ``train()``.
+
+    Each iteration resets the environments with a seed derived from ``(seed, iteration)`` and runs
+    ``n_steps`` steps (default ``max_new_tokens``: about one text per env). Episodes that end early restart
+    in the same step (same-step autoreset); one still running at the last step is bootstrapped with its
+    value. Because every iteration is seeded on its own, a run resumed from a checkpoint continues exactly
+    as the uninterrupted run would (on CPU).
+
+    Args:
+        policy: the actor-critic to train.
+        task: a task name or :class:`~lm_gym.tasks.Task` (prompts, and the reward when ``reward`` is None).
+        reward: a reward function or reward-model name/folder (default: the task's).
+        prompts: prompts to use instead of the task's training split.
+        n_envs: environments stepped together (texts per rollout).
+        max_new_tokens: episode length limit.
+        max_prompt_tokens: prompts are cut to their last tokens beyond this.
+        n_steps: steps per rollout (default ``max_new_tokens``).
+        learning_rate: AdamW learning rate.
+        lr_schedule: ``"constant"`` or ``"linear"`` (decays to 0 at the last iteration of ``learn``).
+        gamma: discount (1.0 as in TRL: the score comes at the end, nothing should shrink it).
+        gae_lambda: GAE lambda (0.95, TRL and SB3).
+        kl_coef: initial KL coefficient beta.
+        kl_target: if set, an adaptive controller steers beta so the per-episode KL tracks it (Ziegler et
+            al. 2019); else beta stays fixed.
+        kl_horizon: the adaptive controller's horizon (10,000 as in TRL's old default).
+        whiten_rewards: normalise the per-token rewards of each rollout (mean 0, std 1) before GAE.
+        reward_clip: clip per-token rewards to ``[-reward_clip, reward_clip]`` (None = off).
+        normalize_advantage: whiten advantages over each rollout (TRL, SB3).
+        max_grad_norm: gradient-norm clip (0.5, SB3).
+        seed: seeds everything.
+        run_dir: TensorBoard logs, ``metrics.jsonl``, ``samples.md``, checkpoints and the exported model.
+        checkpoint_every: iterations between checkpoints (and one at the end).
+        sample_every: iterations between tables of sample generations.
+        max_nonfinite: consecutive iterations with a skipped non-finite update before the run stops.
+        verbose: 1 prints a metrics table per iteration.
+        temperature: the environment's reference temperature (default: the policy's).
+        stop_token_ids: tokens that end an episode (default EOS).
+    """
+
+    def __init__(
+        self,
+        policy: LMActorCriticPolicy,
+        *,
+        task: str | Task = "sentiment",
+        reward: str | RewardFunction | Callable | None = None,
+        prompts: Sequence[str] | None = None,
+        n_envs: int = 16,
+        max_new_tokens: int = 48,
+        max_prompt_tokens: int = 64,
+        n_steps: int | None = None,
+        learning_rate: float = 1e-5,
+        lr_schedule: str = "constant",
+        gamma: float = 1.0,
+        gae_lambda: float = 0.95,
+        kl_coef: float = 0.05,
+        kl_target: float | None = None,
+        kl_horizon: int = 10_000,
+        whiten_rewards: bool = False,
+        reward_clip: float | None = None,
+        normalize_advantage: bool = True,
+        max_grad_norm: float = 0.5,
+        seed: int = 0,
+        run_dir: str | Path | None = None,
+        checkpoint_every: int = 10,
+        sample_every: int = 5,
+        max_nonfinite: int = 3,
+        verbose: int = 1,
+        stop_token_ids: Sequence[int] | None = None,
+    ) -> None:
+        _check("learning_rate", learning_rate, lambda v: v > 0, "> 0")
+        _check("gamma", gamma, lambda v: 0 <= v <= 1, "in [0, 1]")
+        _check("gae_lambda", gae_lambda, lambda v: 0 <= v <= 1, "in [0, 1]")
+        _check("max_grad_norm", max_grad_norm, lambda v: v > 0, "> 0")
+        _check("n_envs", n_envs, lambda v: int(v) == v and v >= 1, "an integer >= 1")
+        _check("checkpoint_every", checkpoint_every, lambda v: int(v) == v and v >= 1, "an integer >= 1")
+        _check("max_nonfinite", max_nonfinite, lambda v: int(v) == v and v >= 1, "an integer >= 1")
+        if lr_schedule not in ("constant", "linear"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'linear'; got {lr_schedule!r}")
+        if reward_clip is not None and not reward_clip > 0:
+            raise ValueError(f"reward_clip must be > 0 or None; got {reward_clip}")
+        self.policy = policy
+        self.n_envs = n_envs
+        self.n_steps = n_steps or max_new_tokens
+        _check("n_steps", self.n_steps, lambda v: int(v) == v and v >= 1, "an integer >= 1")
+        self.learning_rate, self.lr_schedule = learning_rate, lr_schedule
+        self.gamma, self.gae_lambda = gamma, gae_lambda
+        self.whiten_rewards, self.reward_clip = whiten_rewards, reward_clip
+        self.normalize_advantage, self.max_grad_norm = normalize_advantage, max_grad_norm
+        self.seed = seed
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.checkpoint_every, self.sample_every = checkpoint_every, sample_every
+        self.max_nonfinite = max_nonfinite
+        self.kl_controller = (
+            AdaptiveKLController(kl_coef, kl_target, kl_horizon)
+            if kl_target is not None
+            else FixedKLController(kl_coef)
+        )
+        torch.manual_seed(seed)
+        # The reference: the policy with its adapters off (LoRA, shared forward), or a frozen copy of it now.
+        reference = policy.model if policy.adapter else policy.reference_copy()
+        self.envs = TextGenVectorEnv(
+            n_envs,
+            model=reference,
+            tokenizer=policy.tokenizer,
+            task=task,
+            reward=reward,
+            prompts=prompts,
+            kl_coef=self.kl_controller.value,
+            max_new_tokens=max_new_tokens,
+            max_prompt_tokens=max_prompt_tokens,
+            temperature=policy.temperature,
+            stop_token_ids=stop_token_ids,
+            policy_adapter=policy.adapter,
+            autoreset_mode=AutoresetMode.SAME_STEP,
+        )
+        self.buffer = RolloutBuffer(self.n_steps, n_envs, max_prompt_tokens + max_new_tokens)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in policy.parameters() if p.requires_grad], lr=learning_rate, weight_decay=0.0
+        )
+        self.logger = Logger(self.run_dir, verbose)
+        self.iteration = 0
+        self.num_timesteps = 0
+        self._nonfinite_streak = 0
+        self._skipped_updates = 0
+        self._total_iterations = 0
+
+    # ------------------------------------------------------------------------------------------ rollouts
+    def _iteration_seed(self, iteration: int) -> int:
+        return (self.seed * 1_000_003 + iteration * 7919) % 2**31
+
+    def collect_rollouts(self) -> dict[str, Any]:
+        """Fill the buffer with ``n_steps`` steps of every env; compute advantages and returns."""
+        seed = self._iteration_seed(self.iteration)
+        generator = torch.Generator(device=self.policy.device).manual_seed(seed)
+        agent = self.policy.rollout_agent(self.n_envs, generator, self.envs)
+        self.envs.kl_coef = self.kl_controller.value
+        start = time.perf_counter()
+        obs, _ = self.envs.reset(seed=seed)
+        episode_kl, episode_len = np.zeros(self.n_envs), np.zeros(self.n_envs, dtype=np.int64)
+        scores, kls, lengths, samples = [], [], [], []
+        for t in range(self.n_steps):
+            actions, log_probs, values = agent.act(obs)
+            self.envs.set_policy_log_probs(log_probs)
+            next_obs, rewards, terminated, truncated, infos = self.envs.step(actions)
+            dones = terminated | truncated
+            self.buffer.add(t, obs, actions, log_probs, values, rewards, dones)
+            episode_kl += np.where(infos.get("_kl", False), infos.get("kl", 0.0), 0.0)
+            episode_len += 1
+            final = infos.get("final_info", {})
+            for i in np.flatnonzero(dones):
+                scores.append(final["score"][i])
+                kls.append(episode_kl[i])
+                lengths.append(episode_len[i])
+                samples.append((final["prompt"][i], final["text"][i], final["score"][i]))
+                episode_kl[i], episode_len[i] = 0.0, 0
+            obs = next_obs
+        last_values = agent.value(obs)
+        elapsed = time.perf_counter() - start
+        rewards = self.buffer.rewards
+        if self.reward_clip is not None:
+            np.clip(rewards, -self.reward_clip, self.reward_clip, out=rewards)
+        if self.whiten_rewards:
+            rewards[:] = (rewards - rewards.mean()) / (rewards.std() + 1e-8)
+        self.buffer.compute_returns_and_advantage(last_values, self.gamma, self.gae_lambda)
+        self.num_timesteps += self.n_steps * self.n_envs
+        stats = {
+            "rollout/rm_score": float(np.mean(scores)) if scores else float("nan"),
+            "rollout/kl": float(np.mean(kls)) if kls else float("nan"),
+            "rollout/ep_len": float(np.mean(lengths)) if lengths else float("nan"),
+            "rollout/entropy": float(agent.mean_entropy),
+            "rollout/episodes": len(scores),
+            "time/tokens_per_s": self.n_steps * self.n_envs / elapsed,
+            "time/rollout_s": elapsed,
+        }
+        for key, value in stats.items():
+            self.logger.record(key, value)
+        return {"stats": stats, "samples": samples}
+
+    # ------------------------------------------------------------------------------------------ learning
+    def train(self) -> None:
+        """One update from the buffer: the only method an algorithm must write."""
+        raise NotImplementedError
+
+    def _current_lr(self) -> float:
+        if self.lr_schedule == "constant" or not self._total_iterations:
+            return self.learning_rate
+        return self.learning_rate * max(0.0, 1.0 - self.iteration / self._total_iterations)
+
+    def apply_gradients(self, loss: torch.Tensor) -> bool:
+        """Backward, clip, step, unless the loss or the gradient is not finite (then nothing changes)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            self._skipped_updates += 1
+            return False
+        loss.backward()
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            self._skipped_updates += 1
+            return False
+        self.optimizer.step()
+        return True
+
+    def learn(self, iterations: int, progress_bar: bool = False) -> OnPolicyAlgorithm:
+        """Run until ``iterations`` iterations in total are done (a resumed run continues its count)."""
+        self._total_iterations = iterations
+        bar = None
+        if progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=iterations, initial=self.iteration, desc="lm-gym", unit="it")
+        while self.iteration < iterations:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self._current_lr()
+            rollout = self.collect_rollouts()
+            self._skipped_updates = 0
+            start = time.perf_counter()
+            self.train()
+            self.logger.record("time/train_s", time.perf_counter() - start)
+            self._guard_nonfinite()
+            kl = rollout["stats"]["rollout/kl"]
+            if np.isfinite(kl):
+                self.kl_controller.update(kl, self.n_steps * self.n_envs)
+            self.logger.record("train/kl_coef", self.kl_controller.value)
+            self.logger.record("train/learning_rate", self._current_lr())
+            self.logger.record("time/total_timesteps", self.num_timesteps)
+            self.iteration += 1
+            if self.sample_every and self.iteration % self.sample_every == 0:
+                self._log_samples(rollout["samples"])
+            self.logger.dump(self.iteration)
+            if self.run_dir is not None and (
+                self.iteration % self.checkpoint_every == 0 or self.iteration == iterations
+            ):
+                self.save_checkpoint()
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        if self.run_dir is not None:
+            self.policy.save_pretrained(self.run_dir / "final")
+        return self
+
+    def _guard_nonfinite(self) -> None:
+        if self._skipped_updates == 0:
+            self._nonfinite_streak = 0
+            return
+        self._nonfinite_streak += 1
+        warnings.warn(
+            f"iteration {self.iteration}: skipped {self._skipped_updates} update(s) with a non-finite loss or "
+            "gradient; the weights were not touched",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        if self._nonfinite_streak >= self.max_nonfinite:
+            raise NonFiniteLossError(
+                f"stopped: non-finite losses in {self._nonfinite_streak} consecutive iterations (check the "
+                "reward function and the learning rate); the weights and the last checkpoint hold the last "
+                "finite update"
+            )
+
+    def _log_samples(self, samples: list[tuple[str, str, float]]) -> None:
+        rows = ["| prompt | completion | score |", "|---|---|---|"]
+        for prompt, text, score in samples[:6]:
+            clean = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+            rows.append(f"| {clean(prompt)} | {clean(text)} | {score:+.3f} |")
+        self.logger.text("samples", "\n".join(rows), self.iteration)
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write weights (safetensors), optimizer, KL controller and counters atomically; return the folder."""
+        from safetensors.torch import save_file
+
+        root = self.run_dir / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"iter_{self.iteration:06d}"
+        staging = root / f".staging_{self.iteration:06d}_{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        save_file(
+            {k: v.contiguous() for k, v in self.policy.trainable_state_dict().items()},
+            staging / "policy.safetensors",
+        )
+        torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
+        state = {
+            "iteration": self.iteration,
+            "num_timesteps": self.num_timesteps,
+            "kl_controller": self.kl_controller.state_dict(),
+            "nonfinite_streak": self._nonfinite_streak,
+            "torch_rng": torch.get_rng_state().tolist(),
+        }
+        (staging / "state.json").write_text(json.dumps(state))
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)  # readers see a complete checkpoint or none
+        latest = root / "latest.tmp"
+        latest.write_text(final.name)
+        os.replace(latest, root / "latest")
+        return final
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore a checkpoint folder, or the latest one of a run directory, to continue with ``learn``."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if (path / "checkpoints" / "latest").exists():
+            path = path / "checkpoints" / (path / "checkpoints" / "latest").read_text().strip()
+        if not (path / "policy.safetensors").exists():
+            raise FileNotFoundError(
+                f"no checkpoint at {path} (expected policy.safetensors, optimizer.pt, state.json)"
+            )
+        weights = load_file(path / "policy.safetensors", device=str(self.policy.device))
+        expected = self.policy.trainable_state_dict()
+        if set(weights) != set(expected):
+            missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+            raise ValueError(
+                f"checkpoint {path} does not fit this policy (LoRA vs full, or another model): "
+                f"missing {missing[:3]}, unexpected {extra[:3]}"
+            )
+        with torch.no_grad():
+            params = dict(self.policy.named_parameters())
+            for name, value in weights.items():
+                params[name].copy_(value)
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        state = json.loads((path / "state.json").read_text())
+        self.iteration, self.num_timesteps = state["iteration"], state["num_timesteps"]
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self._nonfinite_streak = state["nonfinite_streak"]
+        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+
+    def close(self) -> None:
+        self.envs.close()
+        self.logger.close()
+
+
+def _check(name: str, value: Any, ok: Callable[[Any], bool], allowed: str) -> None:
+    try:
+        good = bool(ok(value))
+    except TypeError:
+        good = False
+    if not good:
+        raise ValueError(f"{name} must be {allowed}; got {value!r}")

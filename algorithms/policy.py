@@ -1,0 +1,256 @@
+"""The batched language-model actor-critic.
+
+One causal LM is the actor; a value head on its last hidden state is the critic (a separate critic trunk
+is an option). Sampling is KV-cached and batched; the log-probs it returns come from exactly the
+distribution that was sampled (temperature, top-k, top-p applied by ``transformers`` logits warpers),
+and :meth:`LMActorCriticPolicy.evaluate_actions` recomputes them, for whole sequences in one
+teacher-forced forward pass, through the same warpers. With LoRA (``peft``) the frozen reference is the
+same model with its adapters switched off: no second copy of the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lm_gym.decoding import BatchedDecoder
+from lm_gym.sampling import follow, observed_sequences, sample, sampling_warpers
+
+__all__ = ["LMActorCriticPolicy", "RolloutAgent"]
+
+ADAPTER = "default"
+
+
+class LMActorCriticPolicy(nn.Module):
+    """Actor-critic around a causal LM.
+
+    Args:
+        model: the causal LM to fine-tune (its weights are trained unless ``lora_r > 0``).
+        tokenizer: its tokenizer.
+        lora_r: LoRA rank; 0 trains every weight. With LoRA only the adapters (and the value head) train,
+            and the reference is this model with the adapters off.
+        lora_alpha: LoRA scaling numerator (``alpha / r`` scales the update).
+        lora_target_modules: modules that get adapters (``"all-linear"`` by default).
+        separate_critic: give the critic its own copy of the trunk instead of sharing the actor's.
+        temperature: sampling temperature.
+        top_k: sample among the k most likely tokens (0 = off).
+        top_p: nucleus sampling mass (1.0 = off).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        lora_r: int = 0,
+        lora_alpha: int = 32,
+        lora_target_modules: str | list[str] = "all-linear",
+        separate_critic: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if lora_r < 0:
+            raise ValueError(f"lora_r must be >= 0 (0 = full fine-tuning); got {lora_r}")
+        self.tokenizer = tokenizer
+        self.warpers = sampling_warpers(temperature, top_k, top_p)
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.lora_r = lora_r
+        model.eval()  # dropout off for good: RL on LMs trains with it off (Ziegler et al.; TRL)
+        if lora_r > 0:
+            from peft import LoraConfig, get_peft_model
+
+            config = LoraConfig(
+                r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=lora_target_modules
+            )
+            model = get_peft_model(model, config, adapter_name=ADAPTER)
+        self.model = model
+        hidden = model.config.hidden_size
+        self.critic_trunk = copy.deepcopy(model).requires_grad_(True) if separate_critic else None
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.value_head.weight)  # V = 0 at the start: no random critic noise in the first GAE
+        nn.init.zeros_(self.value_head.bias)
+        self.value_head.to(self.device)
+        self.eval()
+
+    # ------------------------------------------------------------------------------------------ basics
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def adapter(self) -> str | None:
+        """Name of the LoRA adapter, or None when every weight trains."""
+        return ADAPTER if self.lora_r > 0 else None
+
+    def train(self, mode: bool = True) -> LMActorCriticPolicy:
+        """Dropout stays off in every submodule; only the bookkeeping flag follows ``mode``."""
+        self.training = mode
+        return self
+
+    @contextmanager
+    def reference(self) -> Iterator[nn.Module]:
+        """The frozen reference (LoRA only): the same model with its adapters off, for the block's duration."""
+        if self.adapter is None:
+            raise RuntimeError("without LoRA the reference is a separate frozen copy (see reference_copy())")
+        with self.model.disable_adapter():
+            yield self.model
+
+    def reference_copy(self) -> PreTrainedModel:
+        """A frozen deep copy of the current model, the reference of full fine-tuning."""
+        if self.adapter is not None:
+            raise RuntimeError("with LoRA the reference is the model with adapters off (see reference())")
+        return copy.deepcopy(self.model).requires_grad_(False).eval()
+
+    # ------------------------------------------------------------------------------------------ acting
+    def rollout_agent(
+        self, num_rows: int, generator: torch.Generator | None = None, envs=None
+    ) -> RolloutAgent:
+        """A KV-cached agent that samples actions and reports log-probs and values for ``num_rows`` envs.
+
+        With LoRA and ``envs`` built with ``policy_adapter``, the agent reads the policy's logits and hidden
+        states from the env's shared forward pass instead of running its own.
+        """
+        return RolloutAgent(self, num_rows, generator, envs)
+
+    # ------------------------------------------------------------------------------------------ learning
+    def evaluate_actions(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, action_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Log-probs, entropies and values of the actions in whole sequences, in one teacher-forced pass.
+
+        Args:
+            input_ids: (B, L) left-padded sequences (prompt + generated tokens).
+            attention_mask: (B, L).
+            action_mask: (B, L) 1 where the token was an action (generated by the policy).
+
+        Returns:
+            log_prob, entropy, value: each (M,) for the M actions, in ``action_mask.nonzero()`` order;
+            ``value`` is the critic's estimate of the state *before* each action.
+        """
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            output_hidden_states=True,
+        )
+        # the logits/hidden state at position j-1 predict/evaluate the action at position j
+        rows, cols = action_mask[:, 1:].nonzero(as_tuple=True)  # (M,), (M,)
+        logits = out.logits[rows, cols].float()  # (M, V)
+        actions = input_ids[rows, cols + 1]  # (M,)
+        scores = self.warpers(input_ids[rows, cols][:, None], logits)  # same law as when sampling
+        log_probs_all = torch.log_softmax(scores, dim=-1)  # (M, V)
+        log_prob = log_probs_all.gather(1, actions[:, None])[:, 0]
+        probs = log_probs_all.exp()
+        entropy = -(probs * torch.where(probs > 0, log_probs_all, 0.0)).sum(-1)  # (M,)
+        if self.critic_trunk is None:
+            hidden = out.hidden_states[-1][rows, cols]  # (M, H)
+        else:
+            critic = self.critic_trunk(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions,
+                output_hidden_states=True,
+            )
+            hidden = critic.hidden_states[-1][rows, cols]
+        value = self.value_head(hidden.to(self.value_head.weight.dtype))[:, 0]
+        return log_prob, entropy, value
+
+    # ------------------------------------------------------------------------------------------ export
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The parameters that training changes (LoRA adapters or all weights, and the critic)."""
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Export the policy as a plain ``transformers`` folder (LoRA merged in) plus the value head.
+
+        ``AutoModelForCausalLM.from_pretrained(directory)`` loads the fine-tuned model; ``value_head.safetensors``
+        holds the critic's head.
+        """
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        model = self.model
+        if self.adapter is not None:
+            model = copy.deepcopy(self.model).merge_and_unload()
+        model.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+        save_file(
+            {k: v.contiguous() for k, v in self.value_head.state_dict().items()},
+            directory / "value_head.safetensors",
+        )
+
+
+class RolloutAgent:
+    """Samples for N environments: actions, their log-probs under the sampling law, and state values.
+
+    Args:
+        policy: the actor-critic.
+        num_rows: N.
+        generator: ``torch.Generator`` for the sampling.
+        envs: a ``TextGenVectorEnv`` built with ``policy_adapter`` to share its forward pass (LoRA).
+    """
+
+    def __init__(
+        self, policy: LMActorCriticPolicy, num_rows: int, generator: torch.Generator | None, envs=None
+    ):
+        self.policy = policy
+        self.generator = generator
+        self.shared = envs if envs is not None and getattr(envs, "policy_adapter", None) else None
+        pad = policy.tokenizer.pad_token_id
+        self.decoder = None if self.shared else BatchedDecoder(policy.model, num_rows, pad, keep_hidden=True)
+        self.critic = (
+            BatchedDecoder(policy.critic_trunk, num_rows, pad, keep_hidden=True)
+            if policy.critic_trunk
+            else None
+        )
+        self._last_actions: torch.Tensor | None = None
+        self._entropy_sum, self._entropy_count = 0.0, 0
+
+    def _hidden_and_logits(self, obs: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        seqs = observed_sequences(obs)
+        if self.shared is not None:
+            logits, hidden = self.shared.policy_logits, self.shared.policy_hidden
+        else:
+            follow(self.decoder, seqs, self._last_actions)
+            logits, hidden = self.decoder.logits, self.decoder.hidden
+        if self.critic is not None:
+            follow(self.critic, seqs, self._last_actions)
+            hidden = self.critic.hidden
+        return logits, hidden
+
+    def _values(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.policy.value_head
+        return head(hidden.to(head.weight.dtype))[:, 0]
+
+    @torch.no_grad()
+    def act(self, obs: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns actions (N,), log_probs (N,) and values (N,) for the observations."""
+        logits, hidden = self._hidden_and_logits(obs)
+        last = torch.as_tensor(np.asarray(obs["input_ids"])[:, -1:], device=logits.device)
+        actions, log_probs, entropy = sample(logits, last, self.policy.warpers, self.generator)
+        self._entropy_sum += float(entropy.sum())
+        self._entropy_count += len(entropy)
+        self._last_actions = actions
+        return actions, log_probs, self._values(hidden)
+
+    @torch.no_grad()
+    def value(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        """(N,) the critic's values of the observations (to bootstrap unfinished episodes)."""
+        _, hidden = self._hidden_and_logits(obs)
+        return self._values(hidden).double().cpu().numpy()
+
+    @property
+    def mean_entropy(self) -> float:
+        """Mean entropy (nats) of the sampling distributions so far."""
+        return self._entropy_sum / max(1, self._entropy_count)
