@@ -71,7 +71,9 @@ class LMActorCriticPolicy(nn.Module):
             config = LoraConfig(
                 r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=lora_target_modules
             )
-            model = get_peft_model(model, config, adapter_name=ADAPTER)
+            model = get_peft_model(model, config, adapter_name=ADAPTER)  # freezes the base weights
+        else:
+            model.requires_grad_(True)
         self.model = model
         hidden = model.config.hidden_size
         self.critic_trunk = copy.deepcopy(model).requires_grad_(True) if separate_critic else None

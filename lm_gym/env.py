@@ -316,7 +316,11 @@ class TextGenVectorEnv(VectorEnv):
             )
         self.policy_adapter = policy_adapter
         self._decoder = BatchedDecoder(
-            self.reference, num_envs, self.pad_token_id, twin_adapter=policy_adapter
+            self.reference,
+            num_envs,
+            self.pad_token_id,
+            twin_adapter=policy_adapter,
+            keep_hidden=bool(policy_adapter),
         )
         if async_reference is None:
             # Overlap pays when a forward pass is mostly matrix kernels (which release the GIL); for a tiny

@@ -1,0 +1,322 @@
+"""stable-baselines3 compatibility: a causal LM as an SB3 ``ActorCriticPolicy``.
+
+:class:`LMSB3Policy` lets *unmodified* ``stable_baselines3.PPO``, ``stable_baselines3.A2C`` and
+``sb3_contrib.TRPO`` train a causal language model on ``TextGen-v0``::
+
+    import gymnasium as gym, lm_gym
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.env_util import make_vec_env
+    from algorithms.sb3 import LMSB3Policy
+    from lm_gym import PolicyLogProbCache
+    from lm_gym.models import load_causal_lm
+
+    reference, tok = load_causal_lm("tiny")          # the env's frozen reference
+    cache = PolicyLogProbCache()                      # how log pi(a|s) reaches the env (KL term)
+    env = make_vec_env("TextGen-v0", n_envs=2, env_kwargs=dict(
+        model=reference, tokenizer=tok, log_prob_cache=cache, max_new_tokens=16))
+    model = PPO(LMSB3Policy, env, n_steps=16, batch_size=32,
+                policy_kwargs=dict(lm="tiny", tokenizer=tok, log_prob_cache=cache))
+    model.learn(1024)
+
+This is the *compatibility* path: SB3 sees one observation at a time, so every call runs the whole
+left-padded sequence through the LM (no KV cache), and the rollout buffer stores each state as a full
+sequence of token ids. lm-gym's own algorithms (:mod:`algorithms.ppo`) decode KV-cached and score a whole
+episode in one teacher-forced pass; they are much faster (``benchmarks/vs_sb3.py``).
+
+Points where SB3's conventions meet the LM setting:
+
+* SB3's rollout buffers store observations as float32; token ids below 2**24 are exact, and are turned
+  back into int64 here.
+* A2C/PPO/TRPO bootstrap the value of the last observation when an episode is *truncated* (SB3 reads
+  ``TimeLimit.truncated``), and ``TextGen-v0`` reports ``max_new_tokens`` as truncation. So with SB3 the
+  reward of such a final step becomes ``score + gamma * V(final text)``; lm-gym's algorithms treat it as
+  terminal instead.
+* TRPO tells actor from critic parameters by name (``"value" in name``). The head here is ``value_net``;
+  an LM whose own parameter names contain ``"value"`` (GPT-NeoX's ``query_key_value``) would be taken
+  for critic weights by TRPO. TRPO also differentiates every parameter, so it needs every LM weight to
+  require gradients (full fine-tuning; a peft/LoRA model with frozen base weights fails there).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from gymnasium import spaces
+from stable_baselines3.common.distributions import CategoricalDistribution
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lm_gym.logprobs import PolicyLogProbCache
+from lm_gym.models import load_causal_lm
+
+__all__ = ["LMSB3Policy"]
+
+
+class LMSB3Policy(ActorCriticPolicy):
+    """A causal LM as a stable-baselines3 actor-critic for ``TextGen-v0``.
+
+    Every call runs the LM over the batch of left-padded observations in one full forward pass
+    (``position_ids = cumsum(attention_mask) - 1``, clamped at 0). The actor is SB3's
+    ``CategoricalDistribution`` over the vocabulary with the logits at the last position (divided by
+    ``temperature``); the critic is a linear head (``value_net``, zero-initialised so that V = 0 at the
+    start) on the last layer's hidden state at the last position. Dropout stays off for good (the LM is
+    kept in eval mode; SB3's ``set_training_mode`` only flips the bookkeeping flag).
+
+    The rollout call (:meth:`forward`) and SB3's ``predict`` record the full next-token log-distribution of
+    every observation of the batch into ``log_prob_cache``; environments sharing that cache read
+    ``log pi(a|s)`` of the action they get from it and put the KL penalty into the reward.
+
+    SB3 builds the optimizer over ``policy.parameters()``: here the LM's trainable weights and the value
+    head. Without peft every LM weight is made trainable; a peft model keeps its own choice (the adapters).
+    The ``features_extractor`` SB3 insists on building (a parameter-free ``FlattenExtractor`` by default)
+    is never called: :meth:`extract_features` returns the token ids and mask. ``net_arch``,
+    ``activation_fn`` and ``ortho_init`` have no effect (there is no MLP extractor); gSDE and separate
+    feature extractors are refused.
+
+    Saving: ``model.save(path)`` works. It stores the state dict (LM + head) and, as SB3 does for every
+    policy kwarg, a pickle of ``policy_kwargs``: when ``lm`` was passed as a loaded model, the model is
+    pickled there too (the weights are stored twice; pass ``lm`` by name to avoid it). Load with
+    ``PPO.load(path, env, custom_objects={"policy_kwargs": dict(lm=..., tokenizer=...,
+    log_prob_cache=cache)})`` to reconnect the cache the new env holds (a pickled cache is a different
+    object). To export a plain ``transformers`` folder, use :meth:`save_pretrained`.
+
+    Args:
+        observation_space: the env's ``Dict(input_ids=Box(L,), attention_mask=Box(L,))``.
+        action_space: ``Discrete(vocab_size)``.
+        lr_schedule: SB3's learning-rate schedule (SB3 passes it).
+        lm: the causal LM to fine-tune, or a name for :func:`lm_gym.models.load_causal_lm` (``"tiny"``,
+            ``"smollm2-135m"``, a folder, a Hub id). Do not pass the env's reference: it would train too.
+        tokenizer: the LM's tokenizer (loaded with ``lm`` when that is a name); used by
+            :meth:`save_pretrained`.
+        log_prob_cache: the :class:`~lm_gym.logprobs.PolicyLogProbCache` shared with the env(s); None
+            leaves the KL term out of the reward.
+        temperature: the logits are divided by it; give the env the same ``temperature``.
+        double_backward: run the attention of forward passes that record gradients with PyTorch's math
+            SDPA kernel, which (unlike CPU flash attention) has a second derivative: TRPO's Fisher-vector
+            products need it. With PPO/A2C, False keeps the fused kernels (faster, less memory on GPU).
+        **kwargs: the remaining ``ActorCriticPolicy`` arguments (``optimizer_class``, ``optimizer_kwargs``,
+            ... as SB3's algorithms pass them).
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Dict,
+        action_space: spaces.Discrete,
+        lr_schedule: Schedule,
+        *,
+        lm: PreTrainedModel | str,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        log_prob_cache: PolicyLogProbCache | None = None,
+        temperature: float = 1.0,
+        double_backward: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if not (
+            isinstance(observation_space, spaces.Dict)
+            and {"input_ids", "attention_mask"} <= set(observation_space.spaces)
+        ):
+            raise ValueError(
+                "LMSB3Policy needs TextGen-v0's Dict(input_ids=..., attention_mask=...) observations; "
+                f"got {observation_space}"
+            )
+        if not isinstance(action_space, spaces.Discrete):
+            raise ValueError(f"LMSB3Policy needs a Discrete(vocab_size) action space; got {action_space}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0; got {temperature!r}")
+        if kwargs.get("use_sde"):
+            raise ValueError("gSDE (use_sde=True) is for continuous actions; the action here is a token id")
+        if kwargs.get("share_features_extractor", True) is False:
+            raise ValueError(
+                "LMSB3Policy has one LM trunk for actor and critic: share_features_extractor=True"
+            )
+        self.lm_name = lm if isinstance(lm, str) else None
+        if isinstance(lm, str):
+            lm, loaded_tokenizer = load_causal_lm(lm, device="cpu")  # SB3 moves the policy to its device
+            tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+        vocab = lm.get_output_embeddings().weight.shape[0]
+        if action_space.n != vocab:
+            raise ValueError(
+                f"the LM has {vocab} output logits but the action space is Discrete({action_space.n}); "
+                "build the env with the same model/tokenizer"
+            )
+        self.tokenizer = tokenizer
+        self.log_prob_cache = log_prob_cache
+        self.temperature = float(temperature)
+        self.double_backward = double_backward
+        base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(type(base).forward).parameters
+        # nn.Module.__init__ has not run yet, so the LM cannot be an attribute: hand it to _build (which
+        # ActorCriticPolicy.__init__ calls last) inside a tuple, which Module.__setattr__ does not register.
+        self._lm_to_build = (lm,)
+        kwargs.setdefault("net_arch", [])
+        kwargs.setdefault("ortho_init", False)
+        super().__init__(observation_space, action_space, lr_schedule, **kwargs)
+
+    # ------------------------------------------------------------------------------------------ building
+    def _build(self, lr_schedule: Schedule) -> None:
+        """Register the LM and the value head, and build SB3's optimizer over their trainable parameters.
+
+        Replaces ``ActorCriticPolicy._build``: no MLP extractor, no ``action_net`` (the LM's own head
+        gives the logits), no orthogonal init.
+        """
+        (lm,) = self.__dict__.pop("_lm_to_build")
+        lm.eval()  # dropout off for good (RL on LMs trains without it: Ziegler et al. 2019, TRL)
+        if not hasattr(lm, "peft_config"):
+            lm.requires_grad_(True)  # full fine-tuning (a peft model trains its adapters only)
+        self.lm = lm
+        hidden = lm.get_input_embeddings().weight.shape[1]
+        param = next(lm.parameters())
+        self.value_net = nn.Linear(hidden, 1, device=param.device, dtype=torch.float32)
+        nn.init.zeros_(self.value_net.weight)  # V = 0 at the start: no random critic noise in the first GAE
+        nn.init.zeros_(self.value_net.bias)
+        assert isinstance(self.action_dist, CategoricalDistribution)
+        params = [p for p in self.parameters() if p.requires_grad]
+        self.optimizer = self.optimizer_class(params, lr=lr_schedule(1), **self.optimizer_kwargs)
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(
+            lm=self.lm_name if self.lm_name is not None else self.lm,
+            tokenizer=self.tokenizer,
+            log_prob_cache=None,  # a pickled cache would be disconnected from the envs; set it again
+            temperature=self.temperature,
+            double_backward=self.double_backward,
+        )
+        return data
+
+    def train(self, mode: bool = True) -> LMSB3Policy:
+        """Only the bookkeeping flag follows ``mode``; the LM stays in eval mode (no dropout)."""
+        super().train(mode)
+        self.lm.eval()
+        return self
+
+    def set_training_mode(self, mode: bool) -> None:
+        """SB3's switch before rollouts (False) and updates (True); dropout stays off either way."""
+        self.train(mode)
+
+    # ------------------------------------------------------------------------------------------ the LM
+    def extract_features(  # type: ignore[override]
+        self, obs: PyTorchObs, features_extractor: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token ids and attention mask of a batch of observations, as int64 on the policy's device.
+
+        Observations from SB3's rollout buffer are float32 (exact for ids below 2**24); those from the env
+        are int64. Columns that are padding in every row are dropped: the sequences are left-padded, so
+        this changes no position id and no logit at the last position, and saves compute.
+
+        Returns:
+            input_ids, attention_mask: each (B, L') with L' <= L.
+        """
+        ids, mask = obs["input_ids"], obs["attention_mask"]  # (B, L) each, or (L,)
+        if ids.is_floating_point():
+            ids = ids.round()
+        ids = ids.to(self.device, torch.long).reshape(-1, ids.shape[-1])  # (B, L)
+        mask = (mask.to(self.device).reshape(-1, mask.shape[-1]) > 0).long()  # (B, L)
+        start = int(mask.any(0).long().argmax())  # first column holding a token of some row
+        return ids[:, start:], mask[:, start:]
+
+    def _lm_forward(self, obs: PyTorchObs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One full forward of the batch.
+
+        Returns:
+            logits: (B, V) float32 next-token logits at the last position, divided by the temperature.
+            hidden: (B, H) the last layer's hidden state at the last position.
+            input_ids, attention_mask: (B, L') the observations as the LM saw them.
+        """
+        input_ids, attention_mask = self.extract_features(obs)  # (B, L') each
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, L')
+        extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
+        math_sdpa = self.double_backward and torch.is_grad_enabled()
+        with sdpa_kernel([SDPBackend.MATH]) if math_sdpa else nullcontext():
+            out = self.lm(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                output_hidden_states=True,
+                use_cache=False,
+                **extra,
+            )
+        logits = out.logits[:, -1].float() / self.temperature  # (B, V)
+        hidden = out.hidden_states[-1][:, -1]  # (B, H)
+        return logits, hidden, input_ids, attention_mask
+
+    def _value(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, 1) V(s) from the (B, H) hidden states."""
+        return self.value_net(hidden.to(self.value_net.weight.dtype))
+
+    def _record(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, distribution: CategoricalDistribution
+    ) -> None:
+        """Hand the batch's next-token log-distributions (B, V) to the envs through the cache."""
+        if self.log_prob_cache is not None:
+            # Categorical's normalised logits: exactly what distribution.log_prob gathers from
+            self.log_prob_cache.record(input_ids, attention_mask, distribution.distribution.logits)
+
+    # ------------------------------------------------------------------------------------------ SB3 API
+    def forward(
+        self, obs: PyTorchObs, deterministic: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rollout call: sample actions, and record the distributions into the cache.
+
+        Returns:
+            actions: (B,) token ids.
+            values: (B, 1).
+            log_prob: (B,) ``log pi(action | obs)``.
+        """
+        logits, hidden, input_ids, attention_mask = self._lm_forward(obs)
+        distribution = self.action_dist.proba_distribution(action_logits=logits)
+        actions = distribution.get_actions(deterministic=deterministic)  # (B,)
+        log_prob = distribution.log_prob(actions)  # (B,)
+        self._record(input_ids, attention_mask, distribution)
+        return actions.reshape((-1, *self.action_space.shape)), self._value(hidden), log_prob
+
+    def evaluate_actions(
+        self, obs: PyTorchObs, actions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Values (B, 1), log-probs (B,) and entropies (B,) of ``actions`` (B,) under the current policy."""
+        logits, hidden, _, _ = self._lm_forward(obs)
+        distribution = self.action_dist.proba_distribution(action_logits=logits)
+        return self._value(hidden), distribution.log_prob(actions), distribution.entropy()
+
+    def get_distribution(self, obs: PyTorchObs) -> CategoricalDistribution:
+        """The next-token distribution of each observation (TRPO's update calls this)."""
+        logits, _, _, _ = self._lm_forward(obs)
+        return self.action_dist.proba_distribution(action_logits=logits)
+
+    def predict_values(self, obs: PyTorchObs) -> torch.Tensor:
+        """(B, 1) the critic's V(s) (SB3 bootstraps the last and the truncated observations with it)."""
+        _, hidden, _, _ = self._lm_forward(obs)
+        return self._value(hidden)
+
+    def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> torch.Tensor:
+        """``model.predict``'s action (B,); records into the cache like a rollout, so the KL term stays."""
+        logits, _, input_ids, attention_mask = self._lm_forward(observation)
+        distribution = self.action_dist.proba_distribution(action_logits=logits)
+        self._record(input_ids, attention_mask, distribution)
+        return distribution.get_actions(deterministic=deterministic)
+
+    # ------------------------------------------------------------------------------------------ export
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Export a plain ``transformers`` folder (LoRA merged in) plus ``value_head.safetensors``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        lm = self.lm
+        if hasattr(lm, "merge_and_unload"):
+            lm = copy.deepcopy(lm).merge_and_unload()
+        lm.save_pretrained(directory, safe_serialization=True)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory)
+        save_file(
+            {k: v.contiguous() for k, v in self.value_net.state_dict().items()},
+            directory / "value_head.safetensors",
+        )

@@ -1,0 +1,94 @@
+"""REINFORCE with a KL penalty, from scratch: RLHF in ~70 lines of Gymnasium + PyTorch.
+
+Shows the whole of policy-gradient fine-tuning of a language model, with nothing from ``algorithms``: the
+LM *is* the policy (its softmax over the vocabulary is pi(a|s)), the env rewards a finished text with a
+sentiment score and charges every token a KL penalty for drifting from the frozen initial model, and one
+gradient step per batch of episodes pushes up the log-probability of texts that beat the batch average.
+
+Run:
+    python examples/reinforce_from_scratch.py                       # SmolLM2-135M, ~1 min per iteration
+    python examples/reinforce_from_scratch.py --model tiny --iterations 2 --max-new-tokens 8
+"""
+
+import argparse
+import copy
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+import lm_gym  # noqa: F401  (registers TextGen-v0)
+from lm_gym.models import load_causal_lm
+from lm_gym.sampling import CachedSampler
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--model", default="smollm2-135m", help="tiny, smollm2-135m, a folder or a Hub id")
+parser.add_argument("--iterations", type=int, default=20, help="policy-gradient steps (one per batch)")
+parser.add_argument("--num-envs", type=int, default=8, help="episodes per batch")
+parser.add_argument("--max-new-tokens", type=int, default=24)
+parser.add_argument("--kl-coef", type=float, default=0.05, help="beta: price of one nat of KL")
+parser.add_argument("--lr", type=float, default=1e-5)
+args = parser.parse_args()
+torch.manual_seed(0)
+
+policy, tokenizer = load_causal_lm(args.model)  # pi_theta: the LM we train (dropout off: eval mode)
+reference = copy.deepcopy(policy).requires_grad_(False)  # pi_ref: a frozen copy, never trained
+# One batched env: N episodes side by side. The env runs pi_ref itself to price each token's KL.
+envs = gym.make_vec(
+    "TextGen-v0",
+    num_envs=args.num_envs,
+    model=reference,
+    tokenizer=tokenizer,
+    max_new_tokens=args.max_new_tokens,
+    kl_coef=args.kl_coef,
+)
+optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
+
+
+for it in range(args.iterations):
+    # ---- 1. Roll out one episode per env with the current policy (no gradients needed yet).
+    # The sampler runs the LM on each row's text, takes softmax(logits) = pi(.|s_t), draws a_t ~ pi(.|s_t)
+    # and returns log pi(a_t|s_t). Its KV cache means each step runs only the newest token (fast on CPU).
+    sampler = CachedSampler(policy, args.num_envs, envs.pad_token_id)
+    obs, _ = envs.reset(seed=it * args.num_envs)
+    n = args.num_envs
+    done, returns, kl = np.zeros(n, bool), np.zeros(n), np.zeros(n)
+    scores, final_ids, final_mask = np.zeros(n), [None] * n, [None] * n
+    n_actions = np.zeros(n, int)
+    while not done.all():
+        actions, log_pi = sampler.act(obs)  # (N,) token ids and their log-probs, no gradients
+        # Tell the env log pi(a_t|s_t): it adds r_t = -beta * (log pi - log pi_ref) to the reward.
+        envs.set_policy_log_probs(log_pi)
+        obs, rewards, terminated, truncated, infos = envs.step(actions.numpy())
+        running = ~done  # rows whose first episode is still going; finished rows auto-reset, we ignore them
+        returns[running] += rewards[running]  # return G = score - beta * sum_t KL_t (gamma = 1)
+        kl[running] += infos["kl"][running]
+        n_actions[running] += 1
+        for i in np.flatnonzero(running & (terminated | truncated)):
+            scores[i] = infos["score"][i]  # the reward model's score, given at the last step
+            final_ids[i], final_mask[i] = obs["input_ids"][i], obs["attention_mask"][i]  # prompt + text
+            done[i] = True
+
+    # ---- 2. REINFORCE: grad J = E[(G - b) * grad sum_t log pi(a_t|s_t)].
+    ids, mask = torch.as_tensor(np.stack(final_ids)), torch.as_tensor(np.stack(final_mask))
+    # Recompute every chosen token's log-prob with gradients, in one teacher-forced pass over the texts:
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each row counts from its first token
+    logits = policy(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    log_probs = torch.log_softmax(logits[:, :-1], dim=-1)  # the logits at position j predict token j+1
+    token_log_pi = log_probs.gather(2, ids[:, 1:, None])[..., 0]  # (N, L-1)
+    # The actions are each row's last n_actions tokens (the text sits at the right end of the observation).
+    cols = torch.arange(ids.shape[1] - 1)
+    is_action = cols[None, :] >= (ids.shape[1] - 1 - torch.as_tensor(n_actions))[:, None]
+    sum_log_pi = (token_log_pi * is_action).sum(-1)  # log-prob of the whole completion
+    baseline = returns.mean()  # b: a mean baseline lowers the variance and keeps the gradient unbiased
+    advantage = torch.as_tensor(returns - baseline, dtype=torch.float32)  # better or worse than average?
+    loss = -(advantage * sum_log_pi).mean()  # minimising this ascends the expected return
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+    optimizer.step()
+    print(
+        f"iter {it}: mean score {scores.mean():+.3f}  mean KL {kl.mean():.3f} nats  "
+        f"mean return {returns.mean():+.3f}  loss {loss.item():+.3f}"
+    )
+envs.close()

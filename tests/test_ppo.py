@@ -1,0 +1,153 @@
+"""The on-policy core and PPO: GAE, learning on a toy reward, resume, the non-finite guard."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from algorithms.common.buffer import compute_gae
+from algorithms.common.on_policy import NonFiniteLossError
+from algorithms.policy import LMActorCriticPolicy
+from algorithms.ppo import PPO
+
+PROMPTS = ["Hello", "The film", "Wow", "It was"]
+
+
+def lowercase_share(prompts, completions):
+    """Toy reward: the share of lowercase ASCII letters in the completion (about 10% for a random model)."""
+    return [sum("a" <= ch <= "z" for ch in c) / max(1, len(c)) for c in completions]
+
+
+def make_ppo(tiny, **kwargs):
+    model, tokenizer = tiny
+    policy = LMActorCriticPolicy(copy.deepcopy(model), tokenizer, lora_r=kwargs.pop("lora_r", 0))
+    settings = dict(
+        prompts=PROMPTS,
+        reward=lowercase_share,
+        n_envs=8,
+        max_new_tokens=8,
+        learning_rate=1e-3,
+        kl_coef=0.0,
+        batch_size=8,
+        n_epochs=4,
+        verbose=0,
+        seed=0,
+    )
+    return PPO(policy, **{**settings, **kwargs})
+
+
+def test_gae_matches_hand_computed_returns():
+    rng = np.random.default_rng(0)
+    steps, envs, gamma, lam = 7, 3, 0.9, 0.8
+    rewards, values = rng.normal(size=(steps, envs)), rng.normal(size=(steps, envs))
+    dones = rng.random((steps, envs)) < 0.3
+    last_values = rng.normal(size=envs)
+    advantages, returns = compute_gae(rewards, values, dones.astype(float), last_values, gamma, lam)
+    # definition: A_t = sum_k (gamma * lam)^k delta_{t+k}, summed until the episode ends
+    for env in range(envs):
+        for t in range(steps):
+            total, factor = 0.0, 1.0
+            for k in range(t, steps):
+                next_value = (
+                    0.0 if dones[k, env] else (values[k + 1, env] if k + 1 < steps else last_values[env])
+                )
+                total += factor * (rewards[k, env] + gamma * next_value - values[k, env])
+                if dones[k, env]:
+                    break
+                factor *= gamma * lam
+            assert advantages[t, env] == pytest.approx(total)
+    np.testing.assert_allclose(returns, advantages + values)
+
+
+@pytest.mark.parametrize("lora_r", [0, 8])
+def test_ppo_raises_the_toy_reward(tiny, lora_r):
+    algo = make_ppo(tiny, lora_r=lora_r, learning_rate=1e-3 if lora_r == 0 else 3e-3)
+    algo.learn(25)
+    scores = [h["rollout/rm_score"] for h in algo.logger.history]
+    assert np.mean(scores[:3]) < 0.2
+    assert np.mean(scores[-3:]) > np.mean(scores[:3]) + 0.3
+    for key in (
+        "train/policy_loss",
+        "train/value_loss",
+        "train/approx_kl",
+        "train/clip_fraction",
+        "train/explained_variance",
+        "train/kl_coef",
+        "rollout/kl",
+        "rollout/entropy",
+        "time/tokens_per_s",
+    ):
+        assert key in algo.logger.history[-1]
+    algo.close()
+
+
+def test_kl_penalty_keeps_the_policy_near_the_reference(tiny):
+    free = make_ppo(tiny, kl_coef=0.0)
+    tied = make_ppo(tiny, kl_coef=1.0)
+    free.learn(15)
+    tied.learn(15)
+    kl = lambda algo: np.mean([h["rollout/kl"] for h in algo.logger.history[-3:]])  # noqa: E731
+    assert kl(tied) < kl(free)
+
+
+def test_same_seed_same_run_and_resume_equals_uninterrupted(tiny, tmp_path):
+    whole = make_ppo(tiny, run_dir=tmp_path / "whole", checkpoint_every=2)
+    whole.learn(4)
+    again = make_ppo(tiny)
+    again.learn(4)
+    for a, b in zip(whole.policy.parameters(), again.policy.parameters()):
+        assert torch.equal(a, b)
+
+    first = make_ppo(tiny, run_dir=tmp_path / "resumed", checkpoint_every=2)
+    first.learn(2)  # "crash" after iteration 2
+    resumed = make_ppo(tiny, run_dir=tmp_path / "resumed", checkpoint_every=2)
+    resumed.load_checkpoint(tmp_path / "resumed")
+    assert resumed.iteration == 2
+    resumed.learn(4)
+    for a, b in zip(whole.policy.parameters(), resumed.policy.parameters()):
+        assert torch.equal(a, b)
+    assert (tmp_path / "whole" / "final" / "model.safetensors").exists()
+    assert (tmp_path / "whole" / "metrics.jsonl").read_text().count("\n") == 4
+
+
+def test_non_finite_loss_never_reaches_the_weights(tiny, tmp_path):
+    algo = make_ppo(tiny, run_dir=tmp_path, checkpoint_every=1, max_nonfinite=2)
+    algo.learn(1)
+    before = [p.detach().clone() for p in algo.policy.parameters()]
+    algo.envs.reward_fn = lambda prompts, completions: [float("nan")] * len(completions)
+    with (
+        pytest.warns(RuntimeWarning, match="non-finite"),
+        pytest.raises(NonFiniteLossError, match="2 consecutive"),
+    ):
+        algo.learn(5)
+    for a, b in zip(before, algo.policy.parameters()):
+        assert torch.equal(a, b)
+    checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("iter_"))
+    assert checkpoints[-1] == "iter_000002"  # written before the stop, holding the last finite weights
+
+
+def test_load_checkpoint_errors(tiny, tmp_path):
+    algo = make_ppo(tiny, run_dir=tmp_path / "full", checkpoint_every=1)
+    algo.learn(1)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        make_ppo(tiny).load_checkpoint(tmp_path / "nowhere")
+    lora = make_ppo(tiny, lora_r=4)
+    with pytest.raises(ValueError, match="does not fit this policy"):
+        lora.load_checkpoint(tmp_path / "full")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"clip_range": 1.5}, "clip_range must be in"),
+        ({"n_epochs": 0}, "n_epochs must be an integer >= 1"),
+        ({"learning_rate": -1}, "learning_rate must be > 0"),
+        ({"gamma": 2}, r"gamma must be in \[0, 1\]"),
+        ({"lr_schedule": "cosine"}, "lr_schedule must be"),
+        ({"batch_size": 0}, "batch_size must be"),
+    ],
+)
+def test_bad_arguments(tiny, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_ppo(tiny, **kwargs)
