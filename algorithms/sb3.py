@@ -12,8 +12,8 @@
 
     reference, tok = load_causal_lm("tiny")          # the env's frozen reference
     cache = PolicyLogProbCache()                      # how log pi(a|s) reaches the env (KL term)
-    env = make_vec_env("TextGen-v0", n_envs=2, env_kwargs=dict(
-        model=reference, tokenizer=tok, log_prob_cache=cache, max_new_tokens=16))
+    env = make_vec_env("TextGen-v0", n_envs=2, env_kwargs=dict(  # render_mode: see below
+        model=reference, tokenizer=tok, log_prob_cache=cache, max_new_tokens=16, render_mode=None))
     model = PPO(LMSB3Policy, env, n_steps=16, batch_size=32,
                 policy_kwargs=dict(lm="tiny", tokenizer=tok, log_prob_cache=cache))
     model.learn(1024)
@@ -24,6 +24,10 @@ sequence of token ids. lm-gym's own algorithms (:mod:`algorithms.ppo`) decode KV
 episode in one teacher-forced pass; they are much faster (``benchmarks/vs_sb3.py``).
 
 Points where SB3's conventions meet the LM setting:
+
+* ``make_vec_env`` passes ``render_mode="rgb_array"`` unless ``env_kwargs`` has a ``render_mode``, and
+  ``TextGen-v0`` refuses that mode with a ValueError (SB3 retries without it only on a TypeError): put
+  ``render_mode=None`` (or ``"ansi"``) in ``env_kwargs``, or build a ``DummyVecEnv`` yourself.
 
 * SB3's rollout buffers store observations as float32; token ids below 2**24 are exact, and are turned
   back into int64 here.
@@ -67,7 +71,8 @@ class LMSB3Policy(ActorCriticPolicy):
     (``position_ids = cumsum(attention_mask) - 1``, clamped at 0). The actor is SB3's
     ``CategoricalDistribution`` over the vocabulary with the logits at the last position (divided by
     ``temperature``); the critic is a linear head (``value_net``, zero-initialised so that V = 0 at the
-    start) on the last layer's hidden state at the last position. Dropout stays off for good (the LM is
+    start) on the last layer's hidden state at the last position (``hidden_states[-1][:, -1]``, read
+    as the input of the LM's output head, see :meth:`_lm_forward`). Dropout stays off for good (the LM is
     kept in eval mode; SB3's ``set_training_mode`` only flips the bookkeeping flag).
 
     The rollout call (:meth:`forward`) and SB3's ``predict`` record the full next-token log-distribution of
@@ -81,12 +86,15 @@ class LMSB3Policy(ActorCriticPolicy):
     ``activation_fn`` and ``ortho_init`` have no effect (there is no MLP extractor); gSDE and separate
     feature extractors are refused.
 
-    Saving: ``model.save(path)`` works. It stores the state dict (LM + head) and, as SB3 does for every
-    policy kwarg, a pickle of ``policy_kwargs``: when ``lm`` was passed as a loaded model, the model is
-    pickled there too (the weights are stored twice; pass ``lm`` by name to avoid it). Load with
-    ``PPO.load(path, env, custom_objects={"policy_kwargs": dict(lm=..., tokenizer=...,
-    log_prob_cache=cache)})`` to reconnect the cache the new env holds (a pickled cache is a different
-    object). To export a plain ``transformers`` folder, use :meth:`save_pretrained`.
+    Saving: ``model.save(path)`` stores the state dict (LM + head, as ``policy.pth``) and, as SB3 does
+    for every attribute, a cloudpickle of ``policy_kwargs``. Pass ``lm`` by name and that is just the
+    name (recommended). A loaded model passed as ``lm`` is pickled there in full (its weights are stored
+    twice), and pickling fails if the model was ever called with ``output_hidden_states=True``
+    (transformers 5 then keeps hooks on it that cannot be pickled; this policy never does so). After
+    ``PPO.load(path, env)`` the policy holds an unpickled copy of the cache, disconnected from the new
+    env's: set ``model.policy.log_prob_cache = cache`` (or pass ``custom_objects={"policy_kwargs":
+    dict(lm=..., tokenizer=..., log_prob_cache=cache)}``). :meth:`save_pretrained` exports a plain
+    ``transformers`` folder.
 
     Args:
         observation_space: the env's ``Dict(input_ids=Box(L,), attention_mask=Box(L,))``.
@@ -234,18 +242,32 @@ class LMSB3Policy(ActorCriticPolicy):
         input_ids, attention_mask = self.extract_features(obs)  # (B, L') each
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, L')
         extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
+        # The last hidden state is the input of the output head; a pre-hook on the head, present only for this
+        # call, catches it. (output_hidden_states=True would give the same tensor, hidden_states[-1], but in
+        # transformers 5 it installs output-capturing hooks on the model for good, after which the model
+        # cannot be pickled, so model.save() would fail on the policy_kwargs that hold it.)
+        captured: list[torch.Tensor] = []
+        head = self.lm.get_output_embeddings()
+        handle = head.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
         math_sdpa = self.double_backward and torch.is_grad_enabled()
-        with sdpa_kernel([SDPBackend.MATH]) if math_sdpa else nullcontext():
-            out = self.lm(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                output_hidden_states=True,
-                use_cache=False,
-                **extra,
+        try:
+            with sdpa_kernel([SDPBackend.MATH]) if math_sdpa else nullcontext():
+                out = self.lm(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    use_cache=False,
+                    **extra,
+                )
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise RuntimeError(
+                f"{type(self.lm).__name__} did not call its output embedding module exactly once "
+                f"({len(captured)} calls); LMSB3Policy reads the last hidden state there"
             )
         logits = out.logits[:, -1].float() / self.temperature  # (B, V)
-        hidden = out.hidden_states[-1][:, -1]  # (B, H)
+        hidden = captured[0][:, -1]  # (B, H), the final-normed last layer's state = hidden_states[-1][:, -1]
         return logits, hidden, input_ids, attention_mask
 
     def _value(self, hidden: torch.Tensor) -> torch.Tensor:

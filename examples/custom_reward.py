@@ -44,6 +44,7 @@ class MentionAndLength:
 
 reward_fn = MentionAndLength(args.word)
 print("direct call:", reward_fn(["A film"], [f"I {args.word} this film so very much."]))  # [1.5]
+reward_fn.calls.clear()
 
 # reward= replaces the task's reward (VADER sentiment); the prompts are still the task's movie reviews.
 envs = gym.make_vec(

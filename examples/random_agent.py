@@ -23,8 +23,9 @@ parser.add_argument("--max-new-tokens", type=int, default=16, help="episode leng
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
 
-# model= is the *reference* LM: the env runs it to compute the KL penalty; the agent here is not an LM.
-env = gym.make("TextGen-v0", model=args.model, max_new_tokens=args.max_new_tokens)
+# model= is the *reference* LM: the env runs it to price the KL penalty. Our agent is not an LM and has no
+# log-probs to report, so the KL term cannot be computed: kl_coef=0 says so (else the env warns).
+env = gym.make("TextGen-v0", model=args.model, max_new_tokens=args.max_new_tokens, kl_coef=0.0)
 env.action_space.seed(args.seed)  # Discrete(vocab_size): one token id per step
 print("observation space:", env.observation_space)
 print("action space:     ", env.action_space)
@@ -43,8 +44,8 @@ for episode in range(args.episodes):
         done = terminated or truncated  # terminated: EOS emitted; truncated: length limit reached
         if steps == 1:
             # Every step: prompt, text (completion so far), ref_log_prob (the reference LM's log-prob of the
-            # token we chose) and kl_penalty. A random agent has no log-probs of its own, so the env cannot
-            # compute a KL (no policy_log_prob/kl keys) and the penalty is 0.
+            # token we chose) and kl_penalty. With no log-probs from the agent there is no KL (no
+            # policy_log_prob/kl keys) and the penalty is 0.
             print(f"step-1 info: {info}")
     # The last step's info also holds "score", the reward model's rating (VADER sentiment here).
     print(f"final info keys: {sorted(info)}")

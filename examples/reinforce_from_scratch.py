@@ -1,4 +1,4 @@
-"""REINFORCE with a KL penalty, from scratch: RLHF in ~70 lines of Gymnasium + PyTorch.
+"""REINFORCE with a KL penalty, from scratch: RLHF in one file of Gymnasium + PyTorch.
 
 Shows the whole of policy-gradient fine-tuning of a language model, with nothing from ``algorithms``: the
 LM *is* the policy (its softmax over the vocabulary is pi(a|s)), the env rewards a finished text with a
@@ -6,7 +6,7 @@ sentiment score and charges every token a KL penalty for drifting from the froze
 gradient step per batch of episodes pushes up the log-probability of texts that beat the batch average.
 
 Run:
-    python examples/reinforce_from_scratch.py                       # SmolLM2-135M, ~1 min per iteration
+    python examples/reinforce_from_scratch.py                       # SmolLM2-135M (full fine-tuning)
     python examples/reinforce_from_scratch.py --model tiny --iterations 2 --max-new-tokens 8
 """
 
@@ -29,6 +29,7 @@ parser.add_argument("--max-new-tokens", type=int, default=24)
 parser.add_argument("--kl-coef", type=float, default=0.05, help="beta: price of one nat of KL")
 parser.add_argument("--lr", type=float, default=1e-5)
 args = parser.parse_args()
+n = args.num_envs
 torch.manual_seed(0)
 
 policy, tokenizer = load_causal_lm(args.model)  # pi_theta: the LM we train (dropout off: eval mode)
@@ -36,7 +37,7 @@ reference = copy.deepcopy(policy).requires_grad_(False)  # pi_ref: a frozen copy
 # One batched env: N episodes side by side. The env runs pi_ref itself to price each token's KL.
 envs = gym.make_vec(
     "TextGen-v0",
-    num_envs=args.num_envs,
+    num_envs=n,
     model=reference,
     tokenizer=tokenizer,
     max_new_tokens=args.max_new_tokens,
@@ -44,29 +45,28 @@ envs = gym.make_vec(
 )
 optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
 
-
 for it in range(args.iterations):
     # ---- 1. Roll out one episode per env with the current policy (no gradients needed yet).
     # The sampler runs the LM on each row's text, takes softmax(logits) = pi(.|s_t), draws a_t ~ pi(.|s_t)
     # and returns log pi(a_t|s_t). Its KV cache means each step runs only the newest token (fast on CPU).
-    sampler = CachedSampler(policy, args.num_envs, envs.pad_token_id)
-    obs, _ = envs.reset(seed=it * args.num_envs)
-    n = args.num_envs
-    done, returns, kl = np.zeros(n, bool), np.zeros(n), np.zeros(n)
-    scores, final_ids, final_mask = np.zeros(n), [None] * n, [None] * n
-    n_actions = np.zeros(n, int)
+    sampler = CachedSampler(policy, n, envs.pad_token_id)
+    obs, _ = envs.reset(seed=it * n)
+    done, n_actions = np.zeros(n, bool), np.zeros(n, int)  # per row: episode over? tokens generated
+    returns, kl, scores = np.zeros(n), np.zeros(n), np.zeros(n)
+    final_ids, final_mask = [None] * n, [None] * n  # each episode's last observation: prompt + completion
     while not done.all():
         actions, log_pi = sampler.act(obs)  # (N,) token ids and their log-probs, no gradients
         # Tell the env log pi(a_t|s_t): it adds r_t = -beta * (log pi - log pi_ref) to the reward.
         envs.set_policy_log_probs(log_pi)
-        obs, rewards, terminated, truncated, infos = envs.step(actions.numpy())
-        running = ~done  # rows whose first episode is still going; finished rows auto-reset, we ignore them
+        obs, rewards, terminated, truncated, infos = envs.step(actions)
+        # One episode per row: once a row's episode ends, the env restarts it (autoreset) and we ignore it.
+        running = ~done
         returns[running] += rewards[running]  # return G = score - beta * sum_t KL_t (gamma = 1)
         kl[running] += infos["kl"][running]
         n_actions[running] += 1
         for i in np.flatnonzero(running & (terminated | truncated)):
             scores[i] = infos["score"][i]  # the reward model's score, given at the last step
-            final_ids[i], final_mask[i] = obs["input_ids"][i], obs["attention_mask"][i]  # prompt + text
+            final_ids[i], final_mask[i] = obs["input_ids"][i], obs["attention_mask"][i]
             done[i] = True
 
     # ---- 2. REINFORCE: grad J = E[(G - b) * grad sum_t log pi(a_t|s_t)].
@@ -80,7 +80,7 @@ for it in range(args.iterations):
     cols = torch.arange(ids.shape[1] - 1)
     is_action = cols[None, :] >= (ids.shape[1] - 1 - torch.as_tensor(n_actions))[:, None]
     sum_log_pi = (token_log_pi * is_action).sum(-1)  # log-prob of the whole completion
-    baseline = returns.mean()  # b: a mean baseline lowers the variance and keeps the gradient unbiased
+    baseline = returns.mean()  # b: subtracting the batch's mean return lowers the gradient's variance
     advantage = torch.as_tensor(returns - baseline, dtype=torch.float32)  # better or worse than average?
     loss = -(advantage * sum_log_pi).mean()  # minimising this ascends the expected return
     optimizer.zero_grad()

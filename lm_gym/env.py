@@ -139,9 +139,11 @@ class TextGenEnv(gym.Env):
 
     def __init__(self, render_mode: str | None = None, **kwargs: Any) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(
-                f"render_mode must be one of {self.metadata['render_modes']}; got {render_mode!r}"
+            # e.g. stable-baselines3's make_vec_env asks every env for "rgb_array"; a text env has no image
+            gym.logger.warn(
+                f"TextGen-v0 renders {self.metadata['render_modes']}, not {render_mode!r}: rendering is off"
             )
+            render_mode = None
         self.render_mode = render_mode
         self._vec = TextGenVectorEnv(num_envs=1, autoreset_mode=AutoresetMode.DISABLED, **kwargs)
         self.observation_space = self._vec.single_observation_space

@@ -14,6 +14,11 @@ PROMPTS = (
 )
 
 
+# The tests run tiny models, whose forward passes are mostly Python: one torch thread is as fast, and a
+# shared machine's other load cannot make the OpenMP workers spin against each other.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """The tiny model and tokenizer (random weights, seed 0)."""

@@ -227,6 +227,12 @@ def test_bad_arguments(make_env, toy_task, tiny):
         make_env(stop_token_ids=[999_999])
 
 
+def test_unsupported_render_mode_turns_rendering_off(tiny, toy_task):
+    with pytest.warns(UserWarning, match="not 'rgb_array'"):
+        env = TextGenEnv(render_mode="rgb_array", model=tiny[0], tokenizer=tiny[1], task=toy_task)
+    assert env.render_mode is None
+
+
 def test_render_ansi(make_env):
     env = make_env(render_mode="ansi", kl_coef=0.0)
     env.reset(seed=0, options={"prompt": "Great"})

@@ -70,7 +70,6 @@ class OnPolicyAlgorithm:
         sample_every: iterations between tables of sample generations.
         max_nonfinite: consecutive iterations with a skipped non-finite update before the run stops.
         verbose: 1 prints a metrics table per iteration.
-        temperature: the environment's reference temperature (default: the policy's).
         stop_token_ids: tokens that end an episode (default EOS).
     """
 
