@@ -152,7 +152,9 @@ def test_evaluate_actions_is_a_direct_forward_at_the_last_position(tiny):
     assert values.shape == (2, 1) and log_prob.shape == entropy.shape == (2,)
 
     (log_prob.sum() + values.sum()).backward()  # gradients reach the LM and the head ...
-    assert policy.lm.get_input_embeddings().weight.grad is not None and policy.value_net.weight.grad is not None
+    assert (
+        policy.lm.get_input_embeddings().weight.grad is not None and policy.value_net.weight.grad is not None
+    )
     optimized = {p for group in policy.optimizer.param_groups for p in group["params"]}
     assert optimized == set(policy.parameters())  # ... and SB3's optimizer holds them all
 

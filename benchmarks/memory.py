@@ -1,0 +1,62 @@
+"""Peak memory of one PPO iteration (rollout + update), full fine-tuning and LoRA, each in a fresh process.
+
+Peak resident memory (``ru_maxrss``) of a process that loads the model, builds the policy, the env's
+reference (a frozen copy for full fine-tuning; the same weights with adapters off for LoRA) and the
+reward model, and runs one iteration. Goals on smollm2-135m, batch 16, 48 new tokens: full <= 4 GB,
+LoRA <= 2.5 GB.
+
+    python benchmarks/memory.py --model smollm2-135m
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+
+
+def child(model_name: str, lora_r: int, batch: int, new_tokens: int) -> None:
+    from algorithms.policy import LMActorCriticPolicy
+    from algorithms.ppo import PPO
+    from lm_gym.models import load_causal_lm
+
+    model, tokenizer = load_causal_lm(model_name)
+    policy = LMActorCriticPolicy(model, tokenizer, lora_r=lora_r)
+    algo = PPO(policy, n_envs=batch, max_new_tokens=new_tokens, n_epochs=1, batch_size=batch // 2, verbose=0)
+    algo.learn(1)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # KiB -> GiB
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        child(args.model, args.child, args.batch, args.new_tokens)
+        return
+    peaks = {}
+    for label, lora_r in (("full fine-tune", 0), ("LoRA r=16", 16)):
+        cmd = [
+            sys.executable,
+            __file__,
+            "--model",
+            args.model,
+            "--batch",
+            str(args.batch),
+            "--new-tokens",
+            str(args.new_tokens),
+            "--child",
+            str(lora_r),
+        ]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()
+        peaks[label] = float(out[-1])
+        print(f"{label:15s}: peak {peaks[label]:.2f} GiB")
+    print(f"peak GiB: full {peaks['full fine-tune']:.2f}, LoRA {peaks['LoRA r=16']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The lm-gym command: --help documents every flag; train (and resume), eval and demo run on tiny."""
+
+import json
+
+import pytest
+
+from algorithms.cli import build_parser, main
+
+
+def test_help_documents_every_hyperparameter(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag in (
+        "--learning-rate",
+        "--clip-range",
+        "--kl-coef",
+        "--kl-target",
+        "--gae-lambda",
+        "--lora-r",
+        "--top-p",
+        "--n-epochs",
+        "--batch-size",
+        "--max-grad-norm",
+        "--config",
+        "--resume",
+    ):
+        assert flag in text
+    assert "AdamW learning rate" in text and "epsilon of the clipped ratio" in text
+
+
+def test_train_resume_and_eval_on_tiny(tmp_path, capsys):
+    run = tmp_path / "run"
+    config = tmp_path / "ppo.yaml"
+    config.write_text("n_envs: 2\nmax_new_tokens: 4\nlearning_rate: 0.001\n")
+    base = [
+        "train",
+        "--model",
+        "tiny",
+        "--run-dir",
+        str(run),
+        "--config",
+        str(config),
+        "--quiet",
+        "--n-epochs",
+        "1",
+        "--checkpoint-every",
+        "1",
+    ]
+    main([*base, "--iterations", "1"])
+    main([*base, "--iterations", "2", "--resume"])
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [1, 2]
+    assert json.loads((run / "config.json").read_text())["n_envs"] == 2  # from the config file
+    assert (run / "final" / "model.safetensors").exists()
+    assert (run / "checkpoints" / "latest").read_text() == "iter_000002"
+    capsys.readouterr()
+    main(
+        ["eval", "--policy", str(run / "final"), "--num-prompts", "2", "--max-new-tokens", "3", "--show", "1"]
+    )
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-2])
+    assert metrics["texts"] == 2 and metrics["length"] == 3 and metrics["kl"] == pytest.approx(0, abs=1e-4)
+
+
+def test_demo_on_tiny_writes_report_and_curve(tmp_path):
+    main(
+        [
+            "demo",
+            "--model",
+            "tiny",
+            "--iterations",
+            "1",
+            "--eval-prompts",
+            "2",
+            "--max-new-tokens",
+            "3",
+            "--run-dir",
+            str(tmp_path),
+        ]
+    )
+    assert "gold sentiment" in (tmp_path / "demo_report.md").read_text()
+    assert (tmp_path / "learning_curve.png").stat().st_size > 1000
+
+
+def test_bad_input_gives_one_line_errors(tmp_path):
+    with pytest.raises(SystemExit, match="unknown keys"):
+        config = tmp_path / "bad.yaml"
+        config.write_text("learning_rat: 0.1\n")
+        main(["train", "--model", "tiny", "--config", str(config), "--run-dir", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match="clip_range must be in"):
+        main(["train", "--model", "tiny", "--clip-range", "2", "--run-dir", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        main(["train", "--model", "tiny", "--resume", "--run-dir", str(tmp_path / "empty"), "--quiet"])
