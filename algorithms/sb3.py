@@ -25,10 +25,9 @@ episode in one teacher-forced pass; they are much faster (``benchmarks/vs_sb3.py
 
 Points where SB3's conventions meet the LM setting:
 
-* ``make_vec_env`` passes ``render_mode="rgb_array"`` unless ``env_kwargs`` has a ``render_mode``, and
-  ``TextGen-v0`` refuses that mode with a ValueError (SB3 retries without it only on a TypeError): put
-  ``render_mode=None`` (or ``"ansi"``) in ``env_kwargs``, or build a ``DummyVecEnv`` yourself.
-
+* ``make_vec_env`` asks for ``render_mode="rgb_array"`` unless ``env_kwargs`` has a ``render_mode``;
+  ``TextGen-v0`` renders text only, so it warns and turns rendering off. ``render_mode=None`` (or
+  ``"ansi"``) in ``env_kwargs`` avoids the warning.
 * SB3's rollout buffers store observations as float32; token ids below 2**24 are exact, and are turned
   back into int64 here.
 * A2C/PPO/TRPO bootstrap the value of the last observation when an episode is *truncated* (SB3 reads
@@ -39,6 +38,9 @@ Points where SB3's conventions meet the LM setting:
   an LM whose own parameter names contain ``"value"`` (GPT-NeoX's ``query_key_value``) would be taken
   for critic weights by TRPO. TRPO also differentiates every parameter, so it needs every LM weight to
   require gradients (full fine-tuning; a peft/LoRA model with frozen base weights fails there).
+  Its ``sub_sampling_factor`` > 1 slices the observations as one array and fails on ``Dict``
+  observations: keep it at 1. Its per-parameter loop costs about two backward passes through the LM
+  per weight tensor and update, plus double-backward Fisher-vector products (hence ``double_backward``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from huggingface_hub import is_offline_mode
 
 from lm_gym.models import tiny_causal_lm
 from lm_gym.rewards import VaderSentiment
@@ -30,6 +31,13 @@ def tiny():
 @pytest.fixture(scope="session")
 def toy_task():
     return Task("toy", PROMPTS, PROMPTS[:2], VaderSentiment)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing in the tests may reach the Hugging Face Hub (the flag is also read at import time)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setitem(is_offline_mode.__globals__, "HF_HUB_OFFLINE", True)
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import is_offline_mode
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -42,13 +41,6 @@ UNICODE_TEXTS = [
     "<|endoftext|> in the middle <|endoftext|>",
     "\x00\x01 control bytes \x7f",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Nothing here may reach the Hugging Face Hub."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setitem(is_offline_mode.__globals__, "HF_HUB_OFFLINE", True)
 
 
 def _n_params(model: torch.nn.Module) -> int:

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from huggingface_hub import is_offline_mode
 from transformers import BertConfig, BertForSequenceClassification
 
 from lm_gym.models import tiny_tokenizer
@@ -20,13 +19,6 @@ TEXTS = [
     "The plot meanders for two hours before it arrives nowhere in particular, sadly.",
     "ok then",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Nothing here may reach the Hugging Face Hub."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setitem(is_offline_mode.__globals__, "HF_HUB_OFFLINE", True)
 
 
 def _save_tiny_bert(folder: Path, num_labels: int, seed: int) -> Path:

@@ -46,7 +46,7 @@ def env_kwargs(tiny, toy_task, cache):
         max_new_tokens=NEW_TOKENS,
         max_prompt_tokens=PROMPT_TOKENS,
         log_prob_cache=cache,
-        render_mode=None,  # make_vec_env would ask for "rgb_array", which TextGen-v0 refuses
+        render_mode=None,  # else make_vec_env asks for "rgb_array" (TextGen-v0 warns, renders nothing)
     )
 
 
