@@ -182,7 +182,7 @@ def evaluate_cmd(args: argparse.Namespace) -> dict[str, float]:
     return result.metrics
 
 
-DEMO = dict(n_envs=16, max_new_tokens=24, learning_rate=3e-5, n_epochs=2, batch_size=8, kl_coef=0.05, seed=0)
+DEMO = dict(n_envs=16, max_new_tokens=24, learning_rate=6e-5, n_epochs=2, batch_size=8, kl_coef=0.05, seed=0)
 
 
 def demo(args: argparse.Namespace) -> dict[str, dict[str, float]]:
@@ -192,7 +192,7 @@ def demo(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     run_dir = Path(args.run_dir)
     policy = build_policy(args.model, {}, seed=0)
     reference = policy.reference_copy()
-    settings = {**DEMO, "max_new_tokens": args.max_new_tokens}
+    settings = {**DEMO, "max_new_tokens": args.max_new_tokens, "learning_rate": args.learning_rate}
     if args.model == "tiny":  # smoke run: a random 0.3M model has no sentiment to improve
         settings.update(n_envs=4, learning_rate=1e-3)
     common = dict(
@@ -289,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-new-tokens", type=int, default=24, help="text length")
     p.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts for the before/after table")
+    p.add_argument("--learning-rate", type=float, default=DEMO["learning_rate"], help="AdamW learning rate")
     p.add_argument("--run-dir", default="runs/demo", help="logs, report, curve, final model")
     p.set_defaults(func=demo)
 
