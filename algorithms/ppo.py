@@ -73,7 +73,7 @@ class PPO(OnPolicyAlgorithm):
                 self.batch_size, rng, policy.device, policy.tokenizer.pad_token_id
             ):
                 log_prob, entropy, values = policy.evaluate_actions(
-                    batch.input_ids, batch.attention_mask, batch.action_mask
+                    batch.input_ids, batch.attention_mask, batch.action_mask, entropy_grad=self.ent_coef > 0
                 )  # (M,) each
                 advantages = batch.advantages
                 ratio = torch.exp(log_prob - batch.old_log_prob)

@@ -151,7 +151,10 @@ class OnPolicyAlgorithm:
         )
         self.buffer = RolloutBuffer(self.n_steps, n_envs, max_prompt_tokens + max_new_tokens)
         self.optimizer = torch.optim.AdamW(
-            [p for p in policy.parameters() if p.requires_grad], lr=learning_rate, weight_decay=0.0
+            [p for p in policy.parameters() if p.requires_grad],
+            lr=learning_rate,
+            weight_decay=0.0,
+            foreach=False,
         )
         self.logger = Logger(self.run_dir, verbose)
         self.iteration = 0
