@@ -22,28 +22,19 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode
 from peft import LoraConfig, get_peft_model
 
+from lm_gym.decoding import torch_threads
 from lm_gym.env import TextGenVectorEnv
 from lm_gym.models import load_causal_lm, load_sequence_classifier
 from lm_gym.rewards import HFRewardModel
 from lm_gym.sampling import CachedSampler, SharedForwardSampler
 from lm_gym.tasks import get_task
-
-
-@contextmanager
-def torch_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def ours(envs: TextGenVectorEnv, policy, prompts: list[str], new_tokens: int, seed: int) -> float:

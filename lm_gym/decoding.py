@@ -20,7 +20,21 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-__all__ = ["BatchedDecoder", "left_pad"]
+__all__ = ["BatchedDecoder", "left_pad", "torch_threads"]
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """Run the block with ``n`` intra-op torch threads in this thread (None: leave as is)."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def left_pad(

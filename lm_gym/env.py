@@ -127,7 +127,9 @@ class TextGenEnv(gym.Env):
             agent's own forward pass. Default: on for models of 20M parameters or more without
             ``policy_adapter``. The results agree with the synchronous path up to float rounding
             (the thread count changes the order of sums); each setting is reproducible bit for bit.
-        reference_threads: torch threads of that background thread (default half the cores, at least 1).
+        reference_threads: torch threads of that background thread (default half the cores, at least 1);
+            the vector env's ``agent_threads`` then says how many the agent should use meanwhile (see
+            :func:`lm_gym.decoding.torch_threads`).
         render_mode: ``"ansi"`` (``render()`` returns the text) or ``"human"`` (prints it).
 
     ## Version History
@@ -331,6 +333,9 @@ class TextGenVectorEnv(VectorEnv):
             n_params = sum(p.numel() for p in self.reference.parameters())
             async_reference = policy_adapter is None and n_params >= 20_000_000
         threads = reference_threads or max(1, torch.get_num_threads() // 2)
+        # The agent's share of the cores while the reference runs beside it (oversubscribed OpenMP threads
+        # spin against each other: measured slower than running the two forwards one after the other).
+        self.agent_threads = max(1, torch.get_num_threads() - threads) if async_reference else None
         self._executor = (
             ThreadPoolExecutor(
                 1,

@@ -22,6 +22,7 @@ from gymnasium.vector import AutoresetMode
 from algorithms.common.buffer import RolloutBuffer
 from algorithms.common.logger import Logger
 from algorithms.policy import LMActorCriticPolicy
+from lm_gym.decoding import torch_threads
 from lm_gym.env import TextGenVectorEnv
 from lm_gym.kl import AdaptiveKLController, FixedKLController
 from lm_gym.rewards import RewardFunction
@@ -169,6 +170,10 @@ class OnPolicyAlgorithm:
 
     def collect_rollouts(self) -> dict[str, Any]:
         """Fill the buffer with ``n_steps`` steps of every env; compute advantages and returns."""
+        with torch_threads(self.envs.agent_threads):  # share the cores with the env's reference thread
+            return self._collect_rollouts()
+
+    def _collect_rollouts(self) -> dict[str, Any]:
         seed = self._iteration_seed(self.iteration)
         generator = torch.Generator(device=self.policy.device).manual_seed(seed)
         agent = self.policy.rollout_agent(self.n_envs, generator, self.envs)
