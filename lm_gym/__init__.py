@@ -19,7 +19,7 @@ if "TextGen-v0" not in registry:
     register(
         id="TextGen-v0",
         entry_point="lm_gym.env:TextGenEnv",
-        vector_entry_point="lm_gym.env:TextGenVectorEnv",
+        vector_entry_point="lm_gym.vector_env:TextGenVectorEnv",
         # Episodes end by themselves (EOS or max_new_tokens); no TimeLimit wrapper on top.
         max_episode_steps=None,
     )

@@ -1,0 +1,496 @@
+"""``TextGenVectorEnv``: N ``TextGen-v0`` environments stepped together, the engine of both envs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.utils import seeding
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lm_gym.decoding import BatchedDecoder
+from lm_gym.kl import KLEstimator, kl_estimate
+from lm_gym.logprobs import PolicyLogProbCache
+from lm_gym.models import load_causal_lm
+from lm_gym.rewards import RewardFunction, make_reward
+from lm_gym.spaces import token_observation_space
+from lm_gym.tasks import Task, get_task
+
+__all__ = ["DEFAULT_MODEL", "TextGenVectorEnv"]
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class TextGenVectorEnv(VectorEnv):
+    """N ``TextGen-v0`` environments stepped together: one batched reference forward per step.
+
+    Same reward, observations and info as :class:`lm_gym.env.TextGenEnv` (see its docstring for the semantics and the
+    arguments); seeded with ``reset(seed=s)``, row ``i`` is the single env seeded with ``s + i``. Rows that
+    end restart on a new prompt following ``autoreset_mode`` (Gymnasium's next-step default, same-step, or
+    disabled); only the new prompts are prefilled, the other rows' caches are kept (see
+    :mod:`lm_gym.decoding`).
+
+    Args:
+        num_envs: N, the number of rows.
+        autoreset_mode: an ``AutoresetMode`` (or its value string).
+        **kwargs: the arguments of :class:`lm_gym.env.TextGenEnv`.
+    """
+
+    metadata = {"render_modes": ["ansi"], "autoreset_mode": AutoresetMode.NEXT_STEP}
+
+    def __init__(
+        self,
+        num_envs: int = 1,
+        *,
+        model: str | PreTrainedModel = DEFAULT_MODEL,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        reward: str | RewardFunction | Callable | None = None,
+        task: str | Task = "sentiment",
+        prompts: Sequence[str] | None = None,
+        split: str = "train",
+        kl_coef: float = 0.05,
+        kl_estimator: KLEstimator = "k1",
+        max_new_tokens: int = 48,
+        max_prompt_tokens: int = 64,
+        temperature: float = 1.0,
+        stop_token_ids: Sequence[int] | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        trust_remote_code: bool = False,
+        log_prob_cache: PolicyLogProbCache | None = None,
+        policy_adapter: str | None = None,
+        async_reference: bool | None = None,
+        reference_threads: int | None = None,
+        autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
+        render_mode: str | None = None,
+    ) -> None:
+        _check_positive(num_envs=num_envs, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens)
+        if not (isinstance(kl_coef, (int, float)) and kl_coef >= 0 and math.isfinite(kl_coef)):
+            raise ValueError(f"kl_coef must be a finite number >= 0; got {kl_coef!r}")
+        if kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"kl_estimator must be 'k1' or 'k3'; got {kl_estimator!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0; got {temperature!r}")
+        self.autoreset_mode = AutoresetMode(autoreset_mode)
+        self.metadata = {**self.metadata, "autoreset_mode": self.autoreset_mode}
+        self.render_mode = render_mode
+        self.num_envs = num_envs
+        self.kl_coef = float(kl_coef)
+        self.kl_estimator = kl_estimator
+        self.max_new_tokens = max_new_tokens
+        self.max_prompt_tokens = max_prompt_tokens
+        self.temperature = float(temperature)
+        self.log_prob_cache = log_prob_cache
+
+        task = get_task(task) if isinstance(task, str) else task
+        self.task = task
+        prompt_list = list(prompts) if prompts is not None else list(task.prompts(split))
+        if not prompt_list:
+            raise ValueError(
+                "the prompt set is empty; pass a non-empty list as prompts= or another task/split"
+            )
+        self.reward_fn: RewardFunction = make_reward(reward if reward is not None else task.make_reward())
+
+        if isinstance(model, str):
+            self.reference, self.tokenizer = load_causal_lm(
+                model, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+            )
+            self.reference.requires_grad_(False)
+        else:
+            if tokenizer is None:
+                raise ValueError("pass tokenizer= together with a loaded model")
+            self.reference, self.tokenizer = model, tokenizer
+            if device is not None:
+                self.reference.to(device)
+        vocab_size = self.reference.get_output_embeddings().weight.shape[0]
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        self.pad_token_id = int(pad_id)
+        if stop_token_ids is None:
+            stop_token_ids = [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
+        bad = [t for t in stop_token_ids if not 0 <= int(t) < vocab_size]
+        if bad:
+            raise ValueError(f"stop_token_ids must be token ids in [0, {vocab_size}); got {bad}")
+        self.stop_token_ids = np.array(sorted(int(t) for t in stop_token_ids), dtype=np.int64)
+
+        self.prompts = prompt_list
+        self._prompt_tokens = [self._tokenize(p, i) for i, p in enumerate(prompt_list)]
+
+        self.single_action_space = gym.spaces.Discrete(vocab_size)
+        self.single_observation_space = token_observation_space(
+            vocab_size, max_prompt_tokens + max_new_tokens
+        )
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+
+        if policy_adapter is not None and policy_adapter not in getattr(self.reference, "peft_config", {}):
+            raise ValueError(
+                f"policy_adapter={policy_adapter!r} needs model= to be a peft model with that LoRA adapter; "
+                f"adapters found: {sorted(getattr(self.reference, 'peft_config', {}))}"
+            )
+        self.policy_adapter = policy_adapter
+        self._decoder = BatchedDecoder(
+            self.reference,
+            num_envs,
+            self.pad_token_id,
+            twin_adapter=policy_adapter,
+            keep_hidden=bool(policy_adapter),
+        )
+        if async_reference is None:
+            # Overlap pays when a forward pass is mostly matrix kernels (which release the GIL); for a tiny
+            # model it is mostly Python, and two threads only contend for the GIL. With a shared forward the
+            # agent needs this step's result at once: nothing to overlap.
+            n_params = sum(p.numel() for p in self.reference.parameters())
+            async_reference = policy_adapter is None and n_params >= 20_000_000
+        threads = reference_threads or max(1, torch.get_num_threads() // 2)
+        # The agent's share of the cores while the reference runs beside it (oversubscribed OpenMP threads
+        # spin against each other: measured slower than running the two forwards one after the other).
+        self.agent_threads = max(1, torch.get_num_threads() - threads) if async_reference else None
+        self._executor = (
+            ThreadPoolExecutor(
+                1,
+                thread_name_prefix="lm-gym-reference",
+                initializer=torch.set_num_threads,
+                initargs=(threads,),
+            )
+            if async_reference
+            else None
+        )
+        self._pending: Future | None = None
+        self._rngs = [seeding.np_random()[0] for _ in range(num_envs)]
+        self._prompt_text = [""] * num_envs
+        self._prompt_len = np.zeros(num_envs, dtype=np.int64)
+        self._seq: list[list[int]] = [[] for _ in range(num_envs)]  # prompt + generated tokens, per row
+        self._truncated_prompt = np.zeros(num_envs, dtype=bool)
+        self._steps = np.zeros(num_envs, dtype=np.int64)
+        self._ended = np.zeros(num_envs, dtype=bool)  # the row's episode is over (DISABLED mode)
+        self._fresh = np.zeros(num_envs, dtype=bool)  # NEXT_STEP: the row restarts on this step
+        self._policy_log_probs: np.ndarray | None = None
+        self._warned_no_policy = False
+        self._needs_reset = True
+
+    # ------------------------------------------------------------------------------------------ prompts
+    def _tokenize(self, prompt: str, index: int | None = None) -> tuple[list[int], bool]:
+        if not isinstance(prompt, str) or not prompt:
+            where = f"prompt {index}" if index is not None else "the prompt"
+            raise ValueError(f"{where} must be a non-empty string; got {prompt!r}")
+        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if not ids:
+            raise ValueError(f"prompt {prompt!r} tokenizes to no tokens")
+        return ids[-self.max_prompt_tokens :], len(ids) > self.max_prompt_tokens
+
+    def _start_rows(self, rows: Sequence[int], prompts: Sequence[str] | None = None) -> None:
+        """Pick (or take) prompts for ``rows`` and schedule their prefill."""
+        token_lists = []
+        for k, row in enumerate(rows):
+            if prompts is not None:
+                text = prompts[k]
+                tokens, cut = self._tokenize(text)
+            else:
+                idx = int(self._rngs[row].integers(len(self.prompts)))
+                text, (tokens, cut) = self.prompts[idx], self._prompt_tokens[idx]
+            self._prompt_text[row] = self.tokenizer.decode(tokens) if cut else text
+            self._prompt_len[row] = len(tokens)
+            self._seq[row] = list(tokens)
+            self._truncated_prompt[row] = cut
+            self._steps[row] = 0
+            self._ended[row] = False
+            token_lists.append(tokens)
+        self._submit(self._decoder.reset_rows, list(rows), token_lists)
+
+    # ------------------------------------------------------------------------------------------ reference
+    def _submit(self, fn: Callable, *args: Any) -> None:
+        if self._executor is None:
+            fn(*args)
+            return
+        previous = self._pending
+
+        def run() -> None:
+            if previous is not None:
+                previous.result()  # keep order (one worker) and surface its error
+            fn(*args)
+
+        self._pending = self._executor.submit(run)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    # ------------------------------------------------------------------------------------------ API
+    def set_policy_log_probs(self, log_probs: np.ndarray | torch.Tensor | Sequence[float]) -> None:
+        """Tell the env ``log pi(a_i|s_i)`` (N,) of the actions passed to the next ``step`` (used once)."""
+        values = np.asarray(torch.as_tensor(log_probs).detach().cpu(), dtype=np.float64).reshape(-1)
+        if values.shape != (self.num_envs,):
+            raise ValueError(f"set_policy_log_probs expects {self.num_envs} values; got shape {values.shape}")
+        self._policy_log_probs = values
+
+    @property
+    def policy_logits(self) -> torch.Tensor:
+        """(N, V) the LoRA policy's next-token logits at the current observations (needs ``policy_adapter``).
+
+        Computed in the same forward pass as the reference's (twin rows with the adapter on), so an agent
+        that samples from them runs no forward pass of its own: see
+        :class:`lm_gym.sampling.SharedForwardSampler`.
+        """
+        if self.policy_adapter is None:
+            raise RuntimeError(
+                "policy_logits needs the env to be built with policy_adapter=<LoRA adapter name>"
+            )
+        self._wait()
+        return self._decoder.twin_logits
+
+    @property
+    def policy_hidden(self) -> torch.Tensor:
+        """(N, H) the LoRA policy's last-layer hidden state at the current observations (for a value head)."""
+        _ = self.policy_logits
+        return self._decoder.hidden
+
+    def reset(
+        self, *, seed: int | Sequence[int] | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Start every row (or the rows of ``options["reset_mask"]``) on a new prompt.
+
+        Args:
+            seed: an int ``s`` seeds row ``i`` with ``s + i``; a list gives one seed per row.
+            options: ``{"prompts": [...]}`` to choose the prompts (one per reset row); ``{"reset_mask":
+                bool array}`` to reset only some rows (for ``autoreset_mode=DISABLED``).
+        """
+        options = options or {}
+        mask = np.asarray(options.get("reset_mask", np.ones(self.num_envs, dtype=bool)), dtype=bool)
+        if mask.shape != (self.num_envs,):
+            raise ValueError(f"reset_mask must be a bool array of shape ({self.num_envs},); got {mask.shape}")
+        rows = np.flatnonzero(mask).tolist()
+        if seed is not None:
+            seeds = [seed + i for i in range(self.num_envs)] if isinstance(seed, int) else list(seed)
+            if len(seeds) != self.num_envs:
+                raise ValueError(f"reset expects one seed per env ({self.num_envs}); got {len(seeds)}")
+            for row in rows:
+                self._rngs[row] = seeding.np_random(seeds[row])[0]
+        prompts = options.get("prompts")
+        if prompts is not None and len(prompts) != len(rows):
+            raise ValueError(
+                f"options['prompts'] must hold one prompt per reset env ({len(rows)}); got {len(prompts)}"
+            )
+        self._wait()
+        self._start_rows(rows, prompts)
+        self._fresh[rows] = False
+        self._needs_reset = False
+        infos = self._batch_infos([self._reset_info(i) if mask[i] else None for i in range(self.num_envs)])
+        return self._observe(), infos
+
+    def step(
+        self, actions: np.ndarray | Sequence[int] | torch.Tensor
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        if self._needs_reset:
+            raise RuntimeError("call reset() before step()")
+        actions = self._check_actions(actions)
+        if self.autoreset_mode == AutoresetMode.DISABLED and self._ended.any():
+            raise RuntimeError(
+                f"step() on envs whose episode ended: {np.flatnonzero(self._ended).tolist()}; "
+                "reset them first (reset(options={'reset_mask': mask}))"
+            )
+        policy_lp = self._take_policy_log_probs(actions)  # (N,) nan where unknown
+        self._wait()
+        ref_logp = torch.log_softmax(self._decoder.logits / self.temperature, dim=-1)  # (N, V)
+        ref_lp = ref_logp.gather(1, torch.as_tensor(actions, device=ref_logp.device)[:, None])[:, 0]
+        ref_lp = ref_lp.double().cpu().numpy()  # (N,)
+
+        running = ~self._fresh
+        known = running & ~np.isnan(policy_lp)
+        if self.kl_coef > 0 and (running & ~known).any() and not self._warned_no_policy:
+            gym.logger.warn(
+                "TextGen-v0: no policy log-prob for some steps, so their KL penalty is 0; tell the env with "
+                "set_policy_log_prob(s) or a PolicyLogProbCache (see lm_gym.logprobs)"
+            )
+            self._warned_no_policy = True
+        kl = np.where(known, kl_estimate(np.nan_to_num(policy_lp), ref_lp, self.kl_estimator), 0.0)
+        kl_penalty = -self.kl_coef * kl + 0.0  # + 0.0: no -0.0 when there is no KL term
+        rewards = np.where(running, kl_penalty, 0.0)
+
+        self._steps[running] += 1
+        for i in np.flatnonzero(running):
+            self._seq[i].append(int(actions[i]))
+        terminated = running & np.isin(actions, self.stop_token_ids)
+        truncated = running & ~terminated & (self._steps >= self.max_new_tokens)
+        ended = terminated | truncated
+
+        texts = self._completions(running, terminated)
+        scores = np.zeros(self.num_envs)
+        ended_rows = np.flatnonzero(ended).tolist()
+        if ended_rows:
+            got = np.asarray(
+                self.reward_fn([self._prompt_text[i] for i in ended_rows], [texts[i] for i in ended_rows]),
+                dtype=np.float64,
+            ).reshape(-1)
+            if got.shape != (len(ended_rows),):
+                raise ValueError(
+                    f"the reward function returned {got.shape[0]} scores for {len(ended_rows)} texts"
+                )
+            scores[ended_rows] = got
+            rewards[ended_rows] += got
+
+        row_infos: list[dict[str, Any]] = []
+        for i in range(self.num_envs):
+            if not running[i]:  # NEXT_STEP: this row restarted; its action was ignored
+                row_infos.append(self._reset_info(i))
+                continue
+            info = {
+                "prompt": self._prompt_text[i],
+                "text": texts[i],
+                "ref_log_prob": float(ref_lp[i]),
+                "kl_penalty": float(kl_penalty[i]),
+            }
+            if known[i]:
+                info["policy_log_prob"] = float(policy_lp[i])
+                info["kl"] = float(kl[i])
+            if ended[i]:
+                info["score"] = float(scores[i])
+            row_infos.append(info)
+
+        # Advance the reference on the rows that go on; with async_reference this runs in the background
+        # while the agent computes its next action.
+        continuing = running & ~ended
+        if continuing.any():
+            self._submit(self._decoder.append, torch.as_tensor(actions), torch.as_tensor(continuing))
+        self._fresh[:] = False
+        obs = self._observe()
+        extra: dict[str, Any] = {}
+        if self.autoreset_mode == AutoresetMode.DISABLED:
+            self._ended |= ended
+        elif self.autoreset_mode == AutoresetMode.NEXT_STEP:
+            if ended_rows:
+                self._start_rows(ended_rows)
+                self._fresh[ended_rows] = True
+        elif ended_rows:  # SAME_STEP: the final observation and info go into the info; the row restarts now
+            extra["final_obs"] = np.array([_row(obs, i) if ended[i] else None for i in range(self.num_envs)])
+            extra["_final_obs"] = ended.copy()
+            extra["final_info"] = self._batch_infos(
+                [row_infos[i] if ended[i] else None for i in range(self.num_envs)]
+            )
+            extra["_final_info"] = ended.copy()
+            self._start_rows(ended_rows)
+            for row in ended_rows:
+                row_infos[row] = self._reset_info(row)
+            obs = self._observe()
+        return obs, rewards, terminated, truncated, {**self._batch_infos(row_infos), **extra}
+
+    def render(self) -> tuple[str, ...]:
+        """Each row's prompt and completion so far, ``"prompt|completion"``."""
+        texts = self._completions(np.ones(self.num_envs, dtype=bool), np.zeros(self.num_envs, dtype=bool))
+        return tuple(prompt + "|" + text for prompt, text in zip(self._prompt_text, texts))
+
+    def close(self, **kwargs: Any) -> None:
+        if self._executor is not None:
+            self._wait()
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _check_actions(self, actions: np.ndarray | Sequence[int] | torch.Tensor) -> np.ndarray:
+        if isinstance(actions, torch.Tensor):
+            actions = actions.detach().cpu().numpy()
+        actions = np.asarray(actions)
+        n, vocab = self.num_envs, self.single_action_space.n
+        if actions.shape != (n,):
+            raise ValueError(
+                f"actions must be an array of {n} token ids, shape ({n},); got shape {actions.shape}"
+            )
+        if not np.issubdtype(actions.dtype, np.integer):
+            raise ValueError(f"actions must be integer token ids in [0, {vocab}); got dtype {actions.dtype}")
+        bad = np.flatnonzero((actions < 0) | (actions >= vocab))
+        if len(bad):
+            raise ValueError(
+                f"actions must be token ids in [0, {vocab}); got {actions[bad].tolist()} at envs {bad.tolist()}"
+            )
+        return actions.astype(np.int64)
+
+    def _take_policy_log_probs(self, actions: np.ndarray) -> np.ndarray:
+        """log pi(a_i|s_i) from set_policy_log_probs (used once) or the shared cache; NaN where unknown."""
+        told, self._policy_log_probs = self._policy_log_probs, None
+        if told is not None:
+            return told
+        values = np.full(self.num_envs, np.nan)
+        if self.log_prob_cache is not None:
+            obs = self._observe()
+            for i in range(self.num_envs):
+                found = self.log_prob_cache.lookup(
+                    obs["input_ids"][i], obs["attention_mask"][i], int(actions[i])
+                )
+                if found is not None:
+                    values[i] = found
+        return values
+
+    def _completions(self, rows: np.ndarray, drop_stop: np.ndarray) -> list[str]:
+        """The decoded completion of each row in the mask ``rows`` (others: ""), one batched decode."""
+        generated = [
+            self._seq[i][self._prompt_len[i] : len(self._seq[i]) - int(drop_stop[i])]
+            for i in np.flatnonzero(rows)
+        ]
+        decoded = iter(self.tokenizer.batch_decode(generated, skip_special_tokens=True))
+        return [next(decoded) if r else "" for r in rows]
+
+    def _reset_info(self, row: int) -> dict[str, Any]:
+        return {
+            "prompt": self._prompt_text[row],
+            "text": "",
+            "prompt_truncated": bool(self._truncated_prompt[row]),
+        }
+
+    def _batch_infos(self, row_infos: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+        """Per-row info dicts -> Gymnasium's vector layout: ``info[key]`` an array, ``info["_" + key]`` its mask.
+
+        Same result as calling ``VectorEnv._add_info`` row by row (scalar values only), in one pass per key.
+        """
+        infos: dict[str, Any] = {}
+        for key in dict.fromkeys(k for info in row_infos if info for k in info):
+            present = np.array([info is not None and key in info for info in row_infos])
+            values = [info[key] for info in row_infos if info is not None and key in info]
+            kind = type(values[0])
+            array = (
+                np.zeros(self.num_envs, dtype=kind)
+                if kind in (int, float, bool) or issubclass(kind, np.number)
+                else np.full(self.num_envs, None, dtype=object)
+            )
+            array[present] = values if array.dtype != object else np.array(values + [None], dtype=object)[:-1]
+            infos[key], infos["_" + key] = array, present
+        return infos
+
+    def _observe(self) -> dict[str, np.ndarray]:
+        length = self.max_prompt_tokens + self.max_new_tokens
+        ids = np.full((self.num_envs, length), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((self.num_envs, length), dtype=np.int64)
+        for i, seq in enumerate(self._seq):
+            if seq:
+                ids[i, length - len(seq) :] = seq
+                mask[i, length - len(seq) :] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+def _row(obs: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
+    return {k: v[i] for k, v in obs.items()}
+
+
+def _row_info(infos: dict[str, Any], i: int) -> dict[str, Any]:
+    """Row ``i`` of a vector env's info (the keys whose ``_key`` mask is set there), as plain Python values."""
+    out = {}
+    for key, value in infos.items():
+        if key.startswith("_") or not infos.get("_" + key, np.ones(i + 1, dtype=bool))[i]:
+            continue
+        item = value[i]
+        out[key] = item.item() if isinstance(item, np.generic) else item
+    return out
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
