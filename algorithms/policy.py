@@ -40,6 +40,8 @@ class LMActorCriticPolicy(nn.Module):
         lora_alpha: LoRA scaling numerator (``alpha / r`` scales the update).
         lora_target_modules: modules that get adapters (``"all-linear"`` by default).
         separate_critic: give the critic its own copy of the trunk instead of sharing the actor's.
+        gradient_checkpointing: recompute activations in the backward pass instead of storing them (less
+            memory for ~30% more update time).
         temperature: sampling temperature.
         top_k: sample among the k most likely tokens (0 = off).
         top_p: nucleus sampling mass (1.0 = off).
@@ -54,6 +56,7 @@ class LMActorCriticPolicy(nn.Module):
         lora_alpha: int = 32,
         lora_target_modules: str | list[str] = "all-linear",
         separate_critic: bool = False,
+        gradient_checkpointing: bool = False,
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
@@ -76,6 +79,11 @@ class LMActorCriticPolicy(nn.Module):
         else:
             model.requires_grad_(True)
         self.model = model
+        self.gradient_checkpointing = gradient_checkpointing
+        if gradient_checkpointing:
+            # transformers checkpoints only in train mode; with every dropout at 0 that mode changes nothing else
+            _zero_dropout(model)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
         hidden = model.config.hidden_size
@@ -205,6 +213,28 @@ class LMActorCriticPolicy(nn.Module):
             {k: v.contiguous() for k, v in self.value_head.state_dict().items()},
             directory / "value_head.safetensors",
         )
+
+
+@contextmanager
+def _train_mode(model: nn.Module, on: bool) -> Iterator[None]:
+    """Train mode for the block (gradient checkpointing needs it; KV-cached sampling needs eval mode)."""
+    if not on:
+        yield
+        return
+    model.train()
+    try:
+        yield
+    finally:
+        model.eval()
+
+
+def _zero_dropout(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    for key, value in vars(model.config).items():
+        if "dropout" in key and isinstance(value, float):
+            setattr(model.config, key, 0.0)
 
 
 class RolloutAgent:

@@ -104,3 +104,25 @@ def test_bad_policy_arguments(tiny):
         LMActorCriticPolicy(model, tokenizer, lora_r=-1)
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
         LMActorCriticPolicy(model, tokenizer, top_p=1.5)
+
+
+def test_gradient_checkpointing_gives_the_same_values_and_gradients(tiny):
+    model, tokenizer = tiny
+    ids = torch.tensor([[256, 72, 101, 108, 108, 111, 33], [256, 256, 87, 111, 119, 33, 33]])
+    mask = (ids != 256).long()
+    actions = torch.zeros_like(ids)
+    actions[:, -3:] = 1
+    results = []
+    for checkpointing in (False, True):
+        policy = LMActorCriticPolicy(copy.deepcopy(model), tokenizer, gradient_checkpointing=checkpointing)
+        torch.manual_seed(0)
+        torch.nn.init.normal_(policy.value_head.weight, std=0.1)
+        log_prob, entropy, value = policy.evaluate_actions(ids, mask, actions)
+        (log_prob.sum() + value.sum()).backward()
+        grads = [p.grad.clone() for p in policy.model.parameters()]
+        results.append((log_prob.detach(), value.detach(), grads))
+        assert not policy.model.training  # back in eval mode for KV-cached sampling
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+    for a, b in zip(results[0][2], results[1][2]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

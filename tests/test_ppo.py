@@ -167,3 +167,21 @@ def test_load_checkpoint_errors(tiny, tmp_path):
 def test_bad_arguments(tiny, kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_ppo(tiny, **kwargs)
+
+
+def test_rollout_kl_metric_sums_every_step_of_each_episode(tiny):
+    """With a zero score and beta = 1, an episode's return is minus its KL: the logged KL must match."""
+    eos = tiny[1].eos_token_id
+    algo = make_ppo(tiny, reward=lambda p, c: [0.0] * len(c), kl_coef=1.0, max_new_tokens=5, n_steps=12)
+    with torch.no_grad():  # make EOS likely, so that episodes end (and restart) inside the rollout
+        algo.policy.model.lm_head.weight[eos] *= 0
+        algo.policy.model.lm_head.weight[eos] += algo.policy.model.lm_head.weight[65]
+    stats = algo.collect_rollouts()["stats"]
+    buffer = algo.buffer
+    returns = [
+        -buffer.rewards[first : last + 1, env].sum()
+        for env, first, last in buffer.segments()
+        if buffer.dones[last, env]
+    ]
+    assert len(returns) > algo.n_envs  # several episodes ended, some before the rollout's end
+    assert stats["rollout/kl"] == pytest.approx(np.mean(returns), abs=1e-6)

@@ -85,11 +85,11 @@ class KLRewardCheck(BaseCallback):
 
 # (algorithm, settings, total timesteps). TRPO differentiates the KL separately for each parameter tensor
 # (~40 backward passes through the LM per update, then double-backward Fisher-vector products): it gets
-# two small updates (16 observations each) and few conjugate-gradient steps.
+# four small updates (16 observations each) and few conjugate-gradient steps.
 ALGORITHMS = {
-    "PPO": (PPO, dict(n_steps=16, batch_size=16, n_epochs=2), 128),
-    "A2C": (A2C, dict(n_steps=8), 128),
-    "TRPO": (TRPO, dict(n_steps=8, batch_size=16, cg_max_steps=2, n_critic_updates=1), 32),
+    "PPO": (PPO, dict(n_steps=16, batch_size=16, n_epochs=2), 256),
+    "A2C": (A2C, dict(n_steps=8), 256),
+    "TRPO": (TRPO, dict(n_steps=8, batch_size=16, cg_max_steps=2, n_critic_updates=1), 64),
 }
 
 

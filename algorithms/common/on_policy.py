@@ -188,7 +188,7 @@ class OnPolicyAlgorithm:
             next_obs, rewards, terminated, truncated, infos = self.envs.step(actions)
             dones = terminated | truncated
             self.buffer.add(t, obs, actions, log_probs, values, rewards, dones)
-            episode_kl += np.where(infos.get("_kl", False), infos.get("kl", 0.0), 0.0)
+            episode_kl += _step_values(infos, "kl", dones)
             episode_len += 1
             final = infos.get("final_info", {})
             for i in np.flatnonzero(dones):
@@ -375,6 +375,17 @@ class OnPolicyAlgorithm:
     def close(self) -> None:
         self.envs.close()
         self.logger.close()
+
+
+def _step_values(infos: dict[str, Any], key: str, dones: np.ndarray) -> np.ndarray:
+    """This step's ``infos[key]`` per row (0 where absent); rows that ended restarted in the same step, so
+    theirs is in ``final_info``."""
+    out = np.zeros(len(dones))
+    for source, rows in ((infos, ~dones), (infos.get("final_info", {}), dones)):
+        if key in source:
+            present = source["_" + key] & rows
+            out[present] = source[key][present]
+    return out
 
 
 def _check(name: str, value: Any, ok: Callable[[Any], bool], allowed: str) -> None:
