@@ -119,15 +119,14 @@ def train(args: argparse.Namespace) -> OnPolicyAlgorithm:
     if unknown:
         raise ValueError(f"config {args.config}: unknown keys {sorted(unknown)}; see lm-gym train --help")
     algo_settings = _settings(args, args.algo_names, config)
-    policy = build_policy(
-        args.model or config.get("model", DEFAULT_MODEL),
-        _settings(args, args.policy_names, config),
-        algo_settings.get("seed", 0),
-    )
+    policy_settings = _settings(args, args.policy_names, config)
+    model_name = args.model or config.get("model", DEFAULT_MODEL)
+    task = args.task or config.get("task", "sentiment")
+    policy = build_policy(model_name, policy_settings, algo_settings.get("seed", 0))
     run_dir = Path(args.run_dir)
     algo = algo_cls(
         policy,
-        task=args.task or config.get("task", "sentiment"),
+        task=task,
         reward=args.reward,
         run_dir=run_dir,
         verbose=0 if args.quiet else 1,
@@ -141,10 +140,10 @@ def train(args: argparse.Namespace) -> OnPolicyAlgorithm:
         json.dumps(
             {
                 "algo": args.algo,
-                "model": args.model,
-                "task": args.task,
+                "model": model_name,
+                "task": task,
                 **algo_settings,
-                **_settings(args, args.policy_names, config),
+                **policy_settings,
             },
             indent=2,
             default=str,
