@@ -75,7 +75,7 @@ def add_class_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> l
             continue
         annotation = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
         kind = _flag_type(annotation, p.default)
-        text = f"{helps.get(p.name, '')} (default: {p.default})"
+        text = f"{helps.get(p.name, '')} (default: {p.default})".replace("%", "%%")  # argparse formats help
         flag = "--" + p.name.replace("_", "-")
         if kind is None:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)

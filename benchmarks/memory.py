@@ -41,19 +41,17 @@ def main() -> None:
         child(args.model, args.child, args.batch, args.new_tokens, args.checkpointing)
         return
     peaks = {}
-    for label, lora_r in (("full fine-tune", 0), ("LoRA r=16", 16)):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--model",
-            args.model,
-            "--batch",
-            str(args.batch),
-            "--new-tokens",
-            str(args.new_tokens),
-            "--child",
-            str(lora_r),
-        ]
+    configs = (
+        ("full fine-tune", 0, False),
+        ("LoRA r=16", 16, False),
+        ("full + checkpointing", 0, True),
+        ("LoRA + checkpointing", 16, True),
+    )
+    for label, lora_r, checkpointing in configs:
+        cmd = [sys.executable, __file__, "--model", args.model, "--batch", str(args.batch)]
+        cmd += ["--new-tokens", str(args.new_tokens), "--child", str(lora_r)] + [
+            "--checkpointing"
+        ] * checkpointing
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()
         peaks[label] = float(out[-1])
         print(f"{label:22s}: peak {peaks[label]:.2f} GiB ({peaks[label] * 2**30 / 1e9:.2f} GB)")
