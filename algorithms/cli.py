@@ -15,13 +15,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from algorithms.a2c import A2C
 from algorithms.common.on_policy import OnPolicyAlgorithm
+from algorithms.nlpo import NLPO
 from algorithms.policy import LMActorCriticPolicy
 from algorithms.ppo import PPO
 from lm_gym.env import DEFAULT_MODEL
 from lm_gym.tasks import TASKS
 
-ALGORITHMS = {"ppo": PPO}
+ALGORITHMS = {"ppo": PPO, "a2c": A2C, "nlpo": NLPO}
 SKIP = {
     "self",
     "policy",
@@ -65,13 +67,27 @@ def _flag_type(annotation: str, default: Any):
     return str
 
 
-def add_class_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> list[str]:
-    """Add one ``--flag`` per keyword argument of ``cls.__init__``; return the parameter names."""
-    group = parser.add_argument_group(title)
+def add_class_flags(
+    parser: argparse.ArgumentParser, cls: type, title: str, seen: set[str] | None = None
+) -> list[str]:
+    """Add one ``--flag`` per keyword argument of ``cls.__init__`` (except those in ``seen``, which another
+    class already added); return all the parameter names of ``cls``."""
+    params = [
+        p
+        for p in inspect.signature(cls.__init__).parameters.values()
+        if p.name not in SKIP and p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD
+    ]
+    shared = [p for p in params if seen is not None and p.name in seen]
+    description = None
+    if shared:  # argparse takes a flag once: list the ones defined above, with this class's defaults
+        description = "also: " + ", ".join(
+            f"--{p.name.replace('_', '-')} (default {p.default})" for p in shared
+        )
+    group = parser.add_argument_group(title, description.replace("%", "%%") if description else None)
     helps = _docstring_args(cls)
-    names = []
-    for p in inspect.signature(cls.__init__).parameters.values():
-        if p.name in SKIP or p.default is inspect.Parameter.empty or p.kind is p.VAR_KEYWORD:
+    names = [p.name for p in shared]
+    for p in params:
+        if p in shared:
             continue
         annotation = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
         kind = _flag_type(annotation, p.default)
@@ -82,6 +98,8 @@ def add_class_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> l
         else:
             group.add_argument(flag, type=kind, default=None, help=text, metavar=kind.__name__.upper())
         names.append(p.name)
+        if seen is not None:
+            seen.add(p.name)
     return names
 
 
@@ -114,11 +132,25 @@ def build_policy(model_name: str, settings: dict[str, Any], seed: int) -> LMActo
 
 def train(args: argparse.Namespace) -> OnPolicyAlgorithm:
     config = _load_config(args.config)
+    args.algo = args.algo or config.get("algo", "ppo")
+    if args.algo not in ALGORITHMS:
+        raise ValueError(f"config {args.config}: algo {args.algo!r} is not one of {sorted(ALGORITHMS)}")
     algo_cls = ALGORITHMS[args.algo]
-    unknown = set(config) - set(args.policy_names) - set(args.algo_names) - {"model", "task", "iterations"}
+    algo_names = args.core_names + args.algo_names[args.algo]
+    other = sorted(
+        {n for names in args.algo_names.values() for n in names} - set(algo_names),
+    )
+    given = [n for n in other if getattr(args, n) is not None or n in config]
+    if given:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise ValueError(
+            f"{flags} not an argument of {args.algo}; its own are: "
+            + ", ".join("--" + n.replace("_", "-") for n in args.algo_names[args.algo])
+        )
+    unknown = set(config) - set(args.policy_names) - set(algo_names) - {"model", "task", "iterations", "algo"}
     if unknown:
         raise ValueError(f"config {args.config}: unknown keys {sorted(unknown)}; see lm-gym train --help")
-    algo_settings = _settings(args, args.algo_names, config)
+    algo_settings = _settings(args, algo_names, config)
     policy_settings = _settings(args, args.policy_names, config)
     model_name = args.model or config.get("model", DEFAULT_MODEL)
     task = args.task or config.get("task", "sentiment")
@@ -247,6 +279,129 @@ def _plot_curve(history: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
+def benchmark_cmd(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from algorithms.benchmark import (
+        DEFAULT_ALGO_SETTINGS,
+        DEFAULT_SETTINGS,
+        QUICK,
+        BenchmarkSpec,
+        run_benchmark,
+    )
+
+    names = [a.strip() for a in args.algos.split(",") if a.strip()]
+    unknown = [a for a in names if a not in ALGORITHMS]
+    if unknown or not names:
+        raise ValueError(f"--algos: unknown {unknown or names}; choose among {sorted(ALGORITHMS)}")
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1; got {args.seeds}")
+    config = _load_config(args.config)
+    preset = QUICK if args.quick else {}
+    settings = dict(preset.get("settings", DEFAULT_SETTINGS))
+    settings.update({k: v for k, v in config.items() if k not in ALGORITHMS})
+    algo_settings = {}
+    for name in names:
+        own = {} if args.quick else dict(DEFAULT_ALGO_SETTINGS.get(name, {}))
+        own.update(config.get(name, {}))
+        accepted = set(inspect.signature(OnPolicyAlgorithm.__init__).parameters)
+        accepted |= set(inspect.signature(ALGORITHMS[name].__init__).parameters)
+        for key in {**settings, **own}:
+            if key not in accepted:
+                raise ValueError(f"config {args.config}: {key!r} is not an argument of {name}")
+        algo_settings[name] = own
+    spec = BenchmarkSpec(
+        algorithms={name: ALGORITHMS[name] for name in names},
+        seeds=list(range(args.seeds)),
+        task=args.task or preset.get("task", "sentiment"),
+        model=args.model or preset.get("model", DEFAULT_MODEL),
+        iterations=args.iterations or preset.get("iterations", 10),
+        eval_prompts=args.eval_prompts or preset.get("eval_prompts", 32),
+        settings=settings,
+        algo_settings=algo_settings,
+        reward=args.reward,
+    )
+    results = run_benchmark(spec, args.out)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"tables and plots in {args.out}: results.md, results.csv, learning_curves.png, gold_vs_kl.png")
+    return results
+
+
+def sft_cmd(args: argparse.Namespace) -> dict[str, float]:
+    """Supervised fine-tuning on demonstrations (RLHF step 1); the result is a model folder for ``train``."""
+    from algorithms.sft import SFT, load_demonstrations
+    from lm_gym.models import load_causal_lm
+
+    settings = _settings(args, args.sft_names, {})
+    fields = dict(
+        text_field=args.text_field, prompt_field=args.prompt_field, completion_field=args.completion_field
+    )
+    data = load_demonstrations(args.data, **fields)
+    eval_data = load_demonstrations(args.eval_data, **fields) if args.eval_data else None
+    model, tokenizer = load_causal_lm(args.model, seed=settings.get("seed", 0))
+    trainer = SFT(model, tokenizer, verbose=0 if args.quiet else 1, **settings)
+    result = trainer.learn(data, eval_data)
+    out = trainer.save_pretrained(args.output_dir)
+    print(json.dumps({k: round(v, 4) for k, v in result.metrics.items()}))
+    print(f"model: {out} (RL from it: lm-gym train --model {out})")
+    return result.metrics
+
+
+def collect_cmd(args: argparse.Namespace) -> dict[str, float]:
+    """Preference data (RLHF step 2): K completions per prompt, ranked by a simulated annotator panel."""
+    from lm_gym.models import load_causal_lm
+    from lm_gym.preferences import AnnotatorPanel, collect_preferences, write_collection
+    from lm_gym.tasks import get_task
+
+    task = get_task(args.task)
+    prompts = list(task.prompts(args.split))[: args.num_prompts]
+    model, tokenizer = load_causal_lm(args.model, seed=args.seed)
+    panel = AnnotatorPanel(task.make_reward(), aggregate=args.aggregate, seed=args.seed)
+    sampling = dict(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_size=args.batch_size
+    )
+    collection = collect_preferences(model, tokenizer, prompts, panel, k=args.k, seed=args.seed, **sampling)
+    settings = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    paths = write_collection(collection, args.out, settings)
+    s = collection.stats
+    print(
+        f"{len(collection.records)} comparisons of {int(s['completions'])} completions "
+        f"({int(s['ranked_prompts'])} prompts) -> {paths[0]}; Elo table {paths[1]}; panel report {paths[2]}"
+    )
+    print(
+        f"panel: inter-annotator agreement {s['inter_annotator']:.3f}, annotators vs gold "
+        f"{s['annotator_gold']:.3f}, panel labels vs gold {s['panel_gold']:.3f} (gold ties {s['gold_ties']:.3f})"
+    )
+    return s
+
+
+def train_rm_cmd(args: argparse.Namespace) -> dict[str, float]:
+    """Reward model (RLHF step 2): Bradley-Terry on preference data; the folder is a TextGen-v0 reward."""
+    from lm_gym.preferences import load_preferences, train_reward_model
+    from lm_gym.tasks import get_task
+
+    records = load_preferences(args.data)
+    names = ("epochs", "batch_size", "margin", "center_coef", "eval_fraction", "min_agreement", "max_length")
+    settings = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if args.lr is not None:
+        settings["learning_rate"] = args.lr
+    gold = None if args.no_gold else get_task(args.task).make_reward()
+    result = train_reward_model(
+        records, model=args.model, gold=gold, out_dir=args.out, seed=args.seed, log=print, **settings
+    )
+    m = result.metrics
+    if "eval/accuracy" in m:
+        line = (
+            f"held-out accuracy: {m['eval/accuracy']:.3f} against the labels ({int(m['eval/pairs'])} pairs)"
+        )
+        if "eval/accuracy_gold" in m:
+            line += (
+                f", {m['eval/accuracy_gold']:.3f} against the gold scorer ({int(m['eval/gold_pairs'])} pairs "
+                f"with different gold scores; the labels themselves agree with gold on {m['eval/labels_gold']:.3f})"
+            )
+        print(line)
+    print(f"reward model: {args.out} (use it as reward={args.out}, e.g. lm-gym train --reward {args.out})")
+    return m
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lm-gym", description="RL fine-tuning of language models on TextGen-v0"
@@ -254,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="RL fine-tuning of a model on a task")
-    p.add_argument("--algo", default="ppo", choices=sorted(ALGORITHMS), help="the RL algorithm")
+    p.add_argument("--algo", default=None, choices=sorted(ALGORITHMS), help="the RL algorithm (default ppo)")
     p.add_argument(
         "--model",
         default=None,
@@ -277,9 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar or metric tables")
     p.set_defaults(func=train)
     p.set_defaults(policy_names=add_class_flags(p, LMActorCriticPolicy, "policy"))
-    names = add_class_flags(p, OnPolicyAlgorithm, "shared on-policy settings")
-    names += add_class_flags(p, PPO, "PPO")
-    p.set_defaults(algo_names=names)
+    seen: set[str] = set()
+    p.set_defaults(core_names=add_class_flags(p, OnPolicyAlgorithm, "shared on-policy settings", seen))
+    p.set_defaults(
+        algo_names={
+            name: add_class_flags(p, cls, f"{name} (--algo {name})", seen) for name, cls in ALGORITHMS.items()
+        }
+    )
 
     p = sub.add_parser("demo", help="the RLHF demo: PPO on sentiment, before/after table and learning curve")
     p.add_argument("--model", default=DEFAULT_MODEL, help="initial model (tiny for a smoke run)")
@@ -312,6 +471,120 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds the sampling")
     p.add_argument("--show", type=int, default=5, help="print this many sample texts")
     p.set_defaults(func=evaluate_cmd)
+
+    p = sub.add_parser(
+        "benchmark",
+        help="run a grid of algorithms x seeds on a task; tables (md, csv) and plots (resumable)",
+    )
+    p.add_argument("--algos", default="ppo,a2c", help=f"comma-separated, among {','.join(ALGORITHMS)}")
+    p.add_argument(
+        "--task",
+        default=None,
+        choices=sorted(TASKS),
+        help="prompt set and gold scorer (default sentiment; letters with --quick)",
+    )
+    p.add_argument("--seeds", type=int, default=3, help="seeds per algorithm (0, 1, ...)")
+    p.add_argument("--model", default=None, help=f"initial model of every run (default {DEFAULT_MODEL})")
+    p.add_argument("--reward", default=None, help="reward model name/folder (default: the task's)")
+    p.add_argument("--iterations", type=int, default=None, help="iterations per run (default 10)")
+    p.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts per run (default 32)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="YAML of settings for every algorithm, with optional per-algorithm sections (e.g. 'ppo: {n_epochs: 2}')",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny model, toy 'letters' task, 20 iterations: minutes (teaching, CI smoke test)",
+    )
+    p.add_argument("--out", default="runs/benchmark", help="results folder; finished cells are not rerun")
+    p.set_defaults(func=benchmark_cmd)
+
+    from algorithms.sft import SENTIMENT_DEMOS, SFT
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on demonstrations (RLHF step 1)")
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help="model to fine-tune: tiny, smollm2-135m, a folder or Hub id"
+    )
+    p.add_argument(
+        "--data",
+        default=SENTIMENT_DEMOS,
+        help="demonstrations: .jsonl/.json/.csv/.parquet file or Hub dataset; records with 'text', or "
+        "'prompt' and 'completion'/'response' (default: the shipped sentiment demonstrations)",
+    )
+    p.add_argument(
+        "--eval-data", default=None, help="held-out demonstrations (default: --eval-fraction of --data)"
+    )
+    p.add_argument("--text-field", default="text", help="field of a whole-text demonstration")
+    p.add_argument(
+        "--prompt-field", default="prompt", help="field of the prompt (its tokens are not targets)"
+    )
+    p.add_argument(
+        "--completion-field", default=None, help="field of the completion (default completion or response)"
+    )
+    p.add_argument(
+        "--output-dir",
+        default="runs/sft",
+        help="the fine-tuned model folder (safetensors, tokenizer, metrics)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    p.set_defaults(func=sft_cmd, sft_names=add_class_flags(p, SFT, "SFT"))
+    from lm_gym.preferences.reward_model import train_reward_model
+
+    rm_defaults = {n: q.default for n, q in inspect.signature(train_reward_model).parameters.items()}
+    p = sub.add_parser(
+        "collect", help="preference data: K completions per prompt ranked by a simulated panel"
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the model whose completions are compared")
+    p.add_argument(
+        "--task", default="sentiment", choices=sorted(TASKS), help="prompts, and the gold scorer of the panel"
+    )
+    p.add_argument("--split", default="train", choices=["train", "eval", "all"], help="which prompts")
+    p.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts (default all)")
+    p.add_argument("--k", type=int, default=4, help="completions per prompt; a ranking gives k(k-1)/2 pairs")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="completion length limit")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences generated side by side")
+    p.add_argument(
+        "--aggregate",
+        default="majority",
+        choices=["majority", "borda", "single"],
+        help="how the panel's rankings become labels: per-pair majority of all annotators, one Borda "
+        "ranking, or one random annotator per prompt (default majority)",
+    )
+    p.add_argument(
+        "--out", default="prefs.jsonl", help="records (JSONL); also writes OUT.elo.jsonl and OUT.meta.json"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampling and the panel")
+    p.set_defaults(func=collect_cmd)
+
+    p = sub.add_parser("train-rm", help="train a reward model (Bradley-Terry) on preference data")
+    p.add_argument(
+        "--data", required=True, help="preference JSONL (prompt/chosen/rejected), or a datasets name"
+    )
+    p.add_argument(
+        "--model", default="minilm-l6", help="backbone: minilm-l6, a folder or Hub id (gets a 1-output head)"
+    )
+    p.add_argument("--out", required=True, help="reward-model folder; TextGen-v0 takes it as reward=OUT")
+    for flag, kind, name, text in (
+        ("--epochs", int, "epochs", "passes over the training pairs"),
+        ("--lr", float, "learning_rate", "AdamW peak learning rate"),
+        ("--batch-size", int, "batch_size", "pairs per step"),
+        ("--margin", float, "margin", "Bradley-Terry margin of records without their own"),
+        ("--center-coef", float, "center_coef", "reward-centering coefficient (Eisenstein et al.: 0.01)"),
+        ("--eval-fraction", float, "eval_fraction", "share of prompts held out"),
+        ("--min-agreement", float, "min_agreement", "train only on pairs with this annotator agreement"),
+        ("--max-length", int, "max_length", "token limit of a text"),
+    ):
+        help_text = f"{text} (default {rm_defaults[name]})".replace("%", "%%")
+        p.add_argument(flag, type=kind, default=None, help=help_text, metavar=kind.__name__.upper())
+    p.add_argument("--seed", type=int, default=0, help="seeds the head, the split and the batch order")
+    p.add_argument(
+        "--task", default="sentiment", choices=sorted(TASKS), help="its gold scorer judges the held-out pairs"
+    )
+    p.add_argument("--no-gold", action="store_true", help="report accuracy against the labels only")
+    p.set_defaults(func=train_rm_cmd)
     return parser
 
 

@@ -62,9 +62,7 @@ class PPO(OnPolicyAlgorithm):
     def train(self) -> None:
         buffer, policy = self.buffer, self.policy
         if self.normalize_advantage:
-            buffer.advantages = (buffer.advantages - buffer.advantages.mean()) / (
-                buffer.advantages.std() + 1e-8
-            )
+            buffer.whiten_advantages()
         rng = np.random.default_rng(self._iteration_seed(self.iteration))
         pg_losses, value_losses, entropies, approx_kls, clip_fractions = [], [], [], [], []
         continue_training = True
@@ -73,7 +71,11 @@ class PPO(OnPolicyAlgorithm):
                 self.batch_size, rng, policy.device, policy.tokenizer.pad_token_id
             ):
                 log_prob, entropy, values = policy.evaluate_actions(
-                    batch.input_ids, batch.attention_mask, batch.action_mask, entropy_grad=self.ent_coef > 0
+                    batch.input_ids,
+                    batch.attention_mask,
+                    batch.action_mask,
+                    entropy_grad=self.ent_coef > 0,
+                    action_masks=batch.action_masks,  # None unless the rollout stored masks (NLPO)
                 )  # (M,) each
                 advantages = batch.advantages
                 ratio = torch.exp(log_prob - batch.old_log_prob)
@@ -107,15 +109,11 @@ class PPO(OnPolicyAlgorithm):
             if not continue_training:
                 break
 
-        returns, values = buffer.returns.ravel(), buffer.values.ravel()
-        explained_var = (
-            1 - np.var(returns - values) / np.var(returns) if np.var(returns) > 0 else float("nan")
-        )
         log = self.logger.record
         log("train/policy_loss", np.mean(pg_losses))
         log("train/value_loss", np.mean(value_losses))
         log("train/entropy", np.mean(entropies))
         log("train/approx_kl", np.mean(approx_kls))
         log("train/clip_fraction", np.mean(clip_fractions))
-        log("train/explained_variance", explained_var)
+        log("train/explained_variance", buffer.explained_variance())
         log("train/skipped_updates", self._skipped_updates)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["HFRewardModel", "RewardFunction", "VaderSentiment", "make_reward"]
+__all__ = ["HFRewardModel", "LowercaseShare", "RewardFunction", "VaderSentiment", "make_reward"]
 
 
 @runtime_checkable
@@ -60,6 +60,19 @@ class VaderSentiment:
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
         texts = _texts(prompts, completions, self.include_prompt)
         return np.array([self._analyzer.polarity_scores(t)["compound"] for t in texts], dtype=np.float64)
+
+
+class LowercaseShare:
+    """The share of lowercase ASCII letters in the completion, in [0, 1]: a toy reward for tiny models.
+
+    A random byte-level model scores about 0.1; a policy that learns to emit letters approaches 1 in a few
+    hundred updates, which makes it the reward of the quick, CPU-minutes runs for teaching and smoke tests.
+    """
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
+        return np.array(
+            [sum("a" <= ch <= "z" for ch in c) / max(1, len(c)) for c in completions], dtype=np.float64
+        )
 
 
 class HFRewardModel:
@@ -158,7 +171,8 @@ def make_reward(spec: str | RewardFunction | Callable, **kwargs) -> RewardFuncti
 
     Args:
         spec: a callable ``(prompts, completions) -> scores`` (returned as is); ``"vader"`` for VADER
-            sentiment; or a reward-model name, folder or Hub id for :class:`HFRewardModel`.
+            sentiment; ``"lowercase"`` for
+            :class:`LowercaseShare`; or a reward-model name, folder or Hub id for :class:`HFRewardModel`.
         **kwargs: passed to :class:`HFRewardModel` (``label_index``, ``device``...).
     """
     if callable(spec):
@@ -167,4 +181,6 @@ def make_reward(spec: str | RewardFunction | Callable, **kwargs) -> RewardFuncti
         raise TypeError(f"reward must be a callable or a string; got {type(spec).__name__}")
     if spec == "vader":
         return VaderSentiment()
+    if spec == "lowercase":
+        return LowercaseShare()
     return HFRewardModel(spec, **kwargs)

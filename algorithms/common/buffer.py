@@ -49,6 +49,7 @@ class SequenceBatch(NamedTuple):
     old_values: torch.Tensor  # (M,)
     advantages: torch.Tensor  # (M,)
     returns: torch.Tensor  # (M,)
+    action_masks: torch.Tensor | None = None  # (M, V) bool, the tokens allowed at each action (NLPO), or None
 
 
 class RolloutBuffer:
@@ -71,18 +72,38 @@ class RolloutBuffer:
         self.dones = np.zeros((n_steps, n_envs))
         self.advantages = np.zeros((n_steps, n_envs))
         self.returns = np.zeros((n_steps, n_envs))
+        self.action_masks: np.ndarray | None = None  # (T, N, V) bool, allocated by the first add() with masks
 
-    def add(self, t: int, obs: dict, actions, log_probs, values, rewards, dones) -> None:
-        """Store step ``t``: the observation the actions were taken in, and what followed."""
+    def add(self, t: int, obs: dict, actions, log_probs, values, rewards, dones, action_masks=None) -> None:
+        """Store step ``t``: the observation the actions were taken in, and what followed.
+
+        ``action_masks`` (N, V) bool, optional: the tokens the actions were allowed among (NLPO's masks);
+        ``log_probs`` are then those of the masked law.
+        """
         self.input_ids[t], self.attention_mask[t] = obs["input_ids"], obs["attention_mask"]
         self.actions[t] = _np(actions)
         self.log_probs[t], self.values[t] = _np(log_probs), _np(values)
         self.rewards[t], self.dones[t] = rewards, dones
+        if action_masks is not None:
+            masks = _np(action_masks)
+            if self.action_masks is None:
+                self.action_masks = np.zeros((self.n_steps, self.n_envs, masks.shape[-1]), dtype=bool)
+            self.action_masks[t] = masks
 
     def compute_returns_and_advantage(self, last_values: np.ndarray, gamma: float, lam: float) -> None:
         self.advantages, self.returns = compute_gae(
             self.rewards, self.values, self.dones, last_values, gamma, lam
         )
+
+    def whiten_advantages(self) -> None:
+        """Advantages to mean 0, std 1 over the rollout (TRL, SB3)."""
+        self.advantages = (self.advantages - self.advantages.mean()) / (self.advantages.std() + 1e-8)
+
+    def explained_variance(self) -> float:
+        """``1 - Var(returns - values) / Var(returns)``: 1 is a perfect critic, 0 no better than a constant."""
+        returns, values = self.returns.ravel(), self.values.ravel()
+        var = np.var(returns)
+        return float(1 - np.var(returns - values) / var) if var > 0 else float("nan")
 
     def segments(self) -> list[tuple[int, int, int]]:
         """The stretches of one episode in one env: ``(env, first_step, last_step)``, in env order."""
@@ -131,6 +152,7 @@ class RolloutBuffer:
             tensor(pick(self.values)),
             tensor(pick(self.advantages)),
             tensor(pick(self.returns)),
+            None if self.action_masks is None else tensor(pick(self.action_masks), torch.bool),
         )
 
 

@@ -13,7 +13,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -21,18 +21,28 @@ from gymnasium.vector import AutoresetMode
 
 from algorithms.common.buffer import RolloutBuffer
 from algorithms.common.logger import Logger
-from algorithms.policy import LMActorCriticPolicy
+from algorithms.policy import LMActorCriticPolicy, RolloutAgent
 from lm_gym.decoding import torch_threads
 from lm_gym.env import TextGenVectorEnv
 from lm_gym.kl import AdaptiveKLController, FixedKLController
 from lm_gym.rewards import RewardFunction
 from lm_gym.tasks import Task
 
-__all__ = ["NonFiniteLossError", "OnPolicyAlgorithm"]
+__all__ = ["AgentStep", "NonFiniteLossError", "OnPolicyAlgorithm"]
 
 
 class NonFiniteLossError(RuntimeError):
     """Raised when updates kept producing NaN/inf losses; the weights hold the last finite update."""
+
+
+class AgentStep(NamedTuple):
+    """The agent's move at one rollout step (see :meth:`OnPolicyAlgorithm._act`)."""
+
+    actions: torch.Tensor  # (N,)
+    log_probs: torch.Tensor  # (N,) under the law the actions were sampled from: stored for the ratio
+    values: torch.Tensor  # (N,)
+    kl_log_probs: torch.Tensor  # (N,) what the env's KL penalty compares with the reference's
+    action_masks: torch.Tensor | None = None  # (N, V) bool, the tokens the actions were allowed among
 
 
 class OnPolicyAlgorithm:
@@ -183,11 +193,13 @@ class OnPolicyAlgorithm:
         episode_kl, episode_len = np.zeros(self.n_envs), np.zeros(self.n_envs, dtype=np.int64)
         scores, kls, lengths, samples = [], [], [], []
         for t in range(self.n_steps):
-            actions, log_probs, values = agent.act(obs)
-            self.envs.set_policy_log_probs(log_probs)
-            next_obs, rewards, terminated, truncated, infos = self.envs.step(actions)
+            step = self._act(agent, obs)
+            self.envs.set_policy_log_probs(step.kl_log_probs)
+            next_obs, rewards, terminated, truncated, infos = self.envs.step(step.actions)
             dones = terminated | truncated
-            self.buffer.add(t, obs, actions, log_probs, values, rewards, dones)
+            self.buffer.add(
+                t, obs, step.actions, step.log_probs, step.values, rewards, dones, step.action_masks
+            )
             episode_kl += _step_values(infos, "kl", dones)
             episode_len += 1
             final = infos.get("final_info", {})
@@ -220,6 +232,12 @@ class OnPolicyAlgorithm:
             self.logger.record(key, value)
         return {"stats": stats, "samples": samples}
 
+    def _act(self, agent: RolloutAgent, obs: dict[str, np.ndarray]) -> AgentStep:
+        """The agent's move at one rollout step. An algorithm that changes how actions are drawn (NLPO's
+        masks) overrides this rather than the rollout loop."""
+        actions, log_probs, values = agent.act(obs)
+        return AgentStep(actions, log_probs, values, log_probs)
+
     # ------------------------------------------------------------------------------------------ learning
     def train(self) -> None:
         """One update from the buffer: the only method an algorithm must write."""
@@ -237,6 +255,10 @@ class OnPolicyAlgorithm:
             self._skipped_updates += 1
             return False
         loss.backward()
+        return self.step_optimizer()
+
+    def step_optimizer(self) -> bool:
+        """Clip the accumulated gradients and step, unless their norm is not finite (then nothing changes)."""
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         if not torch.isfinite(grad_norm):
@@ -326,6 +348,7 @@ class OnPolicyAlgorithm:
             staging / "policy.safetensors",
         )
         torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
+        self._save_extra_state(staging)
         state = {
             "iteration": self.iteration,
             "num_timesteps": self.num_timesteps,
@@ -371,6 +394,14 @@ class OnPolicyAlgorithm:
         self.kl_controller.load_state_dict(state["kl_controller"])
         self._nonfinite_streak = state["nonfinite_streak"]
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        self._load_extra_state(path)
+
+    def _save_extra_state(self, folder: Path) -> None:
+        """Write an algorithm's own state (beyond weights, optimizer and counters) into a checkpoint folder
+        being staged; the default has none. Needed only for what a resumed run cannot rebuild."""
+
+    def _load_extra_state(self, folder: Path) -> None:
+        """Restore what :meth:`_save_extra_state` wrote into the checkpoint ``folder``."""
 
     def close(self) -> None:
         self.envs.close()

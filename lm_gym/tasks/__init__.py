@@ -1,7 +1,8 @@
 """Tasks: a prompt set with its train/eval split and its (gold) reward.
 
 ``get_task("sentiment")`` is the default: continue the opening of a movie review; the reward is VADER's
-positive sentiment of the continuation.
+positive sentiment of the continuation. ``"letters"`` is a toy on the same prompts whose reward (the
+share of lowercase letters) a tiny random model learns in minutes.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from importlib import resources
 
 import numpy as np
 
-from lm_gym.rewards import RewardFunction, VaderSentiment
+from lm_gym.rewards import LowercaseShare, RewardFunction, VaderSentiment
 
 __all__ = ["TASKS", "Task", "get_task"]
 
@@ -76,7 +77,18 @@ def _sentiment() -> Task:
     )
 
 
-TASKS: dict[str, Callable[[], Task]] = {"sentiment": _sentiment}
+def _letters() -> Task:
+    sentiment = _sentiment()
+    return Task(
+        name="letters",
+        train_prompts=sentiment.train_prompts,
+        eval_prompts=sentiment.eval_prompts,
+        make_reward=LowercaseShare,
+        description="toy task for tiny models: the sentiment prompts; reward: share of lowercase letters",
+    )
+
+
+TASKS: dict[str, Callable[[], Task]] = {"sentiment": _sentiment, "letters": _letters}
 
 
 def get_task(name: str) -> Task:

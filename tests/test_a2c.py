@@ -1,0 +1,91 @@
+"""A2C: learning on a toy reward, one step per rollout whatever the chunk size, seeding, checks."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from algorithms.a2c import A2C
+from algorithms.policy import LMActorCriticPolicy
+
+PROMPTS = ["Hello", "The film", "Wow", "It was"]
+
+
+def lowercase_share(prompts, completions):
+    """Toy reward: the share of lowercase ASCII letters in the completion (about 10% for a random model)."""
+    return [sum("a" <= ch <= "z" for ch in c) / max(1, len(c)) for c in completions]
+
+
+def make_a2c(tiny, **kwargs):
+    model, tokenizer = tiny
+    policy = LMActorCriticPolicy(copy.deepcopy(model), tokenizer)
+    settings = dict(
+        prompts=PROMPTS,
+        reward=lowercase_share,
+        n_envs=8,
+        max_new_tokens=8,
+        learning_rate=3e-3,
+        kl_coef=0.0,
+        verbose=0,
+        seed=0,
+    )
+    return A2C(policy, **{**settings, **kwargs})
+
+
+def test_a2c_raises_the_toy_reward(tiny):
+    algo = make_a2c(tiny)
+    algo.learn(30)
+    scores = [h["rollout/rm_score"] for h in algo.logger.history]
+    assert np.mean(scores[:3]) < 0.2
+    assert np.mean(scores[-3:]) > np.mean(scores[:3]) + 0.3
+    for key in ("train/policy_loss", "train/value_loss", "train/entropy", "train/explained_variance"):
+        assert np.isfinite(algo.logger.history[-1][key])
+    algo.close()
+
+
+def test_one_step_per_rollout_whatever_the_chunk_size(tiny, monkeypatch):
+    """``batch_size`` only bounds memory: one sequence per forward or all at once give the same gradient."""
+    grads = {}
+    for size in (64, 1):
+        algo = make_a2c(tiny, batch_size=size)
+        steps: list[int] = []
+        monkeypatch.setattr(algo, "step_optimizer", lambda steps=steps: steps.append(1))
+        algo.collect_rollouts()
+        algo.train()
+        assert len(steps) == 1  # exactly one step
+        grads[size] = [p.grad.clone() for p in algo.policy.parameters() if p.grad is not None]
+    assert len(grads[64]) == len(grads[1]) > 0
+    for a, b in zip(grads[64], grads[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_same_seed_same_run(tiny):
+    first, second = make_a2c(tiny), make_a2c(tiny)
+    first.learn(3)
+    second.learn(3)
+    for a, b in zip(first.policy.parameters(), second.policy.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_non_finite_rollout_is_skipped(tiny):
+    algo = make_a2c(tiny, reward=lambda p, c: [float("nan")] * len(c))
+    before = [p.detach().clone() for p in algo.policy.parameters()]
+    algo.collect_rollouts()
+    algo.train()
+    assert algo._skipped_updates == 1
+    for a, b in zip(before, algo.policy.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+        ({"vf_coef": -1}, "vf_coef must be >= 0"),
+        ({"ent_coef": -0.1}, "ent_coef must be >= 0"),
+    ],
+)
+def test_bad_arguments(tiny, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_a2c(tiny, **kwargs)
