@@ -33,7 +33,7 @@ DEFAULT_ALGO_SETTINGS: dict[str, dict[str, Any]] = {
     "ppo": dict(learning_rate=6e-5, n_epochs=2, batch_size=8),
     "nlpo": dict(learning_rate=6e-5, n_epochs=2, batch_size=8),
     "a2c": dict(learning_rate=6e-5, batch_size=8),
-    "trpo": dict(batch_size=8),
+    "trpo": dict(batch_size=8, learning_rate=1e-3),  # the critic's only (sb3-contrib's 1e-3)
 }
 # About a minute per algorithm on `tiny` and the toy "letters" task (a random 0.3M model has no sentiment
 # to improve, but learns to write lowercase letters): for teaching and the CI smoke test.

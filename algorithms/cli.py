@@ -20,10 +20,11 @@ from algorithms.common.on_policy import OnPolicyAlgorithm
 from algorithms.nlpo import NLPO
 from algorithms.policy import LMActorCriticPolicy
 from algorithms.ppo import PPO
+from algorithms.trpo import TRPO
 from lm_gym.env import DEFAULT_MODEL
 from lm_gym.tasks import TASKS
 
-ALGORITHMS = {"ppo": PPO, "a2c": A2C, "nlpo": NLPO}
+ALGORITHMS = {"ppo": PPO, "a2c": A2C, "trpo": TRPO, "nlpo": NLPO}
 SKIP = {
     "self",
     "policy",
@@ -476,7 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
         "benchmark",
         help="run a grid of algorithms x seeds on a task; tables (md, csv) and plots (resumable)",
     )
-    p.add_argument("--algos", default="ppo,a2c", help=f"comma-separated, among {','.join(ALGORITHMS)}")
+    p.add_argument(
+        "--algos", default="ppo,a2c,trpo,nlpo", help=f"comma-separated, among {','.join(ALGORITHMS)}"
+    )
     p.add_argument(
         "--task",
         default=None,

@@ -1,0 +1,83 @@
+"""The algorithm benchmark: grid, resumable cells, confidence intervals, tables and plots."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from algorithms.a2c import A2C
+from algorithms.benchmark import BenchmarkSpec, mean_ci, run_benchmark
+from algorithms.cli import main
+from algorithms.ppo import PPO
+
+SETTINGS = dict(n_envs=2, max_new_tokens=4, learning_rate=1e-3, checkpoint_every=1)
+
+
+def spec(**kwargs):
+    base = dict(
+        algorithms={"ppo": PPO, "a2c": A2C},
+        seeds=[0, 1],
+        task="letters",
+        model="tiny",
+        iterations=2,
+        eval_prompts=2,
+        settings=SETTINGS,
+        algo_settings={"ppo": {"n_epochs": 1}},
+    )
+    return BenchmarkSpec(**{**base, **kwargs})
+
+
+def test_mean_ci_is_the_student_t_interval():
+    mean, half = mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0
+    assert half == pytest.approx(4.303 * 1.0 / np.sqrt(3), rel=1e-4)  # t(0.975, df=2) * s / sqrt(n)
+    assert np.isnan(mean_ci([5.0])[1])
+
+
+def test_grid_writes_tables_and_plots_and_skips_finished_cells(tmp_path, monkeypatch):
+    results = run_benchmark(spec(), tmp_path, log=lambda *_: None)
+    assert [(r["algo"], r["seed"]) for r in results] == [("ppo", 0), ("ppo", 1), ("a2c", 0), ("a2c", 1)]
+    for name in ("results.md", "results.csv", "learning_curves.png", "gold_vs_kl.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert [r["algo"] for r in rows] == ["ppo", "a2c"]
+    for key in ("gold", "score", "kl", "perplexity", "distinct_1", "distinct_2", "wall_time_s"):
+        mean, _ = mean_ci([r["metrics"][key] for r in results if r["algo"] == "ppo"])
+        assert float(rows[0][key]) == pytest.approx(mean)
+        assert key + "_ci95" in rows[0]
+    assert "| ppo | 2 |" in (tmp_path / "results.md").read_text()
+    assert len(results[0]["curve"]) == 2
+
+    # a second run reruns nothing
+    monkeypatch.setattr("algorithms.benchmark.run_cell", lambda *a: pytest.fail("a finished cell was rerun"))
+    again = run_benchmark(spec(), tmp_path, log=lambda *_: None)
+    assert [r["metrics"] for r in again] == [r["metrics"] for r in results]
+    with pytest.raises(ValueError, match="iterations=2, now 3: use another --out"):
+        run_benchmark(spec(iterations=3), tmp_path, log=lambda *_: None)
+
+
+def test_an_interrupted_cell_resumes_from_its_checkpoint(tmp_path):
+    one = spec(algorithms={"ppo": PPO}, seeds=[0])
+    cell = tmp_path / "ppo" / "seed_0"
+    settings = one.cell_settings("ppo", 0)
+    from algorithms.policy import LMActorCriticPolicy
+    from lm_gym.models import load_causal_lm
+
+    model, tokenizer = load_causal_lm("tiny", seed=0)
+    crashed = PPO(LMActorCriticPolicy(model, tokenizer), task="letters", run_dir=cell, verbose=0, **settings)
+    crashed.learn(1)  # checkpoint at iteration 1, then "crash" before result.json
+    crashed.close()
+    (result,) = run_benchmark(one, tmp_path, log=lambda *_: None)
+    iterations = [json.loads(line)["iteration"] for line in (cell / "metrics.jsonl").read_text().splitlines()]
+    assert iterations == [1, 2]  # only the missing iteration ran
+    assert [c["iteration"] for c in result["curve"]] == [1, 2]
+
+
+def test_cli_quick_benchmark(tmp_path, capsys):
+    out = tmp_path / "bench"
+    main(["benchmark", "--quick", "--algos", "a2c", "--seeds", "1", "--iterations", "2", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "| a2c | 1 |" in text and "Task letters, model tiny" in text
+    with pytest.raises(SystemExit, match="unknown"):
+        main(["benchmark", "--algos", "ppo,sarsa", "--out", str(out)])
