@@ -68,6 +68,20 @@ def _flag_type(annotation: str, default: Any):
     return str
 
 
+def _init_parameters(cls: type) -> list[inspect.Parameter]:
+    """The keyword arguments of ``cls.__init__``, with those it passes on through ``**kwargs`` to its bases
+    (NLPO takes PPO's), up to the shared core (whose flags are added once for all algorithms)."""
+    out: dict[str, inspect.Parameter] = {}
+    for klass in cls.__mro__:
+        if klass is object or (klass is OnPolicyAlgorithm and cls is not OnPolicyAlgorithm):
+            break
+        params = inspect.signature(klass.__init__).parameters
+        out.update({name: p for name, p in params.items() if name not in out})
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            break
+    return list(out.values())
+
+
 def add_class_flags(
     parser: argparse.ArgumentParser, cls: type, title: str, seen: set[str] | None = None
 ) -> list[str]:
@@ -75,7 +89,7 @@ def add_class_flags(
     class already added); return all the parameter names of ``cls``."""
     params = [
         p
-        for p in inspect.signature(cls.__init__).parameters.values()
+        for p in _init_parameters(cls)
         if p.name not in SKIP and p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD
     ]
     shared = [p for p in params if seen is not None and p.name in seen]
@@ -303,8 +317,8 @@ def benchmark_cmd(args: argparse.Namespace) -> list[dict[str, Any]]:
     for name in names:
         own = {} if args.quick else dict(DEFAULT_ALGO_SETTINGS.get(name, {}))
         own.update(config.get(name, {}))
-        accepted = set(inspect.signature(OnPolicyAlgorithm.__init__).parameters)
-        accepted |= set(inspect.signature(ALGORITHMS[name].__init__).parameters)
+        accepted = {p.name for p in _init_parameters(OnPolicyAlgorithm)}
+        accepted |= {p.name for p in _init_parameters(ALGORITHMS[name])}
         for key in {**settings, **own}:
             if key not in accepted:
                 raise ValueError(f"config {args.config}: {key!r} is not an argument of {name}")

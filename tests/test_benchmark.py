@@ -37,7 +37,7 @@ def test_mean_ci_is_the_student_t_interval():
 
 def test_grid_writes_tables_and_plots_and_skips_finished_cells(tmp_path, monkeypatch):
     results = run_benchmark(spec(), tmp_path, log=lambda *_: None)
-    assert [(r["algo"], r["seed"]) for r in results] == [("ppo", 0), ("ppo", 1), ("a2c", 0), ("a2c", 1)]
+    assert [(r["algo"], r["seed"]) for r in results] == [("ppo", 0), ("a2c", 0), ("ppo", 1), ("a2c", 1)]
     for name in ("results.md", "results.csv", "learning_curves.png", "gold_vs_kl.png"):
         assert (tmp_path / name).stat().st_size > 0
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))

@@ -91,3 +91,17 @@ def test_bad_input_gives_one_line_errors(tmp_path):
         main(["train", "--model", "tiny", "--clip-range", "2", "--run-dir", str(tmp_path / "r")])
     with pytest.raises(SystemExit, match="no checkpoint"):
         main(["train", "--model", "tiny", "--resume", "--run-dir", str(tmp_path / "empty"), "--quiet"])
+
+
+@pytest.mark.parametrize("algo, flag", [("a2c", "--vf-coef"), ("trpo", "--cg-max-steps"), ("nlpo", "--n-epochs")])
+def test_every_algorithm_trains_from_the_cli_with_its_own_and_inherited_flags(tmp_path, algo, flag):
+    value = "2" if flag != "--vf-coef" else "0.5"
+    base = ["train", "--algo", algo, "--model", "tiny", "--run-dir", str(tmp_path), "--quiet"]
+    main([*base, "--n-envs", "2", "--max-new-tokens", "3", "--iterations", "1", flag, value])
+    assert json.loads((tmp_path / "config.json").read_text())["algo"] == algo
+    assert (tmp_path / "final" / "model.safetensors").exists()
+
+
+def test_a_flag_of_another_algorithm_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--clip-range not an argument of a2c"):
+        main(["train", "--algo", "a2c", "--model", "tiny", "--run-dir", str(tmp_path), "--clip-range", "0.1"])
