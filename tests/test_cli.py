@@ -93,7 +93,9 @@ def test_bad_input_gives_one_line_errors(tmp_path):
         main(["train", "--model", "tiny", "--resume", "--run-dir", str(tmp_path / "empty"), "--quiet"])
 
 
-@pytest.mark.parametrize("algo, flag", [("a2c", "--vf-coef"), ("trpo", "--cg-max-steps"), ("nlpo", "--n-epochs")])
+@pytest.mark.parametrize(
+    "algo, flag", [("a2c", "--vf-coef"), ("trpo", "--cg-max-steps"), ("nlpo", "--n-epochs")]
+)
 def test_every_algorithm_trains_from_the_cli_with_its_own_and_inherited_flags(tmp_path, algo, flag):
     value = "2" if flag != "--vf-coef" else "0.5"
     base = ["train", "--algo", algo, "--model", "tiny", "--run-dir", str(tmp_path), "--quiet"]
