@@ -37,6 +37,7 @@ SKIP = {
     "run_dir",
     "verbose",
     "stop_token_ids",
+    "reference",
 }
 
 

@@ -82,6 +82,8 @@ class OnPolicyAlgorithm:
         max_nonfinite: consecutive iterations with a skipped non-finite update before the run stops.
         verbose: 1 prints a metrics table per iteration.
         stop_token_ids: tokens that end an episode (default EOS).
+        reference: the frozen model of the KL penalty (full fine-tuning); default a copy of the policy as it
+            is now. Iterated RLHF passes the initial model, so every round is held to the same anchor.
     """
 
     def __init__(
@@ -113,6 +115,7 @@ class OnPolicyAlgorithm:
         max_nonfinite: int = 3,
         verbose: int = 1,
         stop_token_ids: Sequence[int] | None = None,
+        reference: torch.nn.Module | None = None,
     ) -> None:
         _check("learning_rate", learning_rate, lambda v: v > 0, "> 0")
         _check("gamma", gamma, lambda v: 0 <= v <= 1, "in [0, 1]")
@@ -144,7 +147,10 @@ class OnPolicyAlgorithm:
         )
         torch.manual_seed(seed)
         # The reference: the policy with its adapters off (LoRA, shared forward), or a frozen copy of it now.
-        reference = policy.model if policy.adapter else policy.reference_copy()
+        if reference is not None and policy.adapter:
+            raise ValueError("reference: with LoRA the reference is the model with its adapters off; pass none")
+        if reference is None:
+            reference = policy.model if policy.adapter else policy.reference_copy()
         self.envs = TextGenVectorEnv(
             n_envs,
             model=reference,
