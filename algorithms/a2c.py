@@ -59,11 +59,16 @@ class A2C(OnPolicyAlgorithm):
         rng = np.random.default_rng(self._iteration_seed(self.iteration))
         total_actions = buffer.n_steps * buffer.n_envs
         pg_loss = value_loss = entropy_sum = 0.0
-        self.optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
         finite = True
         for batch in buffer.minibatches(self.batch_size, rng, policy.device, policy.tokenizer.pad_token_id):
             log_prob, entropy, values = policy.evaluate_actions(
-                batch.input_ids, batch.attention_mask, batch.action_mask, entropy_grad=self.ent_coef > 0
+                batch.input_ids,
+                batch.attention_mask,
+                batch.action_mask,
+                entropy_grad=self.ent_coef > 0,
+                decoder_input_ids=batch.decoder_input_ids,  # None unless the policy is seq2seq
+                decoder_attention_mask=batch.decoder_attention_mask,
             )  # (M,) each
             # sums over this chunk's actions; divided by all actions of the rollout, they add up to the means
             chunk_pg = -(batch.advantages * log_prob).sum()
@@ -77,11 +82,7 @@ class A2C(OnPolicyAlgorithm):
             pg_loss += chunk_pg.item() / total_actions
             value_loss += chunk_value.item() / total_actions
             entropy_sum += chunk_entropy.item()
-        if finite:
-            self.step_optimizer()
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-            self._skipped_updates += 1
+        self.step_optimizer(finite)  # with several processes, every one steps (or skips) together
 
         log = self.logger.record
         log("train/policy_loss", pg_loss)

@@ -20,22 +20,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from algorithms.common.distributed import is_main_process
 from algorithms.common.on_policy import OnPolicyAlgorithm
 from algorithms.policy import LMActorCriticPolicy
 
 __all__ = ["BenchmarkSpec", "QUICK", "run_benchmark", "summarize"]
 
-# Shared settings of the grid on the embedded default (the demo's: 16 texts of 24 tokens per iteration).
-DEFAULT_SETTINGS: dict[str, Any] = dict(n_envs=16, max_new_tokens=24, kl_coef=0.05)
+# Shared settings of the grid on the embedded default: 8 texts of 24 tokens per iteration, 10 iterations
+# (4 algorithms x 2 seeds take about 75 minutes on 2 CPU cores).
+DEFAULT_SETTINGS: dict[str, Any] = dict(n_envs=8, max_new_tokens=24, kl_coef=0.05)
 # Per-algorithm settings on top (the ones that differ from each class's defaults; see docs/algorithms.md).
 DEFAULT_ALGO_SETTINGS: dict[str, dict[str, Any]] = {
-    "ppo": dict(learning_rate=6e-5, n_epochs=2, batch_size=8),
-    "nlpo": dict(learning_rate=6e-5, n_epochs=2, batch_size=8),
-    "a2c": dict(learning_rate=1.5e-4, batch_size=8),  # one step per rollout where PPO takes 4 (2 x 2)
-    # learning_rate is the critic's only (sb3-contrib's 1e-3); the Fisher on a quarter of the rollout (the
-    # TRPO paper's subsampling) and 10 CG steps keep an iteration within ~2x PPO's on 2 CPU cores
-    "trpo": dict(batch_size=8, learning_rate=1e-3, fisher_subsample=0.25, cg_max_steps=10),
+    # the demo's learning rate and 2 epochs; minibatches of 4 texts: 4 steps per iteration
+    "ppo": dict(learning_rate=6e-5, n_epochs=2, batch_size=4),
+    "nlpo": dict(learning_rate=6e-5, n_epochs=2, batch_size=4),
+    "a2c": dict(learning_rate=1.5e-4, batch_size=4),  # one step per rollout where PPO takes 4
+    # learning_rate is the critic's only (sb3-contrib's 1e-3); 5 conjugate-gradient steps instead of 15 keep
+    # an iteration at ~3x PPO's on 2 CPU cores (each is a double backward through the whole LM)
+    "trpo": dict(batch_size=4, learning_rate=1e-3, cg_max_steps=5),
 }
 # About a minute per algorithm on `tiny` and the toy "letters" task (a random 0.3M model has no sentiment
 # to improve, but learns to write lowercase letters): for teaching and the CI smoke test.
@@ -73,6 +77,8 @@ class BenchmarkSpec:
         algo_settings: name -> keyword arguments for that algorithm only (override ``settings``).
         policy_settings: keyword arguments of :class:`~algorithms.policy.LMActorCriticPolicy`.
         reward: reward-model name/folder for training and the "reward-model score" (default: the task's).
+        device: where every model runs (default: this process's GPU if any, else CPU).
+        dtype: the dtype of every model (default float32; bf16 halves the memory).
     """
 
     algorithms: Mapping[str, type[OnPolicyAlgorithm]]
@@ -85,6 +91,8 @@ class BenchmarkSpec:
     algo_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     policy_settings: dict[str, Any] = field(default_factory=dict)
     reward: str | None = None
+    device: str | torch.device | None = None
+    dtype: str | torch.dtype | None = None
 
     def cell_settings(self, algo: str, seed: int) -> dict[str, Any]:
         return {**self.settings, **self.algo_settings.get(algo, {}), "seed": seed}
@@ -104,15 +112,18 @@ def run_cell(spec: BenchmarkSpec, algo: str, seed: int, cell_dir: Path) -> dict[
         "reward": spec.reward,
         **settings,
     }
-    model, tokenizer = load_causal_lm(spec.model, seed=seed)
+    where = dict(seed=seed, device=spec.device, dtype=spec.dtype)
+    model, tokenizer = load_causal_lm(spec.model, **where)
     policy = LMActorCriticPolicy(model, tokenizer, **spec.policy_settings)
-    reference = load_causal_lm(spec.model, seed=seed)[0].requires_grad_(False)
+    reference = load_causal_lm(spec.model, **where)[0].requires_grad_(False)
     runner = spec.algorithms[algo](
         policy, task=spec.task, reward=spec.reward, run_dir=cell_dir, verbose=0, **settings
     )
     if (cell_dir / "checkpoints" / "latest").exists():
         runner.load_checkpoint(cell_dir)
-    (cell_dir / "settings.json").write_text(json.dumps(record, indent=2, default=str))
+    main = runner.is_main_process  # with several processes (accelerate launch), the one that writes
+    if main:
+        (cell_dir / "settings.json").write_text(json.dumps(record, indent=2, default=str))
     runner.learn(spec.iterations)
     runner.close()
     history = _history(cell_dir / "metrics.jsonl")
@@ -135,14 +146,18 @@ def run_cell(spec: BenchmarkSpec, algo: str, seed: int, cell_dir: Path) -> dict[
             {k: h[k] for k in ("iteration", "rollout/rm_score", "rollout/kl") if k in h} for h in history
         ],
     }
-    tmp = cell_dir / "result.json.tmp"
-    tmp.write_text(json.dumps(out, indent=1, default=str))
-    tmp.replace(cell_dir / "result.json")  # a cell is finished when, and only when, this file exists
+    if main:
+        tmp = cell_dir / "result.json.tmp"
+        tmp.write_text(json.dumps(out, indent=1, default=str))
+        tmp.replace(cell_dir / "result.json")  # a cell is finished when, and only when, this file exists
     return out
 
 
-def run_benchmark(spec: BenchmarkSpec, out_dir: str | Path, log=print) -> list[dict[str, Any]]:
-    """Run every unfinished cell of the grid, then write the tables and plots; return the cell results."""
+def run_benchmark(
+    spec: BenchmarkSpec, out_dir: str | Path, log=print, report_only: bool = False
+) -> list[dict[str, Any]]:
+    """Run every unfinished cell of the grid (with ``report_only``, none: the finished ones are reported),
+    then write the tables and plots; return the cell results."""
     out_dir = Path(out_dir)
     results = []
     # seed-major: an interrupted grid has every algorithm on the first seeds
@@ -154,6 +169,9 @@ def run_benchmark(spec: BenchmarkSpec, out_dir: str | Path, log=print) -> list[d
             result = json.loads(done.read_text())
             _check_same_settings(result, spec, algo, seed, done)
             log(f"[{n}/{len(cells)}] {algo} seed {seed}: done earlier, skipped")
+        elif report_only:
+            log(f"[{n}/{len(cells)}] {algo} seed {seed}: not run, left out of the report")
+            continue
         else:
             start = time.perf_counter()
             log(f"[{n}/{len(cells)}] {algo} seed {seed}: training {spec.iterations} iterations")
@@ -163,7 +181,10 @@ def run_benchmark(spec: BenchmarkSpec, out_dir: str | Path, log=print) -> list[d
                 f"KL {result['metrics']['kl']:.2f} ({time.perf_counter() - start:.0f} s)"
             )
         results.append(result)
-    summarize(results, out_dir, spec)
+    if not results:
+        raise ValueError(f"no finished cell in {out_dir} to report")
+    if is_main_process():
+        summarize(results, out_dir, spec)
     return results
 
 

@@ -7,17 +7,22 @@ takes it (the policy, the shared core, the algorithm), so ``--help`` and the lib
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
+import os
 import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from algorithms.a2c import A2C
 from algorithms.common.on_policy import OnPolicyAlgorithm
 from algorithms.nlpo import NLPO
+from algorithms.pipeline import PipelineConfig
 from algorithms.policy import LMActorCriticPolicy
 from algorithms.ppo import PPO
 from algorithms.trpo import TRPO
@@ -138,11 +143,58 @@ def _load_config(path: str | None) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-# ---------------------------------------------------------------------------------------------- commands
-def build_policy(model_name: str, settings: dict[str, Any], seed: int) -> LMActorCriticPolicy:
-    from lm_gym.models import load_causal_lm
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-    model, tokenizer = load_causal_lm(model_name, seed=seed)
+
+def add_device_flags(parser: argparse.ArgumentParser) -> None:
+    """``--dtype`` and ``--device``, the same for every command that runs a model."""
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        metavar="{bf16,fp16,fp32}",
+        help="weight and compute dtype of every model (policy, reference, reward model): bf16 halves the "
+        "memory (log-probs, losses and the optimizer's master weights stay float32); fp16 only for eval "
+        "(training refuses it). Default fp32, or bf16 under accelerate launch --mixed_precision bf16",
+    )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:1, mps... (default: this process's GPU if there is one, cuda:LOCAL_RANK under "
+        "accelerate launch / torchrun; else cpu)",
+    )
+
+
+def device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """Check ``--device``/``--dtype`` and fill in their defaults."""
+    from algorithms.common.distributed import process_device
+
+    if dtype is None:  # `accelerate launch --mixed_precision bf16` (or its config) asks for bf16
+        dtype = "bf16" if os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16" else "fp32"
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: use one of bf16, fp16, fp32")
+    if device is None:
+        return process_device(), DTYPES[dtype]
+    try:
+        where = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:1, mps...)") from None
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    return where, DTYPES[dtype]
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def build_policy(
+    model_name: str,
+    settings: dict[str, Any],
+    seed: int,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> LMActorCriticPolicy:
+    from lm_gym.models import is_seq2seq_lm, load_causal_lm, load_seq2seq_lm
+
+    load = load_seq2seq_lm if is_seq2seq_lm(model_name) else load_causal_lm  # T5-style: tiny-t5, a T5 folder
+    model, tokenizer = load(model_name, seed=seed, device=device, dtype=dtype)
     return LMActorCriticPolicy(model, tokenizer, **settings)
 
 
@@ -163,14 +215,16 @@ def train(args: argparse.Namespace) -> OnPolicyAlgorithm:
             f"{flags} not an argument of {args.algo}; its own are: "
             + ", ".join("--" + n.replace("_", "-") for n in args.algo_names[args.algo])
         )
-    unknown = set(config) - set(args.policy_names) - set(algo_names) - {"model", "task", "iterations", "algo"}
+    unknown = set(config) - set(args.policy_names) - set(algo_names)
+    unknown -= {"model", "task", "iterations", "algo", "dtype", "device"}
     if unknown:
         raise ValueError(f"config {args.config}: unknown keys {sorted(unknown)}; see lm-gym train --help")
     algo_settings = _settings(args, algo_names, config)
     policy_settings = _settings(args, args.policy_names, config)
     model_name = args.model or config.get("model", DEFAULT_MODEL)
     task = args.task or config.get("task", "sentiment")
-    policy = build_policy(model_name, policy_settings, algo_settings.get("seed", 0))
+    device, dtype = device_and_dtype(args.device or config.get("device"), args.dtype or config.get("dtype"))
+    policy = build_policy(model_name, policy_settings, algo_settings.get("seed", 0), device, dtype)
     run_dir = Path(args.run_dir)
     algo = algo_cls(
         policy,
@@ -180,28 +234,36 @@ def train(args: argparse.Namespace) -> OnPolicyAlgorithm:
         verbose=0 if args.quiet else 1,
         **algo_settings,
     )
+    main = algo.is_main_process  # with several processes (accelerate launch), the one that writes
     if args.resume:
         algo.load_checkpoint(run_dir)
-        print(f"resumed from iteration {algo.iteration}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(
-        json.dumps(
-            {
-                "algo": args.algo,
-                "model": model_name,
-                "task": task,
-                **algo_settings,
-                **policy_settings,
-            },
-            indent=2,
-            default=str,
+        if main:
+            print(f"resumed from iteration {algo.iteration}")
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(
+            json.dumps(
+                {
+                    "algo": args.algo,
+                    "model": model_name,
+                    "task": task,
+                    "dtype": next(k for k, v in DTYPES.items() if v == dtype),
+                    "device": str(device),
+                    "processes": algo.world_size,
+                    **algo_settings,
+                    **policy_settings,
+                },
+                indent=2,
+                default=str,
+            )
         )
-    )
     algo.learn(args.iterations or config.get("iterations", 10), progress_bar=not args.quiet)
     algo.close()
-    print(
-        f"run directory: {run_dir} (tensorboard --logdir {run_dir / 'tensorboard'}); model: {run_dir / 'final'}"
-    )
+    if main:
+        print(
+            f"run directory: {run_dir} (tensorboard --logdir {run_dir / 'tensorboard'}); "
+            f"model: {run_dir / 'final'}"
+        )
     return algo
 
 
@@ -209,8 +271,9 @@ def evaluate_cmd(args: argparse.Namespace) -> dict[str, float]:
     from lm_gym.evaluation import evaluate
     from lm_gym.models import load_causal_lm
 
-    policy, tokenizer = load_causal_lm(args.policy)
-    reference = load_causal_lm(args.reference)[0] if args.reference else policy
+    device, dtype = device_and_dtype(args.device, args.dtype)
+    policy, tokenizer = load_causal_lm(args.policy, device=device, dtype=dtype)
+    reference = load_causal_lm(args.reference, device=device, dtype=dtype)[0] if args.reference else policy
     result = evaluate(
         policy,
         tokenizer,
@@ -237,7 +300,7 @@ def demo(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     from lm_gym.evaluation import evaluate
 
     run_dir = Path(args.run_dir)
-    policy = build_policy(args.model, {}, seed=0)
+    policy = build_policy(args.model, {}, 0, *device_and_dtype(args.device, args.dtype))
     reference = policy.reference_copy()
     settings = {**DEMO, "max_new_tokens": args.max_new_tokens, "learning_rate": args.learning_rate}
     if args.model == "tiny":  # smoke run: a random 0.3M model has no sentiment to improve
@@ -253,8 +316,8 @@ def demo(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     algo.close()
     print("[3/3] evaluating the fine-tuned model")
     after = evaluate(policy.model, policy.tokenizer, reference=reference, **common)
-    report = _demo_report(before, after, algo.logger.history, run_dir)
-    print(report)
+    if algo.is_main_process:
+        print(_demo_report(before, after, algo.logger.history, run_dir))
     return {"before": before.metrics, "after": after.metrics}
 
 
@@ -303,6 +366,7 @@ def benchmark_cmd(args: argparse.Namespace) -> list[dict[str, Any]]:
         BenchmarkSpec,
         run_benchmark,
     )
+    from algorithms.common.distributed import is_main_process
 
     names = [a.strip() for a in args.algos.split(",") if a.strip()]
     unknown = [a for a in names if a not in ALGORITHMS]
@@ -310,6 +374,7 @@ def benchmark_cmd(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise ValueError(f"--algos: unknown {unknown or names}; choose among {sorted(ALGORITHMS)}")
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1; got {args.seeds}")
+    device, dtype = device_and_dtype(args.device, args.dtype)
     config = _load_config(args.config)
     preset = QUICK if args.quick else {}
     settings = dict(preset.get("settings", DEFAULT_SETTINGS))
@@ -334,10 +399,13 @@ def benchmark_cmd(args: argparse.Namespace) -> list[dict[str, Any]]:
         settings=settings,
         algo_settings=algo_settings,
         reward=args.reward,
+        device=device,
+        dtype=dtype,
     )
-    results = run_benchmark(spec, args.out)
-    print((Path(args.out) / "results.md").read_text())
-    print(f"tables and plots in {args.out}: results.md, results.csv, learning_curves.png, gold_vs_kl.png")
+    results = run_benchmark(spec, args.out, report_only=args.report_only)
+    if is_main_process():
+        print((Path(args.out) / "results.md").read_text())
+        print(f"tables and plots in {args.out}: results.md, results.csv, learning_curves.png, gold_vs_kl.png")
     return results
 
 
@@ -374,7 +442,9 @@ def collect_cmd(args: argparse.Namespace) -> dict[str, float]:
     sampling = dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_size=args.batch_size
     )
-    collection = collect_preferences(model, tokenizer, prompts, panel, k=args.k, seed=args.seed, **sampling)
+    collection = collect_preferences(
+        model, tokenizer, prompts, panel, k=args.k, seed=args.seed, progress=True, **sampling
+    )
     settings = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     paths = write_collection(collection, args.out, settings)
     s = collection.stats
@@ -418,6 +488,28 @@ def train_rm_cmd(args: argparse.Namespace) -> dict[str, float]:
     return m
 
 
+PIPELINE_RL_FLAGS = ("n_envs", "max_new_tokens", "kl_coef", "learning_rate")
+
+
+def pipeline_cmd(args: argparse.Namespace) -> dict[str, Any]:
+    from algorithms.pipeline import PRESETS, run_pipeline
+
+    preset = PRESETS[args.preset]
+    fields = {f.name for f in dataclasses.fields(PipelineConfig)} - {"rl_settings", "policy_settings"}
+    settings = {**{k: v for k, v in preset.items() if k in fields}}
+    settings.update({k: getattr(args, k) for k in fields if getattr(args, k, None) is not None})
+    rl = {**preset.get("rl_settings", {})}
+    rl.update({k: getattr(args, k) for k in PIPELINE_RL_FLAGS if getattr(args, k) is not None})
+    cls = ALGORITHMS[args.algo]
+    accepted = {q.name for q in _init_parameters(OnPolicyAlgorithm) + _init_parameters(cls)}
+    rl = {k: v for k, v in rl.items() if k in accepted}  # a preset's PPO epochs are not A2C's arguments
+    policy = {"lora_r": args.lora_r} if args.lora_r else {}
+    config = PipelineConfig(**settings, rl_settings=rl, policy_settings=policy)
+    report = run_pipeline(config, ALGORITHMS[args.algo], args.out)
+    print((Path(args.out) / "report.md").read_text())
+    return report
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lm-gym", description="RL fine-tuning of language models on TextGen-v0"
@@ -429,7 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default=None,
-        help=f"policy's initial model: tiny, smollm2-135m, a folder or Hub id (default {DEFAULT_MODEL})",
+        help=f"policy's initial model: tiny, tiny-t5 (encoder-decoder), smollm2-135m, a folder or Hub id "
+        f"(default {DEFAULT_MODEL})",
     )
     p.add_argument(
         "--task", default=None, choices=sorted(TASKS), help="prompt set and gold reward (default sentiment)"
@@ -446,6 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --run-dir")
     p.add_argument("--config", default=None, help="YAML/JSON file of hyperparameters (flags override it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or metric tables")
+    add_device_flags(p)
     p.set_defaults(func=train)
     p.set_defaults(policy_names=add_class_flags(p, LMActorCriticPolicy, "policy"))
     seen: set[str] = set()
@@ -465,6 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts for the before/after table")
     p.add_argument("--learning-rate", type=float, default=DEMO["learning_rate"], help="AdamW learning rate")
     p.add_argument("--run-dir", default="runs/demo", help="logs, report, curve, final model")
+    add_device_flags(p)
     p.set_defaults(func=demo)
 
     p = sub.add_parser("eval", help="score a saved model on a task's eval prompts")
@@ -486,6 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--seed", type=int, default=0, help="seeds the sampling")
     p.add_argument("--show", type=int, default=5, help="print this many sample texts")
+    add_device_flags(p)
     p.set_defaults(func=evaluate_cmd)
 
     p = sub.add_parser(
@@ -517,6 +613,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="tiny model, toy 'letters' task, 20 iterations: minutes (teaching, CI smoke test)",
     )
     p.add_argument("--out", default="runs/benchmark", help="results folder; finished cells are not rerun")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: write the tables and plots of the cells finished so far",
+    )
+    add_device_flags(p)
     p.set_defaults(func=benchmark_cmd)
 
     from algorithms.sft import SENTIMENT_DEMOS, SFT
@@ -603,6 +705,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-gold", action="store_true", help="report accuracy against the labels only")
     p.set_defaults(func=train_rm_cmd)
+    p = sub.add_parser(
+        "pipeline",
+        help="the three RLHF steps chained: collect preferences -> train-rm -> RL, iterated with --rounds",
+    )
+    p.add_argument(
+        "--preset",
+        default="default",
+        choices=["default", "overoptimize", "quick"],
+        help="default: RLHF on the embedded model; overoptimize: no KL penalty, more steps (shows the proxy "
+        "rising while gold peaks); quick: tiny model, toy task, a minute",
+    )
+    p.add_argument("--algo", default="ppo", choices=sorted(ALGORITHMS), help="the RL algorithm of step 3")
+    helps = _docstring_args(PipelineConfig)
+    for f in dataclasses.fields(PipelineConfig):
+        if f.name in ("rl_settings", "policy_settings"):
+            continue
+        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}[str(f.type)]
+        p.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=kind,
+            default=None,
+            help=f"{helps.get(f.name, '')} (default: {f.default}, or the preset's)",
+        )
+    for name in PIPELINE_RL_FLAGS:
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=float if "coef" in name or "rate" in name else int,
+            default=None,
+            help="RL setting (default: the preset's)",
+        )
+    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank of the policy (0 = full fine-tuning)")
+    p.add_argument("--out", default="runs/pipeline", help="preferences, reward models, RL runs, report")
+    p.set_defaults(func=pipeline_cmd)
     return parser
 
 

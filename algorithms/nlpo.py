@@ -31,7 +31,7 @@ from algorithms.common.on_policy import AgentStep, _check
 from algorithms.policy import LMActorCriticPolicy, RolloutAgent
 from algorithms.ppo import PPO
 from lm_gym.decoding import BatchedDecoder
-from lm_gym.sampling import follow, observed_sequences
+from lm_gym.seq2seq import Seq2SeqDecoder, follow_observation, last_tokens, make_decoder
 
 __all__ = ["NLPO", "TopPMaskLogitsProcessor"]
 
@@ -121,7 +121,7 @@ class NLPO(PPO):
         self._actor_params = {name: p for name, p in policy.model.named_parameters() if p.requires_grad}
         self.mask_weights: dict[str, torch.Tensor] = {}
         self.refresh_mask_policy()
-        self._mask_decoder: BatchedDecoder | None = None
+        self._mask_decoder: BatchedDecoder | Seq2SeqDecoder | None = None
         self._mask_last_actions: torch.Tensor | None = None
         self._kept_tokens: list[float] = []
         self._kept_mass: list[float] = []
@@ -153,7 +153,7 @@ class NLPO(PPO):
         if self.iteration % self.mask_update_every == 0:  # on the iteration count: a resumed run agrees
             self.refresh_mask_policy()
         pad = self.policy.tokenizer.pad_token_id
-        self._mask_decoder = BatchedDecoder(self.policy.model, self.n_envs, pad)
+        self._mask_decoder = make_decoder(self.policy.model, self.n_envs, pad)
         self._mask_last_actions = None
         self._kept_tokens, self._kept_mass = [], []
         rollout = super().collect_rollouts()
@@ -170,9 +170,9 @@ class NLPO(PPO):
     def _act(self, agent: RolloutAgent, obs: dict[str, np.ndarray]) -> AgentStep:
         # the masking policy follows the observations with its own KV cache, run with its weights
         with self.mask_policy():
-            follow(self._mask_decoder, observed_sequences(obs), self._mask_last_actions)
+            follow_observation(self._mask_decoder, obs, self._mask_last_actions)
         mask_logits = self._mask_decoder.logits  # (N, V)
-        last = torch.as_tensor(np.asarray(obs["input_ids"])[:, -1:], device=mask_logits.device)  # (N, 1)
+        last = last_tokens(obs, mask_logits.device)  # (N, 1)
         # the masking policy's law is the policy's sampling law (same warpers) at the older weights
         keep = self.mask_processor.set_mask(self.policy.warpers(last, mask_logits.clone()))  # (N, V)
         actions, log_probs, values, unmasked = agent.act_with_processor(obs, self.mask_processor)

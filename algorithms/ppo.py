@@ -76,6 +76,8 @@ class PPO(OnPolicyAlgorithm):
                     batch.action_mask,
                     entropy_grad=self.ent_coef > 0,
                     action_masks=batch.action_masks,  # None unless the rollout stored masks (NLPO)
+                    decoder_input_ids=batch.decoder_input_ids,  # None unless the policy is seq2seq
+                    decoder_attention_mask=batch.decoder_attention_mask,
                 )  # (M,) each
                 advantages = batch.advantages
                 ratio = torch.exp(log_prob - batch.old_log_prob)
@@ -102,7 +104,12 @@ class PPO(OnPolicyAlgorithm):
                 value_losses.append(value_loss.item())
                 entropies.append(entropy.mean().item())
                 approx_kls.append(approx_kl)
-                if self.ppo_target_kl is not None and approx_kl > 1.5 * self.ppo_target_kl:
+                # decided on the mean over the processes, so that all of them stop together
+                if (
+                    self.ppo_target_kl is not None
+                    and float(self.all_reduce_mean(torch.tensor(approx_kl, dtype=torch.float64)))
+                    > 1.5 * self.ppo_target_kl
+                ):
                     continue_training = False
                     break
                 self.apply_gradients(loss)

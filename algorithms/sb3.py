@@ -137,6 +137,11 @@ class LMSB3Policy(ActorCriticPolicy):
                 "LMSB3Policy needs TextGen-v0's Dict(input_ids=..., attention_mask=...) observations; "
                 f"got {observation_space}"
             )
+        if "decoder_input_ids" in observation_space.spaces:
+            raise ValueError(
+                "LMSB3Policy runs causal LMs; encoder-decoder observations (decoder_input_ids) are for "
+                "algorithms.policy.LMActorCriticPolicy and lm-gym's own algorithms"
+            )
         if not isinstance(action_space, spaces.Discrete):
             raise ValueError(f"LMSB3Policy needs a Discrete(vocab_size) action space; got {action_space}")
         if not temperature > 0:

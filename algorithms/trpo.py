@@ -101,11 +101,8 @@ class TRPO(OnPolicyAlgorithm):
         # and the critic's trunk if separate), so the core's checkpoints and lr schedule apply to it.
         self.actor_params = [p for p in policy.model.parameters() if p.requires_grad]
         actor = {id(p) for p in self.actor_params}
-        self.optimizer = torch.optim.AdamW(
-            [p for p in policy.parameters() if p.requires_grad and id(p) not in actor],
-            lr=self.learning_rate,
-            weight_decay=0.0,
-            foreach=False,
+        self.optimizer = self.make_optimizer(
+            [p for p in policy.parameters() if p.requires_grad and id(p) not in actor]
         )
 
     def train(self) -> None:
@@ -131,6 +128,9 @@ class TRPO(OnPolicyAlgorithm):
             term = (ratio * batch.advantages).sum() / n_actions
             gradient = gradient + flat_grad(term, self.actor_params)
             surrogate += term.item()
+        # data parallel: every process takes the same step from the averages over all processes' rollouts
+        gradient = self.all_reduce_mean(torch.as_tensor(gradient, dtype=torch.float32))
+        surrogate = float(self.all_reduce_mean(torch.tensor([surrogate], device=gradient.device))[0])
 
         # tries: shrinks before the accepted step (line_search_max_iter when none was accepted)
         accepted, tries, kl, new_surrogate = False, self.line_search_max_iter, 0.0, surrogate
@@ -158,14 +158,30 @@ class TRPO(OnPolicyAlgorithm):
         # the critic, separately: 0.5 * (V - R)^2 by minibatch, with the actor frozen
         value_losses = []
         with _frozen(self.actor_params):
-            for _ in range(self.n_critic_updates):
-                for batch in buffer.minibatches(self.batch_size, rng, policy.device, pad):
-                    _, _, values = policy.evaluate_actions(
-                        batch.input_ids, batch.attention_mask, batch.action_mask, entropy_grad=False
-                    )  # (M,)
-                    value_loss = 0.5 * ((values - batch.returns) ** 2).mean()
-                    self.apply_gradients(value_loss)
-                    value_losses.append(value_loss.item())
+            if policy.critic_trunk is None:
+                # shared trunk: only the head learns, on hidden states that do not change; compute them once
+                features = [(self._head_inputs(batch), batch.returns) for batch in batches]  # (M, H), (M,)
+                for _ in range(self.n_critic_updates):
+                    for i in rng.permutation(len(features)):
+                        hidden, returns = features[i]
+                        values = policy.value_head(hidden)[:, 0]  # (M,)
+                        value_loss = 0.5 * ((values - returns) ** 2).mean()
+                        self.apply_gradients(value_loss)
+                        value_losses.append(value_loss.item())
+            else:
+                for _ in range(self.n_critic_updates):
+                    for batch in buffer.minibatches(self.batch_size, rng, policy.device, pad):
+                        _, _, values = policy.evaluate_actions(
+                            batch.input_ids,
+                            batch.attention_mask,
+                            batch.action_mask,
+                            entropy_grad=False,
+                            decoder_input_ids=batch.decoder_input_ids,  # None unless the policy is seq2seq
+                            decoder_attention_mask=batch.decoder_attention_mask,
+                        )  # (M,)
+                        value_loss = 0.5 * ((values - batch.returns) ** 2).mean()
+                        self.apply_gradients(value_loss)
+                        value_losses.append(value_loss.item())
 
         log = self.logger.record
         log("train/policy_loss", -new_surrogate)
@@ -177,6 +193,17 @@ class TRPO(OnPolicyAlgorithm):
         log("train/explained_variance", buffer.explained_variance())
         log("train/skipped_updates", self._skipped_updates)
 
+    @torch.no_grad()
+    def _head_inputs(self, batch: SequenceBatch) -> torch.Tensor:
+        """(M, H) what the value head reads for the batch's actions (the trunk's hidden states)."""
+        captured = []
+        hook = self.policy.value_head.register_forward_hook(lambda m, args, out: captured.append(args[0]))
+        try:
+            self._evaluate(batch)
+        finally:
+            hook.remove()
+        return captured[0]
+
     def _evaluate(self, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """log_prob (M,), entropy (M,) and the log-probs of every token (M, V) for the batch's actions."""
         log_prob, entropy, _, log_probs_all = self.policy.evaluate_actions(
@@ -185,6 +212,8 @@ class TRPO(OnPolicyAlgorithm):
             batch.action_mask,
             entropy_grad=False,
             return_log_probs_all=True,
+            decoder_input_ids=batch.decoder_input_ids,
+            decoder_attention_mask=batch.decoder_attention_mask,
         )
         return log_prob, entropy, log_probs_all
 
@@ -206,13 +235,13 @@ class TRPO(OnPolicyAlgorithm):
         cached = kl_gradient(batches[0], old_log_probs_all[0]) if len(batches) == 1 else None
 
         def hessian_vector_product(vector: torch.Tensor) -> torch.Tensor:
-            product = self.cg_damping * vector
+            product = torch.zeros_like(vector)
             for batch, old_all in zip(batches, old_log_probs_all):
                 grad_kl = cached if cached is not None else kl_gradient(batch, old_all)
                 product += flat_grad(
                     (grad_kl * vector).sum(), self.actor_params, retain_graph=cached is not None
                 )
-            return product
+            return self.all_reduce_mean(product) + self.cg_damping * vector  # the Fisher of all processes
 
         # sb3-contrib's solver starts from a little noise: seed it per iteration (same run, resumable)
         with torch.random.fork_rng(devices=[gradient.device] if gradient.device.type == "cuda" else []):
@@ -235,9 +264,10 @@ class TRPO(OnPolicyAlgorithm):
             log_prob, _, log_probs_all = self._evaluate(batch)
             surrogate += float((torch.exp(log_prob - old_log_prob) * batch.advantages).sum()) / n_actions
             kl += float(_exact_kl(old_all, log_probs_all).sum()) / n_actions
-            if kl > self.target_kl:  # KL terms are >= 0: the partial sum already rejects the step
+            if kl > self.target_kl and self.world_size == 1:  # KL terms are >= 0: the partial sum rejects
                 break
-        return surrogate, kl
+        both = self.all_reduce_mean(torch.tensor([surrogate, kl], device=self.policy.device))
+        return float(both[0]), float(both[1])
 
 
 def _exact_kl(old_log_probs_all: torch.Tensor, log_probs_all: torch.Tensor) -> torch.Tensor:

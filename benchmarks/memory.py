@@ -4,9 +4,10 @@ Peak resident memory (``ru_maxrss``) of a process that loads the model, builds t
 reference (a frozen copy for full fine-tuning; the same weights with adapters off for LoRA) and the
 reward model, and runs one iteration with minibatches of 4 sequences. Goals on smollm2-135m, batch 16,
 48 new tokens: full <= 4 GB, LoRA <= 2.5 GB. Printed in GiB (2**30 bytes) and GB; each also with
-gradient checkpointing (``LMActorCriticPolicy(gradient_checkpointing=True)``).
+gradient checkpointing (``LMActorCriticPolicy(gradient_checkpointing=True)``). ``--dtype bf16`` loads
+every model in bfloat16 (the optimizer then steps float32 master weights).
 
-    python benchmarks/memory.py --model smollm2-135m
+    python benchmarks/memory.py --model smollm2-135m [--dtype bf16]
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import subprocess
 import sys
 
 
-def child(model_name: str, lora_r: int, batch: int, new_tokens: int, checkpointing: bool) -> None:
+def child(model_name: str, lora_r: int, batch: int, new_tokens: int, checkpointing: bool, dtype: str) -> None:
     from algorithms.policy import LMActorCriticPolicy
     from algorithms.ppo import PPO
     from lm_gym.models import load_causal_lm
 
-    model, tokenizer = load_causal_lm(model_name)
+    model, tokenizer = load_causal_lm(model_name, dtype=dtype)
     policy = LMActorCriticPolicy(model, tokenizer, lora_r=lora_r, gradient_checkpointing=checkpointing)
     algo = PPO(policy, n_envs=batch, max_new_tokens=new_tokens, n_epochs=1, batch_size=4, verbose=0)
     algo.learn(1)
@@ -34,11 +35,12 @@ def main() -> None:
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        child(args.model, args.child, args.batch, args.new_tokens, args.checkpointing)
+        child(args.model, args.child, args.batch, args.new_tokens, args.checkpointing, args.dtype)
         return
     peaks = {}
     configs = (
@@ -49,7 +51,7 @@ def main() -> None:
     )
     for label, lora_r, checkpointing in configs:
         cmd = [sys.executable, __file__, "--model", args.model, "--batch", str(args.batch)]
-        cmd += ["--new-tokens", str(args.new_tokens), "--child", str(lora_r)] + [
+        cmd += ["--new-tokens", str(args.new_tokens), "--dtype", args.dtype, "--child", str(lora_r)] + [
             "--checkpointing"
         ] * checkpointing
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()

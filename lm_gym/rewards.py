@@ -90,6 +90,8 @@ class HFRewardModel:
         batch_size: texts per forward pass.
         max_length: texts are truncated to this many tokens.
         device: default the model's device.
+        dtype: weight dtype when loading by name (``"bf16"``, ``torch.float32``...; default float32); the
+            scores are float32 whatever it is.
         trust_remote_code: passed to ``from_pretrained`` when loading by name.
     """
 
@@ -104,13 +106,14 @@ class HFRewardModel:
         batch_size: int = 32,
         max_length: int = 512,
         device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
         trust_remote_code: bool = False,
     ) -> None:
         from lm_gym.models import load_sequence_classifier
 
         if isinstance(model, str):
             model, loaded_tokenizer = load_sequence_classifier(
-                model, device=device, trust_remote_code=trust_remote_code
+                model, device=device, dtype=dtype, trust_remote_code=trust_remote_code
             )
             tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
         elif tokenizer is None:
@@ -173,7 +176,8 @@ def make_reward(spec: str | RewardFunction | Callable, **kwargs) -> RewardFuncti
         spec: a callable ``(prompts, completions) -> scores`` (returned as is); ``"vader"`` for VADER
             sentiment; ``"lowercase"`` for
             :class:`LowercaseShare`; or a reward-model name, folder or Hub id for :class:`HFRewardModel`.
-        **kwargs: passed to :class:`HFRewardModel` (``label_index``, ``device``...).
+        **kwargs: passed to :class:`HFRewardModel` (``label_index``, ``device``, ``dtype``...); ignored by
+            the other kinds.
     """
     if callable(spec):
         return spec

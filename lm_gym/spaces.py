@@ -1,11 +1,11 @@
-"""The token observation space shared by the single and the vector environment."""
+"""The token observation spaces shared by the single and the vector environment."""
 
 from __future__ import annotations
 
 import numpy as np
 from gymnasium import spaces
 
-__all__ = ["token_observation_space"]
+__all__ = ["seq2seq_observation_space", "token_observation_space"]
 
 
 def token_observation_space(vocab_size: int, length: int) -> spaces.Dict:
@@ -19,5 +19,24 @@ def token_observation_space(vocab_size: int, length: int) -> spaces.Dict:
         {
             "input_ids": spaces.Box(0, vocab_size - 1, shape=(length,), dtype=np.int64),
             "attention_mask": spaces.Box(0, 1, shape=(length,), dtype=np.int64),
+        }
+    )
+
+
+def seq2seq_observation_space(vocab_size: int, source_length: int, decoder_length: int) -> spaces.Dict:
+    """The observation of an encoder-decoder policy: the source and the decoder prefix, four int64 boxes.
+
+    ``input_ids``/``attention_mask`` (``source_length``,): the encoded prompt, right-padded (the layout
+    Hugging Face tokenizers give an encoder). ``decoder_input_ids``/``decoder_attention_mask``
+    (``decoder_length``,): the decoder start token followed by the tokens generated so far, left-padded like
+    the causal observation, so the last token is always at index -1.
+    """
+    box = lambda high, n: spaces.Box(0, high, shape=(n,), dtype=np.int64)  # noqa: E731
+    return spaces.Dict(
+        {
+            "input_ids": box(vocab_size - 1, source_length),
+            "attention_mask": box(1, source_length),
+            "decoder_input_ids": box(vocab_size - 1, decoder_length),
+            "decoder_attention_mask": box(1, decoder_length),
         }
     )

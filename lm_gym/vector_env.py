@@ -18,9 +18,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lm_gym.decoding import BatchedDecoder
 from lm_gym.kl import KLEstimator, kl_estimate
 from lm_gym.logprobs import PolicyLogProbCache
-from lm_gym.models import load_causal_lm
+from lm_gym.models import is_seq2seq_lm, load_causal_lm, load_seq2seq_lm
 from lm_gym.rewards import RewardFunction, make_reward
-from lm_gym.spaces import token_observation_space
+from lm_gym.seq2seq import Seq2SeqDecoder, is_encoder_decoder, seq2seq_cache_arrays, seq2seq_observation
+from lm_gym.spaces import seq2seq_observation_space, token_observation_space
 from lm_gym.tasks import Task, get_task
 
 __all__ = ["DEFAULT_MODEL", "TextGenVectorEnv"]
@@ -96,10 +97,14 @@ class TextGenVectorEnv(VectorEnv):
             raise ValueError(
                 "the prompt set is empty; pass a non-empty list as prompts= or another task/split"
             )
-        self.reward_fn: RewardFunction = make_reward(reward if reward is not None else task.make_reward())
+        # a reward model named here gets the device and dtype asked of the env
+        self.reward_fn: RewardFunction = make_reward(
+            reward if reward is not None else task.make_reward(), device=device, dtype=dtype
+        )
 
         if isinstance(model, str):
-            self.reference, self.tokenizer = load_causal_lm(
+            load = load_seq2seq_lm if is_seq2seq_lm(model, trust_remote_code) else load_causal_lm
+            self.reference, self.tokenizer = load(
                 model, device=device, dtype=dtype, trust_remote_code=trust_remote_code
             )
             self.reference.requires_grad_(False)
@@ -110,6 +115,8 @@ class TextGenVectorEnv(VectorEnv):
             if device is not None:
                 self.reference.to(device)
         vocab_size = self.reference.get_output_embeddings().weight.shape[0]
+        # an encoder-decoder reads the prompt as its source and generates with its decoder (lm_gym.seq2seq)
+        self.is_encoder_decoder = is_encoder_decoder(self.reference)
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
             pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
@@ -125,8 +132,10 @@ class TextGenVectorEnv(VectorEnv):
         self._prompt_tokens = [self._tokenize(p, i) for i, p in enumerate(prompt_list)]
 
         self.single_action_space = gym.spaces.Discrete(vocab_size)
-        self.single_observation_space = token_observation_space(
-            vocab_size, max_prompt_tokens + max_new_tokens
+        self.single_observation_space = (
+            seq2seq_observation_space(vocab_size, max_prompt_tokens, max_new_tokens + 1)
+            if self.is_encoder_decoder
+            else token_observation_space(vocab_size, max_prompt_tokens + max_new_tokens)
         )
         self.action_space = batch_space(self.single_action_space, num_envs)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
@@ -137,7 +146,7 @@ class TextGenVectorEnv(VectorEnv):
                 f"adapters found: {sorted(getattr(self.reference, 'peft_config', {}))}"
             )
         self.policy_adapter = policy_adapter
-        self._decoder = BatchedDecoder(
+        self._decoder = (Seq2SeqDecoder if self.is_encoder_decoder else BatchedDecoder)(
             self.reference,
             num_envs,
             self.pad_token_id,
@@ -421,10 +430,13 @@ class TextGenVectorEnv(VectorEnv):
         values = np.full(self.num_envs, np.nan)
         if self.log_prob_cache is not None:
             obs = self._observe()
+            ids, mask = (
+                seq2seq_cache_arrays(obs)
+                if self.is_encoder_decoder
+                else (obs["input_ids"], obs["attention_mask"])
+            )
             for i in range(self.num_envs):
-                found = self.log_prob_cache.lookup(
-                    obs["input_ids"][i], obs["attention_mask"][i], int(actions[i])
-                )
+                found = self.log_prob_cache.lookup(ids[i], mask[i], int(actions[i]))
                 if found is not None:
                     values[i] = found
         return values
@@ -465,6 +477,15 @@ class TextGenVectorEnv(VectorEnv):
         return infos
 
     def _observe(self) -> dict[str, np.ndarray]:
+        if self.is_encoder_decoder:  # the source; the decoder start token and the generated tokens
+            start = [self._decoder.decoder_start_token_id]
+            return seq2seq_observation(
+                [seq[:n] for seq, n in zip(self._seq, self._prompt_len)],
+                [start + seq[n:] if seq else [] for seq, n in zip(self._seq, self._prompt_len)],
+                self.pad_token_id,
+                self.max_prompt_tokens,
+                self.max_new_tokens + 1,
+            )
         length = self.max_prompt_tokens + self.max_new_tokens
         ids = np.full((self.num_envs, length), self.pad_token_id, dtype=np.int64)
         mask = np.zeros((self.num_envs, length), dtype=np.int64)

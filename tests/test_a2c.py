@@ -50,10 +50,10 @@ def test_one_step_per_rollout_whatever_the_chunk_size(tiny, monkeypatch):
     for size in (64, 1):
         algo = make_a2c(tiny, batch_size=size)
         steps: list[int] = []
-        monkeypatch.setattr(algo, "step_optimizer", lambda steps=steps: steps.append(1))
+        monkeypatch.setattr(algo, "step_optimizer", lambda finite=True, steps=steps: steps.append(finite))
         algo.collect_rollouts()
         algo.train()
-        assert len(steps) == 1  # exactly one step
+        assert steps == [True]  # exactly one step
         grads[size] = [p.grad.clone() for p in algo.policy.parameters() if p.grad is not None]
     assert len(grads[64]) == len(grads[1]) > 0
     for a, b in zip(grads[64], grads[1]):

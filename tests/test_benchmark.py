@@ -53,6 +53,9 @@ def test_grid_writes_tables_and_plots_and_skips_finished_cells(tmp_path, monkeyp
     monkeypatch.setattr("algorithms.benchmark.run_cell", lambda *a: pytest.fail("a finished cell was rerun"))
     again = run_benchmark(spec(), tmp_path, log=lambda *_: None)
     assert [r["metrics"] for r in again] == [r["metrics"] for r in results]
+    # a report of the finished cells only, without running the missing ones
+    partial = run_benchmark(spec(seeds=[0, 1, 2]), tmp_path, log=lambda *_: None, report_only=True)
+    assert len(partial) == 4 and "| ppo | 2 |" in (tmp_path / "results.md").read_text()
     with pytest.raises(ValueError, match="iterations=2, now 3: use another --out"):
         run_benchmark(spec(iterations=3), tmp_path, log=lambda *_: None)
 

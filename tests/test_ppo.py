@@ -185,3 +185,11 @@ def test_rollout_kl_metric_sums_every_step_of_each_episode(tiny):
     ]
     assert len(returns) > algo.n_envs  # several episodes ended, some before the rollout's end
     assert stats["rollout/kl"] == pytest.approx(np.mean(returns), abs=1e-6)
+
+
+def test_only_the_latest_checkpoints_are_kept(tiny, tmp_path):
+    algo = make_ppo(tiny, run_dir=tmp_path, checkpoint_every=1, keep_checkpoints=2, n_epochs=1)
+    algo.learn(4)
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("iter_*"))
+    assert kept == ["iter_000003", "iter_000004"]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "iter_000004"

@@ -8,6 +8,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from algorithms.common.distributed import ProcessGroup
+
 __all__ = ["RolloutBuffer", "SequenceBatch", "compute_gae"]
 
 
@@ -40,7 +42,12 @@ def compute_gae(
 
 
 class SequenceBatch(NamedTuple):
-    """A minibatch of episode segments as left-padded sequences; per-action arrays are (M,)."""
+    """A minibatch of episode segments as left-padded sequences; per-action arrays are (M,).
+
+    For an encoder-decoder policy ``input_ids``/``attention_mask`` are the sources (B, S) and the sequences
+    are ``decoder_input_ids``/``decoder_attention_mask`` (B, D), the start token and every action, both
+    right-padded; ``action_mask`` is then (B, D), over the decoder sequences.
+    """
 
     input_ids: torch.Tensor  # (B, L)
     attention_mask: torch.Tensor  # (B, L)
@@ -50,6 +57,8 @@ class SequenceBatch(NamedTuple):
     advantages: torch.Tensor  # (M,)
     returns: torch.Tensor  # (M,)
     action_masks: torch.Tensor | None = None  # (M, V) bool, the tokens allowed at each action (NLPO), or None
+    decoder_input_ids: torch.Tensor | None = None  # (B, D) encoder-decoder policies only
+    decoder_attention_mask: torch.Tensor | None = None  # (B, D)
 
 
 class RolloutBuffer:
@@ -57,14 +66,31 @@ class RolloutBuffer:
 
     Args:
         n_steps: T, steps per rollout.
-        n_envs: N, environments.
+        n_envs: N, environments (of this process).
         obs_len: length of the observation arrays.
+        process_group: the data-parallel processes whose buffers make one rollout: whitening uses the
+            statistics of all of them, and every process yields the same number of minibatches (None: alone).
+        decoder_len: for an encoder-decoder policy, the length of the decoder observation
+            (``decoder_input_ids``), stored beside the source in ``input_ids`` (None: a causal LM).
     """
 
-    def __init__(self, n_steps: int, n_envs: int, obs_len: int) -> None:
+    def __init__(
+        self,
+        n_steps: int,
+        n_envs: int,
+        obs_len: int,
+        process_group: ProcessGroup | None = None,
+        *,
+        decoder_len: int | None = None,
+    ) -> None:
         self.n_steps, self.n_envs = n_steps, n_envs
+        self.process_group = process_group
         self.input_ids = np.zeros((n_steps, n_envs, obs_len), dtype=np.int64)  # (T, N, L)
         self.attention_mask = np.zeros((n_steps, n_envs, obs_len), dtype=np.int64)
+        self.decoder_input_ids = self.decoder_attention_mask = None  # (T, N, D) encoder-decoder only
+        if decoder_len is not None:
+            self.decoder_input_ids = np.zeros((n_steps, n_envs, decoder_len), dtype=np.int64)
+            self.decoder_attention_mask = np.zeros((n_steps, n_envs, decoder_len), dtype=np.int64)
         self.actions = np.zeros((n_steps, n_envs), dtype=np.int64)  # (T, N)
         self.log_probs = np.zeros((n_steps, n_envs))
         self.values = np.zeros((n_steps, n_envs))
@@ -81,6 +107,9 @@ class RolloutBuffer:
         ``log_probs`` are then those of the masked law.
         """
         self.input_ids[t], self.attention_mask[t] = obs["input_ids"], obs["attention_mask"]
+        if self.decoder_input_ids is not None:
+            self.decoder_input_ids[t] = obs["decoder_input_ids"]
+            self.decoder_attention_mask[t] = obs["decoder_attention_mask"]
         self.actions[t] = _np(actions)
         self.log_probs[t], self.values[t] = _np(log_probs), _np(values)
         self.rewards[t], self.dones[t] = rewards, dones
@@ -96,8 +125,12 @@ class RolloutBuffer:
         )
 
     def whiten_advantages(self) -> None:
-        """Advantages to mean 0, std 1 over the rollout (TRL, SB3)."""
-        self.advantages = (self.advantages - self.advantages.mean()) / (self.advantages.std() + 1e-8)
+        """Advantages to mean 0, std 1 over the rollout of all processes (TRL, SB3)."""
+        if self.process_group is None:
+            mean, std = self.advantages.mean(), self.advantages.std()
+        else:
+            mean, std = self.process_group.mean_std(self.advantages)
+        self.advantages = (self.advantages - mean) / (std + 1e-8)
 
     def explained_variance(self) -> float:
         """``1 - Var(returns - values) / Var(returns)``: 1 is a perfect critic, 0 no better than a constant."""
@@ -119,15 +152,50 @@ class RolloutBuffer:
     def minibatches(
         self, batch_size: int, rng: np.random.Generator, device: torch.device, pad_token_id: int
     ) -> Iterator[SequenceBatch]:
-        """Shuffled minibatches of ``batch_size`` segments, each one teacher-forced sequence."""
+        """Shuffled minibatches of ``batch_size`` segments, each one teacher-forced sequence.
+
+        With several processes each one yields as many minibatches as the process that needs the most, so
+        that all take the same optimizer steps together: its segments spread evenly over them, some repeated
+        if it has fewer segments than minibatches.
+        """
         segments = self.segments()
         order = rng.permutation(len(segments))
-        for start in range(0, len(order), batch_size):
-            yield self._batch([segments[i] for i in order[start : start + batch_size]], device, pad_token_id)
+        if self.process_group is None or not self.process_group.distributed:
+            chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+        else:
+            n_batches = self.process_group.max(-(-len(order) // batch_size))
+            chunks = np.array_split(np.resize(order, max(n_batches, len(order))), n_batches)
+        for chunk in chunks:
+            yield self._batch([segments[i] for i in chunk], device, pad_token_id)
 
     def _batch(
         self, segments: list[tuple[int, int, int]], device: torch.device, pad_token_id: int
     ) -> SequenceBatch:
+        decoder_ids = decoder_mask = None
+        if self.decoder_input_ids is not None:
+            ids, mask, action_mask, decoder_ids, decoder_mask = self._seq2seq_arrays(segments, pad_token_id)
+        else:
+            ids, mask, action_mask = self._arrays(segments, pad_token_id)
+        # per-action arrays in action_mask.nonzero() order: row by row, steps in order
+        pick = lambda a: np.concatenate([a[first : last + 1, env] for env, first, last in segments])  # noqa: E731
+        tensor = lambda a, dt=torch.float32: torch.as_tensor(a, dtype=dt, device=device)  # noqa: E731
+        return SequenceBatch(
+            tensor(ids, torch.long),
+            tensor(mask, torch.long),
+            tensor(action_mask, torch.long),
+            tensor(pick(self.log_probs)),
+            tensor(pick(self.values)),
+            tensor(pick(self.advantages)),
+            tensor(pick(self.returns)),
+            None if self.action_masks is None else tensor(pick(self.action_masks), torch.bool),
+            None if decoder_ids is None else tensor(decoder_ids, torch.long),
+            None if decoder_mask is None else tensor(decoder_mask, torch.long),
+        )
+
+    def _arrays(
+        self, segments: list[tuple[int, int, int]], pad_token_id: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """input_ids, attention_mask and action_mask (B, L) of the segments as left-padded sequences."""
         # A segment's last observation holds its whole prefix; append the last action to get the sequence.
         seqs, n_actions = [], []
         for env, first, last in segments:
@@ -141,19 +209,35 @@ class RolloutBuffer:
         for i, (seq, k) in enumerate(zip(seqs, n_actions)):
             ids[i, width - len(seq) :], mask[i, width - len(seq) :] = seq, 1
             action_mask[i, width - k :] = 1
-        # per-action arrays in action_mask.nonzero() order: row by row, steps in order
-        pick = lambda a: np.concatenate([a[first : last + 1, env] for env, first, last in segments])  # noqa: E731
-        tensor = lambda a, dt=torch.float32: torch.as_tensor(a, dtype=dt, device=device)  # noqa: E731
-        return SequenceBatch(
-            tensor(ids, torch.long),
-            tensor(mask, torch.long),
-            tensor(action_mask, torch.long),
-            tensor(pick(self.log_probs)),
-            tensor(pick(self.values)),
-            tensor(pick(self.advantages)),
-            tensor(pick(self.returns)),
-            None if self.action_masks is None else tensor(pick(self.action_masks), torch.bool),
-        )
+        return ids, mask, action_mask
+
+    def _seq2seq_arrays(
+        self, segments: list[tuple[int, int, int]], pad_token_id: int
+    ) -> tuple[np.ndarray, ...]:
+        """Encoder-decoder: the sources (B, S), and the decoder sequences (B, D) with their action_mask, all
+        right-padded (the layout of teacher forcing; positions are then exact for any decoder)."""
+        sources, seqs, n_actions = [], [], []
+        for env, first, last in segments:
+            sources.append(self.input_ids[last, env][self.attention_mask[last, env] > 0])
+            prefix = self.decoder_input_ids[last, env][self.decoder_attention_mask[last, env] > 0]
+            seqs.append(np.append(prefix, self.actions[last, env]))
+            n_actions.append(last - first + 1)
+        ids, mask = _right_pad(sources, pad_token_id)
+        decoder_ids, decoder_mask = _right_pad(seqs, pad_token_id)
+        action_mask = np.zeros_like(decoder_mask)
+        for i, (seq, k) in enumerate(zip(seqs, n_actions)):
+            action_mask[i, len(seq) - k : len(seq)] = 1
+        return ids, mask, action_mask, decoder_ids, decoder_mask
+
+
+def _right_pad(rows: list[np.ndarray], pad_token_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token arrays -> (ids, mask), both (B, max length), right-padded."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_token_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)], mask[i, : len(row)] = row, 1
+    return ids, mask
 
 
 def _np(x) -> np.ndarray:

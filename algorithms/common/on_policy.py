@@ -20,7 +20,9 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 from algorithms.common.buffer import RolloutBuffer
+from algorithms.common.distributed import ProcessGroup
 from algorithms.common.logger import Logger
+from algorithms.common.precision import MasterWeights, check_trainable_dtype
 from algorithms.policy import LMActorCriticPolicy, RolloutAgent
 from lm_gym.decoding import torch_threads
 from lm_gym.env import TextGenVectorEnv
@@ -29,6 +31,21 @@ from lm_gym.rewards import RewardFunction
 from lm_gym.tasks import Task
 
 __all__ = ["AgentStep", "NonFiniteLossError", "OnPolicyAlgorithm"]
+
+# Metrics the core computes over every data-parallel process (the same in each); the others are averaged.
+GLOBAL_METRICS = frozenset(
+    {
+        "rollout/rm_score",
+        "rollout/kl",
+        "rollout/ep_len",
+        "rollout/entropy",
+        "rollout/episodes",
+        "time/tokens_per_s",
+        "train/kl_coef",
+        "train/learning_rate",
+        "time/total_timesteps",
+    }
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -54,12 +71,28 @@ class OnPolicyAlgorithm:
     value. Because every iteration is seeded on its own, a run resumed from a checkpoint continues exactly
     as the uninterrupted run would (on CPU).
 
+    **Data parallel.** Under ``accelerate launch`` or ``torchrun`` every process runs this same loop with
+    ``n_envs`` environments of its own (so a rollout has ``n_envs * world_size`` texts) and its own seed
+    stream (its envs are rows ``rank * n_envs ...`` of one global batch). What is whitened (advantages,
+    rewards) uses the mean and std of all processes; the rollout metrics are global and the others
+    averaged; gradients are averaged before clipping (:meth:`step_optimizer`), so every process takes the
+    same step and keeps the same weights. Only the main process writes logs, samples, checkpoints and the
+    exported model; a resumed run restores the same weights everywhere and each process's RNG state. An
+    algorithm that computes gradients outside :meth:`step_optimizer` (TRPO's flat gradient and
+    Hessian-vector products, line-search surrogates and KLs) averages them with :meth:`all_reduce_mean`,
+    a no-op in a single process; anything that decides control flow (an early stop) must be decided on
+    such averaged values, so that every process runs the same collectives.
+
+    **Precision.** The policy computes in its weights' dtype (load it with ``dtype=torch.bfloat16`` for
+    bf16); log-probs, entropies, values, losses and the KL are float32. Low-precision trainable weights are
+    stepped through float32 master copies (:mod:`algorithms.common.precision`); float16 is refused.
+
     Args:
         policy: the actor-critic to train.
         task: a task name or :class:`~lm_gym.tasks.Task` (prompts, and the reward when ``reward`` is None).
         reward: a reward function or reward-model name/folder (default: the task's).
         prompts: prompts to use instead of the task's training split.
-        n_envs: environments stepped together (texts per rollout).
+        n_envs: environments stepped together (texts per rollout), per process when data parallel.
         max_new_tokens: episode length limit.
         max_prompt_tokens: prompts are cut to their last tokens beyond this.
         n_steps: steps per rollout (default ``max_new_tokens``).
@@ -78,6 +111,7 @@ class OnPolicyAlgorithm:
         seed: seeds everything.
         run_dir: TensorBoard logs, ``metrics.jsonl``, ``samples.md``, checkpoints and the exported model.
         checkpoint_every: iterations between checkpoints (and one at the end).
+        keep_checkpoints: how many of the latest checkpoints to keep (None = all).
         sample_every: iterations between tables of sample generations.
         max_nonfinite: consecutive iterations with a skipped non-finite update before the run stops.
         verbose: 1 prints a metrics table per iteration.
@@ -111,6 +145,7 @@ class OnPolicyAlgorithm:
         seed: int = 0,
         run_dir: str | Path | None = None,
         checkpoint_every: int = 10,
+        keep_checkpoints: int | None = 2,
         sample_every: int = 5,
         max_nonfinite: int = 3,
         verbose: int = 1,
@@ -123,12 +158,20 @@ class OnPolicyAlgorithm:
         _check("max_grad_norm", max_grad_norm, lambda v: v > 0, "> 0")
         _check("n_envs", n_envs, lambda v: int(v) == v and v >= 1, "an integer >= 1")
         _check("checkpoint_every", checkpoint_every, lambda v: int(v) == v and v >= 1, "an integer >= 1")
+        _check(
+            "keep_checkpoints",
+            keep_checkpoints,
+            lambda v: v is None or (int(v) == v and v >= 1),
+            ">= 1 or None",
+        )
         _check("max_nonfinite", max_nonfinite, lambda v: int(v) == v and v >= 1, "an integer >= 1")
         if lr_schedule not in ("constant", "linear"):
             raise ValueError(f"lr_schedule must be 'constant' or 'linear'; got {lr_schedule!r}")
         if reward_clip is not None and not reward_clip > 0:
             raise ValueError(f"reward_clip must be > 0 or None; got {reward_clip}")
+        check_trainable_dtype(policy)
         self.policy = policy
+        self.process_group = ProcessGroup(policy.device)
         self.n_envs = n_envs
         self.n_steps = n_steps or max_new_tokens
         _check("n_steps", self.n_steps, lambda v: int(v) == v and v >= 1, "an integer >= 1")
@@ -139,6 +182,7 @@ class OnPolicyAlgorithm:
         self.seed = seed
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.checkpoint_every, self.sample_every = checkpoint_every, sample_every
+        self.keep_checkpoints = keep_checkpoints
         self.max_nonfinite = max_nonfinite
         self.kl_controller = (
             AdaptiveKLController(kl_coef, kl_target, kl_horizon)
@@ -146,9 +190,13 @@ class OnPolicyAlgorithm:
             else FixedKLController(kl_coef)
         )
         torch.manual_seed(seed)
+        trainable = [p for p in policy.parameters() if p.requires_grad]
+        self.process_group.broadcast_parameters(trainable)  # the same starting weights in every process
         # The reference: the policy with its adapters off (LoRA, shared forward), or a frozen copy of it now.
         if reference is not None and policy.adapter:
-            raise ValueError("reference: with LoRA the reference is the model with its adapters off; pass none")
+            raise ValueError(
+                "reference: with LoRA the reference is the model with its adapters off; pass none"
+            )
         if reference is None:
             reference = policy.model if policy.adapter else policy.reference_copy()
         self.envs = TextGenVectorEnv(
@@ -165,23 +213,51 @@ class OnPolicyAlgorithm:
             stop_token_ids=stop_token_ids,
             policy_adapter=policy.adapter,
             autoreset_mode=AutoresetMode.SAME_STEP,
+            device=policy.device,  # for a reward model given by name
+            dtype=policy.dtype,
         )
-        self.buffer = RolloutBuffer(self.n_steps, n_envs, max_prompt_tokens + max_new_tokens)
-        self.optimizer = torch.optim.AdamW(
-            [p for p in policy.parameters() if p.requires_grad],
-            lr=learning_rate,
-            weight_decay=0.0,
-            foreach=False,
+        space = self.envs.single_observation_space  # an encoder-decoder's also holds the decoder prefix
+        self.buffer = RolloutBuffer(
+            self.n_steps,
+            n_envs,
+            space["input_ids"].shape[0],
+            self.process_group,
+            decoder_len=space["decoder_input_ids"].shape[0] if "decoder_input_ids" in space.spaces else None,
         )
-        self.logger = Logger(self.run_dir, verbose)
+        self.optimizer = self.make_optimizer(trainable)
+        main = self.process_group.is_main_process
+        self.logger = Logger(self.run_dir if main else None, verbose if main else 0)
         self.iteration = 0
         self.num_timesteps = 0
         self._nonfinite_streak = 0
         self._skipped_updates = 0
         self._total_iterations = 0
 
+    # ------------------------------------------------------------------------------------------ processes
+    @property
+    def rank(self) -> int:
+        """This process's index among the data-parallel processes (0 alone)."""
+        return self.process_group.rank
+
+    @property
+    def world_size(self) -> int:
+        """The number of data-parallel processes (1 alone)."""
+        return self.process_group.world_size
+
+    @property
+    def is_main_process(self) -> bool:
+        """True in the process that writes logs, checkpoints and the exported model."""
+        return self.process_group.is_main_process
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The mean over the data-parallel processes of a float tensor of the same shape in each, written in
+        place and returned; the tensor as it is in a single process. Every process must call it at the same
+        point (it is a collective)."""
+        return self.process_group.all_reduce_mean(tensor)
+
     # ------------------------------------------------------------------------------------------ rollouts
     def _iteration_seed(self, iteration: int) -> int:
+        """The iteration's seed, the same in every process (minibatch order, TRPO's solver)."""
         return (self.seed * 1_000_003 + iteration * 7919) % 2**31
 
     def collect_rollouts(self) -> dict[str, Any]:
@@ -190,7 +266,8 @@ class OnPolicyAlgorithm:
             return self._collect_rollouts()
 
     def _collect_rollouts(self) -> dict[str, Any]:
-        seed = self._iteration_seed(self.iteration)
+        # this process's envs are rows rank * n_envs ... of one global batch: prompts and samples of their own
+        seed = self._iteration_seed(self.iteration) + self.rank * self.n_envs
         generator = torch.Generator(device=self.policy.device).manual_seed(seed)
         agent = self.policy.rollout_agent(self.n_envs, generator, self.envs)
         self.envs.kl_coef = self.kl_controller.value
@@ -221,17 +298,22 @@ class OnPolicyAlgorithm:
         rewards = self.buffer.rewards
         if self.reward_clip is not None:
             np.clip(rewards, -self.reward_clip, self.reward_clip, out=rewards)
+        group = self.process_group
         if self.whiten_rewards:
-            rewards[:] = (rewards - rewards.mean()) / (rewards.std() + 1e-8)
+            mean, std = group.mean_std(rewards)
+            rewards[:] = (rewards - mean) / (std + 1e-8)
         self.buffer.compute_returns_and_advantage(last_values, self.gamma, self.gae_lambda)
-        self.num_timesteps += self.n_steps * self.n_envs
+        tokens = self.n_steps * self.n_envs
+        self.num_timesteps += tokens * self.world_size
+        # over the episodes of every process (the same in each: the KL controller steers on rollout/kl)
+        episodes, entropy, tokens_per_s = group.sum([len(scores), agent.mean_entropy, tokens / elapsed])
         stats = {
-            "rollout/rm_score": float(np.mean(scores)) if scores else float("nan"),
-            "rollout/kl": float(np.mean(kls)) if kls else float("nan"),
-            "rollout/ep_len": float(np.mean(lengths)) if lengths else float("nan"),
-            "rollout/entropy": float(agent.mean_entropy),
-            "rollout/episodes": len(scores),
-            "time/tokens_per_s": self.n_steps * self.n_envs / elapsed,
+            "rollout/rm_score": group.mean(scores),
+            "rollout/kl": group.mean(kls),
+            "rollout/ep_len": group.mean(lengths),
+            "rollout/entropy": float(entropy / self.world_size),
+            "rollout/episodes": int(episodes),
+            "time/tokens_per_s": float(tokens_per_s),
             "time/rollout_s": elapsed,
         }
         for key, value in stats.items():
@@ -254,31 +336,54 @@ class OnPolicyAlgorithm:
             return self.learning_rate
         return self.learning_rate * max(0.0, 1.0 - self.iteration / self._total_iterations)
 
+    def make_optimizer(self, params: Sequence[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        """AdamW over ``params``, stepping float32 master copies of the low-precision ones. An algorithm
+        that steps part of the policy by hand (TRPO's actor) builds the optimizer of the rest with this."""
+        self._masters = MasterWeights(params)
+        return torch.optim.AdamW(self._masters.params, lr=self.learning_rate, weight_decay=0.0, foreach=False)
+
+    def zero_grad(self) -> None:
+        """Drop the accumulated gradients (of the parameters and of their master copies)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._masters.zero_grad()
+
     def apply_gradients(self, loss: torch.Tensor) -> bool:
         """Backward, clip, step, unless the loss or the gradient is not finite (then nothing changes)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        self.zero_grad()
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            loss.backward()
+        elif self.world_size == 1:
             self._skipped_updates += 1
             return False
-        loss.backward()
-        return self.step_optimizer()
+        return self.step_optimizer(finite)
 
-    def step_optimizer(self) -> bool:
-        """Clip the accumulated gradients and step, unless their norm is not finite (then nothing changes)."""
+    def step_optimizer(self, finite: bool = True) -> bool:
+        """Average the accumulated gradients over the processes, clip them and step, unless this process's
+        loss (``finite=False``) or the averaged gradient's norm is not finite (then nothing changes, in every
+        process). Every process must call it the same number of times."""
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if self._masters.active and list(map(id, params)) != list(map(id, self._masters.params)):
+            raise RuntimeError(
+                "the optimizer must step the float32 master weights: build it with make_optimizer()"
+            )
+        self._masters.gradients_to_masters()
+        self.process_group.average_gradients(params, poison=not finite)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        if not torch.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
+        if not (finite or self.world_size > 1) or not torch.isfinite(grad_norm):
+            self.zero_grad()
             self._skipped_updates += 1
             return False
         self.optimizer.step()
+        self._masters.masters_to_params()
         return True
 
-    def learn(self, iterations: int, progress_bar: bool = False) -> OnPolicyAlgorithm:
-        """Run until ``iterations`` iterations in total are done (a resumed run continues its count)."""
+    def learn(self, iterations: int, progress_bar: bool = False, export: bool = True) -> OnPolicyAlgorithm:
+        """Run until ``iterations`` iterations in total are done (a resumed run continues its count); then,
+        with ``export`` and a ``run_dir``, write the policy to ``run_dir/final`` (``save_pretrained``)."""
         self._total_iterations = iterations
         bar = None
-        if progress_bar:
+        if progress_bar and self.is_main_process:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=iterations, initial=self.iteration, desc="lm-gym", unit="it")
@@ -297,6 +402,7 @@ class OnPolicyAlgorithm:
             self.logger.record("train/kl_coef", self.kl_controller.value)
             self.logger.record("train/learning_rate", self._current_lr())
             self.logger.record("time/total_timesteps", self.num_timesteps)
+            self._average_metrics()
             self.iteration += 1
             if self.sample_every and self.iteration % self.sample_every == 0:
                 self._log_samples(rollout["samples"])
@@ -309,9 +415,16 @@ class OnPolicyAlgorithm:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        if self.run_dir is not None:
+        if export and self.run_dir is not None and self.is_main_process:
             self.policy.save_pretrained(self.run_dir / "final")
+        self.process_group.barrier()  # every process returns with the run directory complete
         return self
+
+    def _average_metrics(self) -> None:
+        """Replace this process's own metrics (losses, timings, an algorithm's extras) by their mean over
+        the processes; the core's rollout statistics and counters are global already."""
+        local = {k: v for k, v in self.logger.values.items() if k not in GLOBAL_METRICS}
+        self.logger.values.update(self.process_group.mean_of_finite(local))
 
     def _guard_nonfinite(self) -> None:
         if self._skipped_updates == 0:
@@ -343,14 +456,19 @@ class OnPolicyAlgorithm:
         """Write weights (safetensors), optimizer, KL controller and counters atomically; return the folder."""
         from safetensors.torch import save_file
 
+        # every process's RNG state; only the main process writes (the weights are the same everywhere)
+        rng_states = self.process_group.gather(torch.get_rng_state().tolist())
         root = self.run_dir / "checkpoints"
-        root.mkdir(parents=True, exist_ok=True)
         final = root / f"iter_{self.iteration:06d}"
+        if not self.is_main_process:
+            return final
+        root.mkdir(parents=True, exist_ok=True)
         staging = root / f".staging_{self.iteration:06d}_{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        save_file(
-            {k: v.contiguous() for k, v in self.policy.trainable_state_dict().items()},
+        trainable = [(name, p) for name, p in self.policy.named_parameters() if p.requires_grad]
+        save_file(  # float32 master values where the optimizer holds them: a resumed run loses no bits
+            {name: self._masters.master(p).detach().contiguous() for name, p in trainable},
             staging / "policy.safetensors",
         )
         torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
@@ -360,8 +478,11 @@ class OnPolicyAlgorithm:
             "num_timesteps": self.num_timesteps,
             "kl_controller": self.kl_controller.state_dict(),
             "nonfinite_streak": self._nonfinite_streak,
-            "torch_rng": torch.get_rng_state().tolist(),
+            "torch_rng": rng_states[0],
+            "world_size": self.world_size,
         }
+        if self.world_size > 1:
+            state["torch_rng_by_process"] = rng_states
         (staging / "state.json").write_text(json.dumps(state))
         if final.exists():
             shutil.rmtree(final)
@@ -369,6 +490,9 @@ class OnPolicyAlgorithm:
         latest = root / "latest.tmp"
         latest.write_text(final.name)
         os.replace(latest, root / "latest")
+        if self.keep_checkpoints is not None:  # only once the new one is complete and named latest
+            for old in sorted(root.glob("iter_*"))[: -self.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
         return final
 
     def load_checkpoint(self, path: str | Path) -> None:
@@ -390,16 +514,24 @@ class OnPolicyAlgorithm:
                 f"checkpoint {path} does not fit this policy (LoRA vs full, or another model): "
                 f"missing {missing[:3]}, unexpected {extra[:3]}"
             )
-        with torch.no_grad():
-            params = dict(self.policy.named_parameters())
-            for name, value in weights.items():
-                params[name].copy_(value)
+        params = dict(self.policy.named_parameters())
+        self._masters.load([(params[name], value) for name, value in weights.items()])
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         state = json.loads((path / "state.json").read_text())
         self.iteration, self.num_timesteps = state["iteration"], state["num_timesteps"]
         self.kl_controller.load_state_dict(state["kl_controller"])
         self._nonfinite_streak = state["nonfinite_streak"]
-        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        if state.get("world_size", 1) != self.world_size:
+            warnings.warn(
+                f"checkpoint {path} was written by {state.get('world_size', 1)} process(es) and is resumed by "
+                f"{self.world_size}: training goes on, but not as the uninterrupted run would (each process's "
+                "seeds depend on its rank)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        rng_states = state.get("torch_rng_by_process", [state["torch_rng"]])
+        rng = rng_states[self.rank] if self.rank < len(rng_states) else state["torch_rng"]
+        torch.set_rng_state(torch.tensor(rng, dtype=torch.uint8))
         self._load_extra_state(path)
 
     def _save_extra_state(self, folder: Path) -> None:

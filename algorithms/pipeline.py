@@ -1,0 +1,349 @@
+"""The whole RLHF pipeline: collect preferences -> train a reward model -> RL against it, iterated.
+
+Round ``r`` (Anthropic 2022's iterated online RLHF when ``rounds > 1``):
+
+1. the current policy (the initial model in round 0) writes ``k`` completions for fresh training prompts and
+   the annotator panel ranks them (:func:`lm_gym.preferences.collect_preferences`);
+2. a reward model is trained from scratch on every comparison collected so far
+   (:func:`lm_gym.preferences.train_reward_model`), and its held-out accuracy against the panel and the
+   gold scorer is recorded;
+3. the policy continues RL against that reward model (any algorithm of the zoo), the KL always measured to
+   the *initial* model. Every ``eval_every`` iterations the policy is scored on held-out prompts by the
+   learned reward model (the proxy), the gold scorer and the KL.
+
+The report (``report.md``, ``report.json``, ``overoptimization.png``) puts proxy and gold reward against
+``sqrt(KL)``, where over-optimization shows (Gao et al. 2022: the proxy keeps rising while the gold score
+peaks and falls), and an Elo table of the policy checkpoints of all rounds judged by the panel.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from algorithms.common.on_policy import OnPolicyAlgorithm
+from algorithms.policy import LMActorCriticPolicy
+
+__all__ = ["PRESETS", "PipelineConfig", "run_pipeline"]
+
+
+@dataclass
+class PipelineConfig:
+    """Settings of :func:`run_pipeline`.
+
+    Args:
+        model: the initial policy (step 1's output: a name, or the folder ``lm-gym sft`` wrote).
+        task: prompts and gold scorer (the panel's annotators are built on the gold scorer).
+        rounds: collect -> reward model -> RL rounds.
+        collect_prompts: training prompts per round (fresh ones each round while they last).
+        k: completions per prompt (each ranking gives k(k-1)/2 comparisons).
+        collect_max_new_tokens: length of the compared completions.
+        rm_model: the reward model's backbone (a name, folder or Hub id).
+        rm_epochs: reward-model epochs.
+        rm_learning_rate: reward-model learning rate.
+        rm_batch_size: comparisons per reward-model step.
+        iterations: RL iterations per round.
+        eval_every: RL iterations between evaluations (the points of the over-optimization plot).
+        eval_prompts: held-out prompts per evaluation and per Elo game round.
+        rl_settings: keyword arguments of the algorithm (``n_envs``, ``kl_coef``, ``learning_rate``...).
+        policy_settings: keyword arguments of :class:`~algorithms.policy.LMActorCriticPolicy`.
+        seed: seeds everything.
+    """
+
+    model: str = "smollm2-135m"
+    task: str = "sentiment"
+    rounds: int = 1
+    collect_prompts: int = 200
+    k: int = 4
+    collect_max_new_tokens: int = 24
+    rm_model: str = "minilm-l6"
+    rm_epochs: int = 2
+    rm_learning_rate: float = 5e-5
+    rm_batch_size: int = 32
+    iterations: int = 10
+    eval_every: int = 2
+    eval_prompts: int = 32
+    rl_settings: dict[str, Any] = field(default_factory=dict)
+    policy_settings: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+    def check(self) -> None:
+        for name in ("rounds", "collect_prompts", "rm_epochs", "rm_batch_size", "iterations", "eval_every"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+        if not (isinstance(self.k, int) and self.k >= 2):
+            raise ValueError(f"k must be an integer >= 2 (completions compared per prompt); got {self.k!r}")
+        if self.eval_prompts < 2:
+            raise ValueError(f"eval_prompts must be >= 2; got {self.eval_prompts!r}")
+
+
+# Presets of `lm-gym pipeline --preset`: the default RLHF run on the embedded model; one that pushes the
+# policy hard against the learned reward model (no KL penalty, a larger learning rate, more iterations) to
+# show over-optimization; and a quick one on `tiny` and the toy letters task (for tests and teaching).
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": dict(
+        rl_settings=dict(
+            n_envs=8, max_new_tokens=24, kl_coef=0.05, learning_rate=6e-5, n_epochs=2, batch_size=4
+        )
+    ),
+    "overoptimize": dict(
+        iterations=30,
+        eval_every=3,
+        rl_settings=dict(
+            n_envs=8, max_new_tokens=24, kl_coef=0.0, learning_rate=2e-4, n_epochs=2, batch_size=4
+        ),
+    ),
+    "quick": dict(
+        model="tiny",
+        task="letters",
+        collect_prompts=16,
+        k=3,
+        collect_max_new_tokens=8,
+        rm_model="tiny",
+        rm_epochs=2,
+        rm_learning_rate=1e-3,
+        rm_batch_size=16,
+        iterations=4,
+        eval_every=2,
+        eval_prompts=8,
+        rl_settings=dict(n_envs=4, max_new_tokens=8, kl_coef=0.05, learning_rate=2e-3, checkpoint_every=2),
+    ),
+}
+
+
+def run_pipeline(
+    config: PipelineConfig,
+    algorithm: type[OnPolicyAlgorithm],
+    out_dir: str | Path,
+    log: Callable[[str], Any] = print,
+) -> dict[str, Any]:
+    """Run ``config.rounds`` rounds of collect -> reward model -> RL; write and return the report."""
+    from lm_gym.evaluation import evaluate
+    from lm_gym.models import load_causal_lm
+    from lm_gym.preferences import AnnotatorPanel, collect_preferences, train_reward_model, write_collection
+    from lm_gym.preferences.collect import sample_completions
+    from lm_gym.rewards import HFRewardModel
+    from lm_gym.tasks import get_task
+
+    config.check()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps({"algo": algorithm.__name__, **asdict(config)}, indent=2))
+    start = time.perf_counter()
+    task = get_task(config.task)
+    gold = task.make_reward()
+    panel = AnnotatorPanel(gold, seed=config.seed)
+    model, tokenizer = load_causal_lm(config.model, seed=config.seed)
+    policy = LMActorCriticPolicy(model, tokenizer, **config.policy_settings)
+    reference = None if policy.adapter else policy.reference_copy()  # the anchor of every round's KL
+    eval_reference = reference if reference is not None else load_causal_lm(config.model, seed=config.seed)[0]
+    train_prompts = list(task.prompts("train"))
+    order = np.random.default_rng(config.seed).permutation(len(train_prompts))
+    eval_prompts = list(task.prompts("eval"))[: config.eval_prompts]
+    max_new_tokens = config.rl_settings.get("max_new_tokens", 48)
+
+    records, rounds, points = [], [], []
+    snapshots: dict[str, list[str]] = {}  # checkpoint name -> one completion per eval prompt (the Elo games)
+
+    def snapshot(name: str) -> None:
+        _, texts = sample_completions(
+            policy.model, tokenizer, eval_prompts, 1, max_new_tokens=max_new_tokens, seed=config.seed
+        )
+        snapshots[name] = [t[0] for t in texts]
+
+    snapshot("initial")
+    iteration = 0
+    for r in range(config.rounds):
+        round_dir = out_dir / f"round_{r}"
+        # 1. preferences from the current policy, on prompts not used by earlier rounds while they last
+        picks = [
+            train_prompts[order[(r * config.collect_prompts + i) % len(order)]]
+            for i in range(config.collect_prompts)
+        ]
+        log(f"round {r}: collecting {config.k} completions for {len(picks)} prompts; the panel ranks them")
+        collection = collect_preferences(
+            policy.model,
+            tokenizer,
+            picks,
+            panel,
+            k=config.k,
+            max_new_tokens=config.collect_max_new_tokens,
+            seed=config.seed + r,
+        )
+        write_collection(collection, round_dir / "preferences.jsonl")
+        records += collection.records
+
+        # 2. the reward model, from scratch on everything so far
+        log(f"round {r}: training the reward model on {len(records)} comparisons")
+        rm = train_reward_model(
+            records,
+            model=config.rm_model,
+            epochs=config.rm_epochs,
+            learning_rate=config.rm_learning_rate,
+            batch_size=config.rm_batch_size,
+            gold=gold,
+            out_dir=round_dir / "reward_model",
+            seed=config.seed + r,
+            log=None,
+        )
+        proxy = HFRewardModel(rm.model, rm.tokenizer)
+
+        # 3. RL against it, evaluated every eval_every iterations
+        algo = algorithm(
+            policy,
+            task=task,
+            reward=proxy,
+            reference=reference,
+            run_dir=round_dir / "rl",
+            verbose=0,
+            seed=config.seed + 1000 * r,
+            **config.rl_settings,
+        )
+
+        def measure(it: int, round_index: int = r, reward=proxy) -> None:
+            result = evaluate(
+                policy.model,
+                tokenizer,
+                reference=eval_reference,
+                task=task,
+                reward=reward,
+                prompts=eval_prompts,
+                max_new_tokens=max_new_tokens,
+                seed=config.seed,
+            )
+            m = result.metrics
+            points.append(
+                {"round": round_index, "iteration": it, "proxy": m["score"], "gold": m["gold"], "kl": m["kl"]}
+            )
+            log(
+                f"round {round_index} iteration {it}: proxy {m['score']:+.3f} gold {m['gold']:+.3f} KL {m['kl']:.2f}"
+            )
+
+        measure(iteration)
+        for target in range(config.eval_every, config.iterations + 1, config.eval_every):
+            algo.learn(target, export=False)
+            measure(iteration + target)
+        if config.iterations % config.eval_every:
+            algo.learn(config.iterations, export=False)
+            measure(iteration + config.iterations)
+        iteration += config.iterations
+        algo.close()
+        snapshot(f"round_{r}")
+        rounds.append(
+            {
+                "round": r,
+                "comparisons": len(collection.records),
+                "comparisons_total": len(records),
+                "panel": collection.stats,
+                "reward_model": rm.metrics,
+            }
+        )
+
+    policy.save_pretrained(out_dir / "final")
+    elo = _elo_table(snapshots, eval_prompts, panel)
+    report = {"rounds": rounds, "points": points, "elo": elo, "wall_time_s": time.perf_counter() - start}
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=float))
+    (out_dir / "report.md").write_text(_markdown(report, config, algorithm.__name__))
+    _plot(points, out_dir / "overoptimization.png")
+    log(f"report: {out_dir / 'report.md'}; plot: {out_dir / 'overoptimization.png'}")
+    return report
+
+
+def _elo_table(snapshots: dict[str, list[str]], prompts: list[str], panel) -> list[dict[str, Any]]:
+    """The panel ranks, per held-out prompt, the checkpoints' completions; Elo over all those games."""
+    from lm_gym.preferences import Game, elo_ratings
+    from lm_gym.preferences.data import ranking_to_pairs
+
+    names = list(snapshots)
+    judgements = panel.judge(prompts, [[snapshots[n][i] for n in names] for i in range(len(prompts))])
+    games = [
+        Game(names[w], names[lo], 1.0)
+        for j in judgements
+        for a in j.labellers
+        for w, lo in ranking_to_pairs(j.ranks[a])
+    ]
+    ratings = elo_ratings(games)
+    gold = {n: float(np.mean([j.gold[k] for j in judgements])) for k, n in enumerate(names)}
+    return [{"checkpoint": n, "elo": ratings.get(n, float("nan")), "gold": gold[n]} for n in names]
+
+
+def _markdown(report: dict[str, Any], config: PipelineConfig, algo: str) -> str:
+    lines = [
+        f"# RLHF pipeline: {config.model} on {config.task}, {algo}, {config.rounds} round(s)",
+        "",
+        "| round | comparisons (total) | inter-annotator agreement | panel vs gold | RM accuracy vs panel "
+        "(held-out) | RM accuracy vs gold (held-out) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in report["rounds"]:
+        p, m = r["panel"], r["reward_model"]
+        lines.append(
+            f"| {r['round']} | {r['comparisons']} ({r['comparisons_total']}) | {p.get('inter_annotator', float('nan')):.3f} "
+            f"| {p.get('panel_gold', float('nan')):.3f} | {m.get('eval/accuracy', float('nan')):.3f} "
+            f"| {m.get('eval/accuracy_gold', float('nan')):.3f} |"
+        )
+    lines += [
+        "",
+        "| round | iteration | proxy (learned RM) | gold | KL (nats/text) | sqrt(KL) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for q in report["points"]:
+        lines.append(
+            f"| {q['round']} | {q['iteration']} | {q['proxy']:+.3f} | {q['gold']:+.3f} | {q['kl']:.2f} "
+            f"| {math.sqrt(max(q['kl'], 0.0)):.2f} |"
+        )
+    lines += ["", "| checkpoint | Elo (panel) | gold (mean) |", "|---|---|---|"]
+    for row in report["elo"]:
+        lines.append(f"| {row['checkpoint']} | {row['elo']:.0f} | {row['gold']:+.3f} |")
+    lines += [
+        "",
+        f"Wall time {report['wall_time_s']:.0f} s. ![proxy and gold against sqrt(KL)](overoptimization.png)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(points: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rounds = sorted({q["round"] for q in points})
+    for r in rounds:
+        mine = [q for q in points if q["round"] == r]
+        d = [math.sqrt(max(q["kl"], 0.0)) for q in mine]
+        suffix = f" (round {r})" if len(rounds) > 1 else ""
+        ax.plot(
+            d,
+            [q["proxy"] for q in mine],
+            "o-",
+            color="tab:blue",
+            alpha=0.4 + 0.6 * (r + 1) / len(rounds),
+            label="proxy: learned reward model" + suffix,
+        )
+        ax.plot(
+            d,
+            [q["gold"] for q in mine],
+            "s-",
+            color="tab:orange",
+            alpha=0.4 + 0.6 * (r + 1) / len(rounds),
+            label="gold scorer" + suffix,
+        )
+    ax.set(
+        xlabel="sqrt(KL to the initial model)",
+        ylabel="reward on held-out prompts",
+        title="proxy and gold reward against sqrt(KL)",
+    )
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

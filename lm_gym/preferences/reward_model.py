@@ -1,0 +1,390 @@
+"""Train a reward model on preference records: a scalar head fitted with the Bradley-Terry loss.
+
+The reward model ``r(x)`` is a sequence classifier with one output (``num_labels=1``), by default
+all-MiniLM-L6-v2 (``"minilm-l6"``). For a record whose ``chosen`` beat ``rejected`` (InstructGPT, Ouyang
+et al. 2022, Eq. 1; Anthropic HH, Bai et al. 2022; TRL's ``RewardTrainer``)::
+
+    loss = -log sigmoid(r(prompt + chosen) - r(prompt + rejected) - margin)
+           + center_coef * mean((r_chosen + r_rejected)^2)
+
+The margin (Llama 2, Touvron et al. 2023, Sec. 3.2.2) is the record's own ``margin`` when it has one,
+else the ``margin`` argument; the second term (Eisenstein et al. 2023, "Helping or Herding?", with
+coefficient 0.01) keeps the rewards centred on 0, which the Bradley-Terry loss alone leaves free.
+
+All pairs of a prompt are put in the same batch where they fit, and each distinct text of a batch goes
+through the model once: K ranked completions cost K forward passes for their K(K-1)/2 pairs (the
+InstructGPT trick, Sec. 3.5, which also keeps the correlated pairs of one prompt from being seen in
+separate steps). Dropout is off, as in TRL (``disable_dropout``).
+
+The held-out split is by prompt, so no held-out completion's prompt was seen in training. Reported:
+``eval/accuracy``, the share of held-out pairs with ``r_chosen > r_rejected`` (agreement with the
+annotators' labels); with a gold scorer, ``eval/accuracy_gold``, the same against the gold order of the
+pair, over the pairs on which the gold scores differ, and ``eval/labels_gold``, how often the labels
+themselves agree with gold on those pairs (the ceiling a model that copied the labels would reach).
+
+The saved folder (``save_pretrained``: ``config.json``, ``model.safetensors``, the tokenizer, and
+``reward_model.json`` with the settings and metrics) is what ``TextGen-v0`` takes as ``reward=FOLDER``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lm_gym.preferences.data import PreferenceRecord
+from lm_gym.rewards import RewardFunction
+
+__all__ = [
+    "RewardModelResult",
+    "bradley_terry_loss",
+    "evaluate_reward_model",
+    "save_reward_model",
+    "score_texts",
+    "split_by_prompt",
+    "train_reward_model",
+]
+
+INFO_FILE = "reward_model.json"
+
+
+class RewardModelResult(NamedTuple):
+    """The trained model and tokenizer, the final metrics and one row of metrics per epoch."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    metrics: dict[str, float]
+    history: list[dict[str, float]]
+
+
+def bradley_terry_loss(
+    r_chosen: torch.Tensor,
+    r_rejected: torch.Tensor,
+    margin: torch.Tensor | float = 0.0,
+    center_coef: float = 0.0,
+) -> torch.Tensor:
+    """``mean(-log sigmoid(r_c - r_r - margin)) + center_coef * mean((r_c + r_r)^2)``, shapes (P,)."""
+    loss = -F.logsigmoid(r_chosen - r_rejected - margin).mean()
+    if center_coef:
+        loss = loss + center_coef * ((r_chosen + r_rejected) ** 2).mean()  # Eisenstein et al. 2023
+    return loss
+
+
+def split_by_prompt(
+    records: Sequence[PreferenceRecord], eval_fraction: float, seed: int = 0
+) -> tuple[list[PreferenceRecord], list[PreferenceRecord]]:
+    """A seeded (train, held-out) split with every prompt's records on one side.
+
+    With a single distinct prompt (HH-RLHF keeps it inside the texts) the records themselves are split.
+    """
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1); got {eval_fraction}")
+    prompts = list(dict.fromkeys(r.prompt for r in records))
+    keys = prompts if len(prompts) > 1 else list(range(len(records)))
+    order = np.random.default_rng(seed).permutation(len(keys))
+    held = {keys[i] for i in order[: int(round(len(keys) * eval_fraction))]}
+    key = (lambda i, r: r.prompt) if len(prompts) > 1 else (lambda i, r: i)
+    train = [r for i, r in enumerate(records) if key(i, r) not in held]
+    held_out = [r for i, r in enumerate(records) if key(i, r) in held]
+    return train, held_out
+
+
+def _device(model: PreTrainedModel) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _rewards(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int
+) -> torch.Tensor:
+    batch = tokenizer(
+        list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    ).to(_device(model))
+    return model(**batch).logits[:, 0].float()  # (B,)
+
+
+@torch.no_grad()
+def score_texts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 64,
+    max_length: int = 128,
+) -> np.ndarray:
+    """The scalar reward of each text, (N,) float64."""
+    scores = [
+        _rewards(model, tokenizer, texts[i : i + batch_size], max_length).cpu()
+        for i in range(0, len(texts), batch_size)
+    ]
+    return torch.cat(scores).numpy().astype(np.float64) if scores else np.zeros(0)
+
+
+def _text(prompt: str, completion: str, include_prompt: bool) -> str:
+    # The same text HFRewardModel scores in the environment (lm_gym.rewards._texts).
+    return prompt + completion if include_prompt else completion
+
+
+def evaluate_reward_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[PreferenceRecord],
+    *,
+    gold: RewardFunction | None = None,
+    include_prompt: bool = True,
+    batch_size: int = 64,
+    max_length: int = 128,
+) -> dict[str, float]:
+    """Pairwise accuracy of a reward model on ``records``, against their labels and against ``gold``.
+
+    Returns:
+        ``accuracy`` (share of pairs with ``r_chosen > r_rejected``), ``pairs``; with ``gold``:
+        ``accuracy_gold`` (share ordered as gold orders them, over the pairs whose gold scores differ),
+        ``labels_gold`` (share of those pairs whose label agrees with gold) and ``gold_pairs``.
+    """
+    keys = list(dict.fromkeys((r.prompt, c) for r in records for c in (r.chosen, r.rejected)))
+    index = {key: n for n, key in enumerate(keys)}
+    texts = [_text(p, c, include_prompt) for p, c in keys]
+    scores = score_texts(model, tokenizer, texts, batch_size=batch_size, max_length=max_length)
+    chosen = np.array([index[(r.prompt, r.chosen)] for r in records], dtype=np.int64)
+    rejected = np.array([index[(r.prompt, r.rejected)] for r in records], dtype=np.int64)
+    model_prefers_chosen = scores[chosen] > scores[rejected]
+    metrics = {
+        "accuracy": float(model_prefers_chosen.mean()) if records else 0.0,
+        "pairs": float(len(records)),
+    }
+    if gold is not None:
+        g = np.asarray(gold([p for p, _ in keys], [c for _, c in keys]), dtype=np.float64)
+        decided = g[chosen] != g[rejected]
+        gold_prefers_chosen = g[chosen] > g[rejected]
+        hits = model_prefers_chosen == gold_prefers_chosen
+        metrics.update(
+            accuracy_gold=float(hits[decided].mean()) if decided.any() else 0.0,
+            labels_gold=float(gold_prefers_chosen[decided].mean()) if decided.any() else 0.0,
+            gold_pairs=float(decided.sum()),
+        )
+    return metrics
+
+
+def _batches(
+    records: Sequence[PreferenceRecord], batch_size: int, rng: np.random.Generator
+) -> list[list[PreferenceRecord]]:
+    """Shuffled batches in which the pairs of one prompt stay together (split only across a boundary)."""
+    groups: dict[str, list[PreferenceRecord]] = {}
+    for r in records:
+        groups.setdefault(r.prompt, []).append(r)
+    group_list = list(groups.values())
+    if len(group_list) == 1:  # one shared (empty) prompt: plain shuffled pairs
+        group_list = [[r] for r in group_list[0]]
+    flat = [
+        group[i]
+        for g in rng.permutation(len(group_list))
+        for group in [group_list[g]]
+        for i in rng.permutation(len(group))
+    ]
+    return [flat[i : i + batch_size] for i in range(0, len(flat), batch_size)]
+
+
+def _load(model: str | PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, seed: int, device):
+    if isinstance(model, str):
+        from lm_gym.models import load_sequence_classifier
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the fresh scalar head's initialisation
+            model, loaded = load_sequence_classifier(model, num_labels=1, device=device)
+        tokenizer = tokenizer if tokenizer is not None else loaded
+    elif tokenizer is None:
+        raise ValueError("train_reward_model: pass the tokenizer together with a loaded model")
+    elif device is not None:
+        model.to(device)
+    if model.config.num_labels != 1:
+        raise ValueError(
+            f"train_reward_model: the model's head has {model.config.num_labels} outputs; a reward model "
+            "needs one (load the backbone with num_labels=1)"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def train_reward_model(
+    records: Sequence[PreferenceRecord],
+    *,
+    model: str | PreTrainedModel = "minilm-l6",
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    epochs: int = 2,
+    learning_rate: float = 5e-5,
+    batch_size: int = 32,
+    margin: float = 0.0,
+    center_coef: float = 0.0,
+    eval_fraction: float = 0.1,
+    min_agreement: float = 0.0,
+    include_prompt: bool = True,
+    max_length: int = 128,
+    weight_decay: float = 0.01,
+    warmup_ratio: float = 0.1,
+    max_grad_norm: float = 1.0,
+    gold: RewardFunction | None = None,
+    out_dir: str | Path | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    log: Callable[[str], Any] | None = print,
+) -> RewardModelResult:
+    """Fit a scalar reward model to preference records with the Bradley-Terry loss.
+
+    Args:
+        records: the preference records (``prompt``, ``chosen``, ``rejected``...).
+        model: a backbone name/folder/Hub id (``"minilm-l6"`` by default) that gets a fresh one-output
+            head, or a loaded sequence classifier with ``num_labels=1``.
+        tokenizer: required with a loaded model.
+        epochs: passes over the training pairs.
+        learning_rate: AdamW's peak learning rate (linear warm-up, then linear decay to 0).
+        batch_size: pairs per optimizer step.
+        margin: margin of the records that have none of their own (0 = plain Bradley-Terry).
+        center_coef: coefficient of the reward-centering term (0 = off; 0.01 in Eisenstein et al. 2023).
+        eval_fraction: share of the prompts held out for evaluation.
+        min_agreement: train only on pairs whose annotator ``agreement`` is at least this (pairs without
+            one are kept); the held-out pairs are never filtered.
+        include_prompt: score ``prompt + completion`` (as ``HFRewardModel`` does by default) or the
+            completion alone.
+        max_length: texts are truncated to this many tokens.
+        weight_decay: AdamW weight decay.
+        warmup_ratio: share of the steps spent warming the learning rate up.
+        max_grad_norm: gradient-norm clipping (0 = off).
+        gold: a gold scorer ``(prompts, completions) -> scores`` for ``eval/accuracy_gold`` (e.g. VADER).
+        out_dir: save the model, tokenizer and ``reward_model.json`` there (see :func:`save_reward_model`).
+        seed: seeds the head's initialisation, the split and the batch order.
+        device: where to train; default the model's device (a name is loaded on CUDA when available).
+        log: where progress lines go (None: silent).
+    """
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(
+            f"train_reward_model: epochs and batch_size must be >= 1; got {epochs}, {batch_size}"
+        )
+    if not learning_rate > 0:
+        raise ValueError(f"train_reward_model: learning_rate must be > 0; got {learning_rate}")
+    if center_coef < 0 or not 0.0 <= warmup_ratio < 1.0:
+        raise ValueError(
+            f"train_reward_model: center_coef must be >= 0 and warmup_ratio in [0, 1); got {center_coef}, "
+            f"{warmup_ratio}"
+        )
+    start = time.perf_counter()
+    base = model if isinstance(model, str) else model.name_or_path
+    train_records, held_out = split_by_prompt(records, eval_fraction, seed)
+    train_records = [r for r in train_records if r.agreement is None or r.agreement >= min_agreement]
+    if not train_records:
+        raise ValueError(
+            f"train_reward_model: no training pairs left out of {len(records)} records "
+            f"(eval_fraction={eval_fraction}, min_agreement={min_agreement})"
+        )
+    model, tokenizer = _load(model, tokenizer, seed, device)
+    # Dropout off (eval mode) during training too, as TRL does for reward models: the pair difference
+    # r_c - r_r should not be the difference of two independently dropped-out networks.
+    model.eval()
+    rng = np.random.default_rng(seed)
+    steps = epochs * -(-len(train_records) // batch_size)
+    warmup = int(steps * warmup_ratio)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(steps - warmup, 1)),
+    )
+    evaluate = dict(gold=gold, include_prompt=include_prompt, max_length=max_length)
+    history: list[dict[str, float]] = []
+    for epoch in range(1, epochs + 1):
+        losses, hits, seen = [], 0, 0
+        for batch in _batches(train_records, batch_size, rng):
+            keys = list(dict.fromkeys((r.prompt, c) for r in batch for c in (r.chosen, r.rejected)))
+            index = {key: n for n, key in enumerate(keys)}
+            rewards = _rewards(
+                model, tokenizer, [_text(p, c, include_prompt) for p, c in keys], max_length
+            )  # (U,)
+            device_ = rewards.device
+            r_chosen = rewards[
+                torch.tensor([index[(r.prompt, r.chosen)] for r in batch], device=device_)
+            ]  # (P,)
+            r_rejected = rewards[torch.tensor([index[(r.prompt, r.rejected)] for r in batch], device=device_)]
+            margins = torch.tensor(
+                [r.margin if r.margin is not None else margin for r in batch], device=device_
+            )  # (P,)
+            loss = bradley_terry_loss(r_chosen, r_rejected, margins, center_coef)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            hits += int((r_chosen > r_rejected).sum())
+            seen += len(batch)
+        row = {"epoch": float(epoch), "train/loss": float(np.mean(losses)), "train/accuracy": hits / seen}
+        if held_out:
+            row.update(
+                {
+                    f"eval/{k}": v
+                    for k, v in evaluate_reward_model(model, tokenizer, held_out, **evaluate).items()
+                }
+            )
+        row["time/elapsed_s"] = time.perf_counter() - start
+        history.append(row)
+        if log is not None:
+            log(" ".join(f"{k} {v:.4g}" for k, v in row.items()))
+    metrics = {
+        **history[-1],
+        "data/train_pairs": float(len(train_records)),
+        "data/eval_pairs": float(len(held_out)),
+    }
+    result = RewardModelResult(model, tokenizer, metrics, history)
+    if out_dir is not None:
+        settings = dict(
+            epochs=epochs,
+            learning_rate=learning_rate,
+            batch_size=batch_size,
+            margin=margin,
+            center_coef=center_coef,
+            eval_fraction=eval_fraction,
+            min_agreement=min_agreement,
+            max_length=max_length,
+            weight_decay=weight_decay,
+            warmup_ratio=warmup_ratio,
+            max_grad_norm=max_grad_norm,
+            seed=seed,
+        )
+        save_reward_model(
+            result, out_dir, include_prompt=include_prompt, settings={"base_model": base, **settings}
+        )
+    return result
+
+
+def save_reward_model(
+    result: RewardModelResult,
+    out_dir: str | Path,
+    *,
+    include_prompt: bool = True,
+    settings: dict | None = None,
+) -> Path:
+    """Save the model (safetensors) and tokenizer with ``save_pretrained``, and ``reward_model.json``.
+
+    ``reward_model.json`` holds ``include_prompt`` (the input format the model was trained on), the
+    training ``settings``, the final ``metrics`` and the per-epoch ``history``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result.model.save_pretrained(out, safe_serialization=True)
+    result.tokenizer.save_pretrained(out)
+    info = {
+        "include_prompt": include_prompt,
+        "settings": settings or {},
+        "metrics": result.metrics,
+        "history": result.history,
+    }
+    (out / INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+    return out

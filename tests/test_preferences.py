@@ -1,0 +1,314 @@
+"""Tests of lm_gym.preferences: Elo, rankings -> pairs, JSONL records, the annotator panel, collection,
+Bradley-Terry reward-model training, and the trained folder as the env's reward model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+import lm_gym  # noqa: F401  (registers TextGen-v0)
+from lm_gym.models import tiny_tokenizer
+from lm_gym.preferences import (
+    Annotator,
+    AnnotatorPanel,
+    PreferenceRecord,
+    bradley_terry_loss,
+    collect_preferences,
+    elo_ratings,
+    elo_rewards,
+    expected_score,
+    load_preferences,
+    panel_agreement,
+    preference_dataset,
+    ranking_to_pairs,
+    read_jsonl,
+    train_reward_model,
+    write_collection,
+    write_jsonl,
+)
+from lm_gym.preferences.reward_model import score_texts, split_by_prompt
+from lm_gym.rewards import HFRewardModel, VaderSentiment, make_reward
+
+POSITIVE = [
+    "a wonderful, moving story.",
+    "great acting and a beautiful score.",
+    "I loved it, truly delightful.",
+    "a fine film, pleasant enough.",
+    "brilliant and funny from start to end.",
+    "good, if a little long.",
+]
+NEGATIVE = [
+    "a dull, tedious mess.",
+    "terrible acting and an awful script.",
+    "I hated every boring minute.",
+    "weak, but not a disaster.",
+    "sad and painfully bad.",
+    "poor pacing ruins it.",
+]
+NEUTRAL = ["the film runs two hours.", "it was shot in Ohio.", "the cast has six actors.", "it came out in May."]
+
+
+# ---------------------------------------------------------------------------------------------- Elo
+def test_elo_updates_match_hand_computed_values():
+    # E = 1 / (1 + 10^((R_b - R_a) / 400)); R_a += K (S_a - E_a), K = 32, both start at 1000.
+    assert expected_score(1000, 1000) == 0.5
+    assert expected_score(1200, 1000) == pytest.approx(1 / (1 + 10**-0.5))  # 0.759747
+    r = elo_ratings([("a", "b", 1.0)])
+    assert r == {"a": 1016.0, "b": 984.0}
+    r = elo_ratings([("a", "b", 1.0), ("b", "a", 0.0)])  # E_a = 1 / (1 + 10^-0.08) = 0.545922
+    assert r["a"] == pytest.approx(1030.530498, abs=1e-6) and r["b"] == pytest.approx(969.469502, abs=1e-6)
+    r = elo_ratings([("a", "b", 1.0), ("a", "c", 0.5)])  # a tie against a lower-rated player costs a
+    assert r["a"] == pytest.approx(1015.263693, abs=1e-6) and r["c"] == pytest.approx(1000.736307, abs=1e-6)
+    assert sum(r.values()) == pytest.approx(3000)  # zero-sum
+
+
+def test_elo_rewards_are_z_scored_and_checks_its_inputs():
+    rewards = elo_rewards({"a": 1100.0, "b": 1000.0, "c": 900.0})
+    assert rewards["a"] == pytest.approx(math.sqrt(1.5)) and rewards["b"] == 0.0
+    assert elo_rewards({"a": 1000.0, "b": 1000.0}) == {"a": 0.0, "b": 0.0}
+    with pytest.raises(ValueError, match="score_a"):
+        elo_ratings([("a", "b", 2.0)])
+    with pytest.raises(ValueError, match="itself"):
+        elo_ratings([("a", "a", 1.0)])
+
+
+# ---------------------------------------------------------------------------------------------- records
+def test_ranking_gives_k_choose_2_pairs_and_ties_give_none():
+    pairs = ranking_to_pairs([2, 1, 4, 3])  # ranks: item 1 best, then 0, 3, 2
+    assert len(pairs) == 6
+    assert set(pairs) == {(1, 0), (0, 2), (0, 3), (1, 2), (1, 3), (3, 2)}
+    assert len(ranking_to_pairs(list(range(7)))) == 21
+    assert ranking_to_pairs([1, 1, 2]) == [(0, 2), (1, 2)]
+
+
+def test_jsonl_round_trip(tmp_path):
+    records = [
+        PreferenceRecord("The film", " was great.", " was bad.", chosen_score=0.8, rejected_score=-0.8, agreement=0.6),
+        PreferenceRecord("", "Human: hi\n\nAssistant: hello, ünïcode", "Human: hi\n\nAssistant: go away", margin=1.0),
+    ]
+    path = write_jsonl(records, tmp_path / "prefs.jsonl")
+    assert read_jsonl(path) == records
+    assert load_preferences(path) == records
+    first = json.loads(path.read_text(encoding="utf-8").splitlines()[0])
+    assert "margin" not in first  # unknown optional fields are left out
+    dataset = preference_dataset(path)  # through datasets.load_dataset("json", data_files=...)
+    assert dataset.num_rows == 2 and dataset[1]["margin"] == 1.0 and dataset[0]["chosen"] == " was great."
+
+
+@pytest.mark.parametrize(
+    "line, field, problem",
+    [
+        ({"prompt": "p", "rejected": "b"}, "chosen", "missing"),
+        ({"prompt": "p", "chosen": "a", "rejected": 3}, "rejected", "must be a string"),
+        ({"prompt": "p", "chosen": "  ", "rejected": "b"}, "chosen", "empty"),
+        ({"prompt": ["p"], "chosen": "a", "rejected": "b"}, "prompt", "must be a string"),
+        ({"chosen": "a", "rejected": "b", "margin": "big"}, "margin", "number"),
+    ],
+)
+def test_malformed_record_names_file_line_and_field(tmp_path, line, field, problem):
+    path = tmp_path / "bad.jsonl"
+    good = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"})
+    path.write_text(f"{good}\n\n{json.dumps(line)}\n")  # the blank line still counts
+    with pytest.raises(ValueError, match=problem) as err:
+        read_jsonl(path)
+    assert str(path) in str(err.value) and "line 3" in str(err.value) and f"'{field}'" in str(err.value)
+
+
+def test_invalid_json_and_missing_file(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"chosen": "a", "rejected": "b"}\n{"chosen": "a",\n')
+    with pytest.raises(ValueError, match=r"broken.jsonl line 2: not valid JSON"):
+        read_jsonl(path)
+    with pytest.raises(FileNotFoundError, match="nothere.jsonl"):
+        load_preferences(tmp_path / "nothere.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------- panel
+def _prompt_groups() -> tuple[list[str], list[list[str]]]:
+    """24 prompts with 4 completions each, mixing positive, negative and neutral texts."""
+    pool = POSITIVE + NEGATIVE + NEUTRAL
+    rng = np.random.default_rng(0)
+    groups = [[pool[i] for i in rng.choice(len(pool), size=4, replace=False)] for _ in range(24)]
+    return [f"Review {n}:" for n in range(24)], groups
+
+
+def test_panel_is_seeded_and_annotators_disagree_at_a_plausible_rate():
+    prompts, groups = _prompt_groups()
+    gold = VaderSentiment()
+    first = AnnotatorPanel(gold, seed=3).judge(prompts, groups)
+    again = AnnotatorPanel(gold, seed=3).judge(prompts, groups)
+    other = AnnotatorPanel(gold, seed=4).judge(prompts, groups)
+    assert all(np.array_equal(a.ranks, b.ranks) and a.pairs == b.pairs for a, b in zip(first, again))
+    assert any(not np.array_equal(a.ranks, b.ranks) for a, b in zip(first, other))
+    stats = panel_agreement(first)
+    # Real labellers agree on roughly 63-77% of pairs (Anthropic HH, InstructGPT).
+    assert 0.55 < stats["inter_annotator"] < 0.9
+    assert stats["annotator_gold"] > 0.7
+    assert stats["panel_gold"] >= stats["annotator_gold"] - 0.02  # the majority is no worse than one
+    # majority of 5: every pair of every prompt gets a label, with its agreement share
+    assert stats["pairs"] == 24 * 6
+    assert all(0.6 <= agreement <= 1.0 for j in first for _, _, agreement in j.pairs)
+
+
+def test_panel_aggregates_and_a_noiseless_annotator_matches_gold():
+    prompts, groups = _prompt_groups()
+    gold = VaderSentiment()
+    perfect = Annotator("perfect", noise=0.0, lapse=0.0)
+    stats = panel_agreement(AnnotatorPanel(gold, [perfect, perfect], seed=0).judge(prompts, groups))
+    assert stats["annotator_gold"] == 1.0 and stats["inter_annotator"] == 1.0
+    single = AnnotatorPanel(gold, aggregate="single", seed=0).judge(prompts, groups)
+    assert all(len(j.labellers) == 1 and all(a is None for *_, a in j.pairs) for j in single)
+    borda = AnnotatorPanel(gold, aggregate="borda", seed=0).judge(prompts, groups)
+    assert all(len(j.pairs) <= 6 for j in borda)
+    with pytest.raises(ValueError, match="aggregate"):
+        AnnotatorPanel(gold, aggregate="vote")
+    with pytest.raises(ValueError, match="lapse"):
+        Annotator("x", lapse=1.5)
+
+
+def test_collect_on_tiny_model_is_seeded_and_writes_records_and_elo(tiny, tmp_path):
+    model, tokenizer = tiny
+    prompts = ["The film opens on", "A slow", "Critics have been kind to"]
+
+    def collect(seed):
+        panel = AnnotatorPanel(VaderSentiment(), seed=seed)
+        return collect_preferences(model, tokenizer, prompts, panel, k=3, max_new_tokens=6, seed=seed)
+
+    result = collect(0)
+    assert [r.to_json() for r in result.records] == [r.to_json() for r in collect(0).records]
+    assert len(result.records) == 3 * 3  # 3 distinct random completions -> 3 pairs per prompt
+    assert all(r.chosen_score is not None and r.agreement is not None for r in result.records)
+    assert np.mean(list(result.rewards.values())) == pytest.approx(0.0, abs=1e-9)
+    paths = write_collection(result, tmp_path / "prefs.jsonl", settings={"k": 3})
+    assert [p.name for p in paths] == ["prefs.jsonl", "prefs.elo.jsonl", "prefs.meta.json"]
+    assert read_jsonl(paths[0]) == result.records
+    assert len(paths[1].read_text().splitlines()) == 9
+    assert json.loads(paths[2].read_text())["settings"] == {"k": 3}
+
+
+# ---------------------------------------------------------------------------------------------- reward model
+def _tiny_bert(seed: int = 0) -> tuple[BertForSequenceClassification, object]:
+    tokenizer = tiny_tokenizer()
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return BertForSequenceClassification(config), tokenizer
+
+
+def _planted_records(n_prompts: int = 40) -> list[PreferenceRecord]:
+    """Chosen completions contain the marker word 'zap'; rejected ones never do."""
+    rng = np.random.default_rng(0)
+    words = ["the", "plot", "film", "slow", "cast", "long", "music", "ends", "scene", "then"]
+    records = []
+    for n in range(n_prompts):
+        for _ in range(3):
+            filler = " ".join(rng.choice(words, size=4))
+            other = " ".join(rng.choice(words, size=4))
+            records.append(PreferenceRecord(f"Review {n}:", f" {filler} zap", f" {other} {rng.choice(words)}"))
+    return records
+
+
+def _marker_gold(prompts, completions):
+    return np.array([float("zap" in c) for c in completions])
+
+
+def test_bradley_terry_loss_by_hand():
+    r_c, r_r = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0])
+    expected = (math.log1p(math.exp(-1.0)) + math.log(2.0)) / 2  # -log sigmoid(x) = log(1 + e^-x)
+    assert bradley_terry_loss(r_c, r_r).item() == pytest.approx(expected)
+    with_margin = (math.log(2.0) + math.log1p(math.exp(1.0))) / 2  # margin 1 on both pairs
+    assert bradley_terry_loss(r_c, r_r, margin=1.0).item() == pytest.approx(with_margin)
+    centered = bradley_terry_loss(r_c, r_r, center_coef=0.01).item()
+    assert centered == pytest.approx(expected + 0.01 * (1.0 + 0.0) / 2)
+
+
+def test_split_by_prompt_keeps_prompts_on_one_side():
+    records = _planted_records(20)
+    train, held_out = split_by_prompt(records, 0.25, seed=0)
+    assert len(train) + len(held_out) == len(records) and len(held_out) == 5 * 3
+    assert not {r.prompt for r in train} & {r.prompt for r in held_out}
+
+
+@pytest.fixture(scope="module")
+def trained_rm(tmp_path_factory):
+    model, tokenizer = _tiny_bert()
+    out = tmp_path_factory.mktemp("rm")
+    result = train_reward_model(
+        _planted_records(),
+        model=model,
+        tokenizer=tokenizer,
+        epochs=4,
+        learning_rate=2e-3,
+        batch_size=12,
+        eval_fraction=0.25,
+        center_coef=0.01,
+        gold=_marker_gold,
+        out_dir=out,
+        seed=0,
+        log=None,
+    )
+    return result, out
+
+
+def test_bradley_terry_training_separates_a_planted_preference(trained_rm):
+    result, out = trained_rm
+    assert result.metrics["eval/accuracy"] >= 0.9  # chance is 0.5
+    assert result.metrics["eval/accuracy_gold"] == result.metrics["eval/accuracy"]  # labels == gold here
+    assert result.metrics["eval/labels_gold"] == 1.0
+    assert result.history[-1]["train/loss"] < result.history[0]["train/loss"]
+    info = json.loads((out / "reward_model.json").read_text())
+    assert info["include_prompt"] is True and info["metrics"]["eval/accuracy"] == result.metrics["eval/accuracy"]
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+
+
+def test_trained_folder_is_the_env_reward_model(trained_rm):
+    result, out = trained_rm
+    reward = make_reward(str(out))
+    assert isinstance(reward, HFRewardModel) and reward.model.config.num_labels == 1
+    prompts, completions = ["Review 1:", "Review 1:"], [" the plot zap", " the plot ends"]
+    scores = reward(prompts, completions)
+    expected = score_texts(result.model, result.tokenizer, [p + c for p, c in zip(prompts, completions)])
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
+    assert scores[0] > scores[1]
+    env = gym.make("TextGen-v0", model="tiny", reward=str(out), max_new_tokens=3, kl_coef=0.0)
+    env.reset(seed=0)
+    done, info = False, {}
+    while not done:
+        _, _, terminated, truncated, info = env.step(env.action_space.sample())
+        done = terminated or truncated
+    assert np.isfinite(info["score"])
+    env.close()
+
+
+def test_cli_collect_and_train_rm_on_tiny(tmp_path, capsys):
+    from algorithms.cli import main
+
+    model, tokenizer = _tiny_bert()
+    backbone = tmp_path / "backbone"
+    model.save_pretrained(backbone)
+    tokenizer.save_pretrained(backbone)
+    prefs = tmp_path / "prefs.jsonl"
+    main(["collect", "--model", "tiny", "--num-prompts", "4", "--k", "3", "--max-new-tokens", "4", "--out", str(prefs)])
+    assert len(read_jsonl(prefs)) > 0 and (tmp_path / "prefs.elo.jsonl").exists()
+    out = tmp_path / "rm"
+    main(["train-rm", "--data", str(prefs), "--model", str(backbone), "--out", str(out), "--epochs", "1",
+          "--eval-fraction", "0.25"])
+    text = capsys.readouterr().out
+    assert "inter-annotator agreement" in text and "held-out accuracy" in text
+    assert (out / "model.safetensors").exists()

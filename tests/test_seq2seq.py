@@ -1,0 +1,326 @@
+"""Encoder-decoder policies (tiny-t5): the env's seq2seq observation and KL, the cached decoder, the policy
+(sampling = teacher forcing, LoRA, export) and the zoo (PPO learns; A2C, NLPO, TRPO and the CLI run)."""
+
+import copy
+import random
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+from transformers import AutoModelForSeq2SeqLM
+
+import lm_gym  # noqa: F401  (registers TextGen-v0)
+from algorithms.a2c import A2C
+from algorithms.cli import main
+from algorithms.common.buffer import RolloutBuffer
+from algorithms.nlpo import NLPO
+from algorithms.policy import LMActorCriticPolicy
+from algorithms.ppo import PPO
+from algorithms.trpo import TRPO
+from lm_gym.env import TextGenVectorEnv
+from lm_gym.logprobs import PolicyLogProbCache
+from lm_gym.models import is_seq2seq_lm, load_causal_lm, load_seq2seq_lm, tiny_seq2seq_lm
+from lm_gym.seq2seq import Seq2SeqDecoder, observed_seq2seq, seq2seq_cache_arrays
+
+PROMPTS = ["The film opens on", "A slow", "Critics have been kind to", "Hello"]
+STOPS = list(range(64))  # a quarter of the bytes end an episode: rows restart at different times
+
+
+@pytest.fixture(scope="module")
+def t5():
+    model, tokenizer = tiny_seq2seq_lm(seed=0)
+    return model.requires_grad_(False), tokenizer
+
+
+def lowercase_share(prompts, completions):
+    """Toy reward (as in test_ppo): the share of lowercase ASCII letters in the completion."""
+    return [sum("a" <= ch <= "z" for ch in c) / max(1, len(c)) for c in completions]
+
+
+def zero_reward(prompts, completions):
+    return [0.0] * len(completions)
+
+
+@torch.no_grad()
+def next_log_probs(model, source, prefix):
+    """log-softmax of the next decoder token, from one uncached forward pass of the whole sequence."""
+    out = model(input_ids=torch.tensor([source]), decoder_input_ids=torch.tensor([prefix]))
+    return torch.log_softmax(out.logits[0, -1].float(), -1)
+
+
+# ------------------------------------------------------------------------------------------------ models
+def test_tiny_t5_loads_by_name_and_the_causal_loader_points_to_it():
+    model, tokenizer = load_seq2seq_lm("tiny-t5", device="cpu")
+    assert model.config.is_encoder_decoder and len(tokenizer) == 257
+    assert model.config.decoder_start_token_id == tokenizer.pad_token_id  # as T5
+    assert is_seq2seq_lm("tiny-t5") and not is_seq2seq_lm("tiny")
+    with pytest.raises(ValueError, match="load_seq2seq_lm"):
+        load_causal_lm("tiny-t5")
+
+
+# ------------------------------------------------------------------------------------------------ env
+def test_registered_env_passes_check_env_and_observes_source_and_decoder_prefix():
+    env = gym.make("TextGen-v0", model="tiny-t5", prompts=PROMPTS, reward=lowercase_share, max_new_tokens=4)
+    check_env(env.unwrapped, skip_render_check=True)
+    space = env.observation_space
+    assert set(space.spaces) == {"input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask"}
+    assert space["input_ids"].shape == (64,) and space["decoder_input_ids"].shape == (5,)
+    start = env.unwrapped.reference.config.decoder_start_token_id
+
+    obs, info = env.reset(seed=0, options={"prompt": "Hello"})
+    assert (
+        obs["input_ids"][:5].tolist() == list(b"Hello") and obs["attention_mask"].sum() == 5
+    )  # right-padded
+    assert obs["decoder_input_ids"][-1] == start and obs["decoder_attention_mask"].tolist() == [0, 0, 0, 0, 1]
+    obs, _, _, _, _ = env.step(ord("h"))
+    obs, reward, terminated, truncated, info = env.step(ord("i"))
+    assert obs["decoder_input_ids"][-3:].tolist() == [start, ord("h"), ord("i")]  # left-padded, start first
+    assert obs["decoder_attention_mask"].tolist() == [0, 0, 1, 1, 1]
+    assert obs["input_ids"][:5].tolist() == list(b"Hello")  # the source does not move
+    env.step(ord("!"))
+    *_, truncated, info = env.step(ord("a"))
+    assert truncated and info["prompt"] == "Hello" and info["text"] == "hi!a" and info["score"] == 0.75
+
+    vec = gym.make_vec("TextGen-v0", num_envs=2, model="tiny-t5", prompts=PROMPTS, reward=zero_reward)
+    assert vec.observation_space["decoder_input_ids"].shape == (2, 49)
+    vec.close()
+
+
+@pytest.mark.parametrize("kl_estimator", ["k1", "k3"])
+def test_kl_reward_equals_a_direct_computation_from_policy_and_reference(t5, kl_estimator):
+    reference, tokenizer = t5
+    policy = tiny_seq2seq_lm(seed=1)[0]
+    kl_coef, score = 0.3, 0.5
+    envs = TextGenVectorEnv(
+        3,
+        model=reference,
+        tokenizer=tokenizer,
+        prompts=PROMPTS,
+        reward=lambda prompts, completions: [score] * len(completions),
+        kl_coef=kl_coef,
+        kl_estimator=kl_estimator,
+        max_new_tokens=5,
+        stop_token_ids=STOPS,
+        autoreset_mode="SameStep",
+    )
+    generator = torch.Generator().manual_seed(0)
+    obs, _ = envs.reset(seed=0)
+    restarts = 0
+    for _ in range(12):
+        sources, prefixes = observed_seq2seq(obs)
+        policy_lp = [next_log_probs(policy, s, p) for s, p in zip(sources, prefixes)]
+        actions = torch.stack([torch.multinomial(lp.exp(), 1, generator=generator)[0] for lp in policy_lp])
+        logp = torch.stack([lp[a] for lp, a in zip(policy_lp, actions)]).double()
+        ref_logp = torch.stack(
+            [next_log_probs(reference, s, p)[a] for s, p, a in zip(sources, prefixes, actions)]
+        ).double()
+        envs.set_policy_log_probs(logp)
+        obs, rewards, terminated, truncated, _ = envs.step(actions)
+        log_ratio = ref_logp - logp
+        kl = logp - ref_logp if kl_estimator == "k1" else log_ratio.exp() - 1 - log_ratio
+        expected = -kl_coef * kl.numpy() + score * (terminated | truncated)
+        np.testing.assert_allclose(rewards, expected, atol=1e-5)
+        restarts += int((terminated | truncated).sum())
+    assert restarts >= 4  # rows restarted on new sources at different times (the cache's row surgery)
+    envs.close()
+
+
+def test_log_prob_cache_is_keyed_on_source_and_decoder_prefix(t5):
+    model, tokenizer = t5
+    cache = PolicyLogProbCache()
+    env = gym.make(
+        "TextGen-v0",
+        model=model,
+        tokenizer=tokenizer,
+        prompts=PROMPTS,
+        reward=zero_reward,
+        log_prob_cache=cache,
+    )
+    obs, _ = env.reset(seed=0)
+    for _ in range(3):
+        log_probs = torch.full((1, 257), -3.0)
+        log_probs[0, 97] = -1.0  # only this observation's entry says so: a stale key would give -3
+        cache.record(*seq2seq_cache_arrays({k: v[None] for k, v in obs.items()}), log_probs)
+        obs, _, _, _, info = env.step(97)
+        assert info["policy_log_prob"] == -1.0
+    env.close()
+
+
+@pytest.mark.parametrize("twin", [False, True])
+def test_cached_decoder_equals_uncached_forward_after_any_resets_and_appends(t5, twin):
+    model, tokenizer = t5
+    if twin:  # the env's LoRA path: reference rows (adapters off) and policy rows in one batch
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=4, target_modules="all-linear", task_type="SEQ_2_SEQ_LM")
+        model = get_peft_model(copy.deepcopy(model), config)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.05)
+    rng, n, pad = random.Random(0), 3, tokenizer.pad_token_id
+    decoder = Seq2SeqDecoder(model, n, pad, twin_adapter="default" if twin else None, keep_hidden=True)
+    source = lambda: [rng.randrange(256) for _ in range(rng.randint(1, 9))]  # noqa: E731
+    decoder.reset_rows(range(n), [source() for _ in range(n)])
+    for _ in range(14):
+        if rng.random() < 0.3:  # some rows restart, with sources and decoder prefixes of other lengths
+            rows = rng.sample(range(n), rng.randint(1, n - 1))
+            prefixes = [[pad] + [rng.randrange(256) for _ in range(rng.randint(0, 3))] for _ in rows]
+            decoder.reset_rows(rows, [source() for _ in rows], prefixes)
+        else:  # rows left out get a gap in the cache
+            decoder.append(torch.randint(0, 256, (n,)), torch.tensor([rng.random() < 0.7 for _ in range(n)]))
+        for i in range(n):
+            ids = {
+                "input_ids": torch.tensor([decoder.sources[i]]),
+                "decoder_input_ids": torch.tensor([decoder.tokens[i]]),
+            }
+            with torch.no_grad():
+                if twin:
+                    out = model(**ids, output_hidden_states=True)
+                    with model.disable_adapter():
+                        reference = model(**ids).logits[0, -1]
+                    torch.testing.assert_close(
+                        decoder.twin_logits[i], out.logits[0, -1], atol=1e-4, rtol=1e-4
+                    )
+                else:
+                    out = reference = model(**ids, output_hidden_states=True)
+                    reference = reference.logits[0, -1]
+            torch.testing.assert_close(decoder.logits[i], reference, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(
+                decoder.hidden[i], out.decoder_hidden_states[-1][0, -1], atol=1e-4, rtol=1e-4
+            )
+
+
+# ------------------------------------------------------------------------------------------------ policy
+def rollout(policy, steps=8, n=3, max_new_tokens=5, seed=0):
+    """Run the policy's rollout agent in the env; return the filled buffer."""
+    reference = policy.model if policy.adapter else policy.reference_copy()
+    envs = TextGenVectorEnv(
+        n,
+        model=reference,
+        tokenizer=policy.tokenizer,
+        prompts=PROMPTS,
+        reward=zero_reward,
+        max_new_tokens=max_new_tokens,
+        max_prompt_tokens=32,
+        temperature=policy.temperature,
+        stop_token_ids=STOPS,
+        policy_adapter=policy.adapter,
+        autoreset_mode="SameStep",
+    )
+    agent = policy.rollout_agent(n, torch.Generator().manual_seed(seed), envs)
+    buffer = RolloutBuffer(steps, n, 32, decoder_len=max_new_tokens + 1)
+    obs, _ = envs.reset(seed=seed)
+    for t in range(steps):
+        actions, log_probs, values = agent.act(obs)
+        envs.set_policy_log_probs(log_probs)
+        next_obs, rewards, terminated, truncated, _ = envs.step(actions)
+        buffer.add(t, obs, actions, log_probs, values, rewards, terminated | truncated)
+        obs = next_obs
+    envs.close()
+    return buffer
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"temperature": 0.7, "top_k": 20, "top_p": 0.9},
+        {"lora_r": 4, "top_p": 0.8},
+        {"separate_critic": True},
+    ],
+)
+def test_sampling_log_probs_and_values_equal_evaluate_actions(t5, kwargs):
+    model, tokenizer = t5
+    policy = LMActorCriticPolicy(copy.deepcopy(model), tokenizer, **kwargs)
+    torch.nn.init.normal_(policy.value_head.weight, std=0.1)  # a non-trivial critic
+    with torch.no_grad():
+        for p in policy.model.parameters():
+            if kwargs.get("lora_r") and p.requires_grad:
+                p.add_(0.02)  # adapters that change the policy
+    buffer = rollout(policy)
+    assert buffer.dones.sum() > buffer.n_envs  # episodes ended, and restarted, inside the rollout
+    buffer.advantages = buffer.returns = np.zeros_like(buffer.rewards)
+    batch = next(buffer.minibatches(100, np.random.default_rng(0), policy.device, tokenizer.pad_token_id))
+    with torch.no_grad():
+        log_prob, entropy, values = policy.evaluate_actions(
+            batch.input_ids,
+            batch.attention_mask,
+            batch.action_mask,
+            decoder_input_ids=batch.decoder_input_ids,
+            decoder_attention_mask=batch.decoder_attention_mask,
+        )
+    assert log_prob.shape == (buffer.n_steps * buffer.n_envs,)
+    torch.testing.assert_close(log_prob, batch.old_log_prob, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(values, batch.old_values, atol=1e-4, rtol=1e-4)
+    assert (entropy >= 0).all()
+
+
+def make_algo(t5, algo=PPO, lora_r=0, **kwargs):
+    model, tokenizer = t5
+    policy = LMActorCriticPolicy(copy.deepcopy(model), tokenizer, lora_r=lora_r)
+    settings = dict(
+        prompts=PROMPTS,
+        reward=lowercase_share,
+        n_envs=8,
+        max_new_tokens=8,
+        learning_rate=1e-3,
+        kl_coef=0.0,
+        batch_size=8,
+        verbose=0,
+        seed=0,
+    )
+    return algo(policy, **{**settings, **kwargs})
+
+
+def test_ppo_raises_the_toy_reward(t5):
+    algo = make_algo(t5, n_epochs=4)
+    algo.learn(12)
+    scores = [h["rollout/rm_score"] for h in algo.logger.history]
+    assert np.mean(scores[:2]) < 0.2
+    assert np.mean(scores[-3:]) > np.mean(scores[:2]) + 0.5
+    algo.close()
+
+
+def test_lora_trains_the_adapters_only_and_exports_a_plain_seq2seq_model(t5, tmp_path):
+    algo = make_algo(t5, lora_r=8, learning_rate=1e-2, n_epochs=2)
+    policy = algo.policy
+    frozen = {k: v.clone() for k, v in policy.model.named_parameters() if not v.requires_grad}
+    adapters = {k: v.clone() for k, v in policy.model.named_parameters() if v.requires_grad}
+    algo.learn(3)
+    for name, value in policy.model.named_parameters():
+        if name in frozen:
+            assert torch.equal(value, frozen[name])
+    assert any(not torch.equal(v, adapters[k]) for k, v in policy.model.named_parameters() if k in adapters)
+
+    policy.save_pretrained(tmp_path / "export")
+    exported = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "export").eval()
+    ids = {"input_ids": torch.tensor([list(b"Hello")]), "decoder_input_ids": torch.tensor([[256, 104, 105]])}
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**ids).logits, policy.model(**ids).logits, atol=1e-4, rtol=1e-4)
+    assert (tmp_path / "export" / "value_head.safetensors").exists()
+    assert is_seq2seq_lm(str(tmp_path / "export"))  # and the env loads the folder as a seq2seq reference
+    env = gym.make("TextGen-v0", model=str(tmp_path / "export"), prompts=PROMPTS, reward=zero_reward)
+    assert "decoder_input_ids" in env.reset(seed=0)[0]
+    algo.close()
+
+
+@pytest.mark.parametrize("algo", [A2C, NLPO, TRPO])
+def test_the_other_algorithms_train_on_seq2seq(t5, algo):
+    algorithm = make_algo(t5, algo=algo, n_envs=4, max_new_tokens=4)
+    before = [p.detach().clone() for p in algorithm.policy.model.parameters()]
+    algorithm.learn(1)
+    metrics = algorithm.logger.history[-1]
+    assert np.isfinite(metrics["train/value_loss"]) and metrics["train/skipped_updates"] == 0
+    if algo is not TRPO:  # TRPO may reject its one step in the line search
+        assert any(not torch.equal(a, b) for a, b in zip(before, algorithm.policy.model.parameters()))
+    algorithm.close()
+
+
+def test_cli_trains_tiny_t5(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--model", "tiny-t5", "--run-dir", str(run), "--quiet", "--iterations", "1"]
+    main([*args, "--n-envs", "2", "--max-new-tokens", "4", "--n-epochs", "1"])
+    assert AutoModelForSeq2SeqLM.from_pretrained(run / "final").config.is_encoder_decoder
