@@ -10,17 +10,24 @@ import argparse
 import dataclasses
 import inspect
 import json
-import os
-import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from algorithms.a2c import A2C
 from algorithms.common.on_policy import OnPolicyAlgorithm
+from algorithms.demo import DEMO, demo
+from algorithms.flags import (
+    DTYPES,
+    _docstring_args,
+    _init_parameters,
+    _load_config,
+    _settings,
+    add_class_flags,
+    add_device_flags,
+    device_and_dtype,
+)
 from algorithms.nlpo import NLPO
 from algorithms.pipeline import PipelineConfig
 from algorithms.policy import LMActorCriticPolicy
@@ -30,172 +37,6 @@ from lm_gym.env import DEFAULT_MODEL
 from lm_gym.tasks import TASKS
 
 ALGORITHMS = {"ppo": PPO, "a2c": A2C, "trpo": TRPO, "nlpo": NLPO}
-SKIP = {
-    "self",
-    "policy",
-    "model",
-    "tokenizer",
-    "task",
-    "reward",
-    "prompts",
-    "kwargs",
-    "run_dir",
-    "verbose",
-    "stop_token_ids",
-    "reference",
-}
-
-
-# ---------------------------------------------------------------------------------------------- flags
-def _docstring_args(obj: Any) -> dict[str, str]:
-    """``name -> help`` from a Google-style ``Args:`` section."""
-    doc = inspect.getdoc(obj) or ""
-    match = re.search(r"^Args:\n(.*?)(?:^\S|\Z)", doc, re.S | re.M)
-    helps: dict[str, str] = {}
-    name = None
-    for line in (match.group(1) if match else "").splitlines():
-        item = re.match(r"^    (\*{0,2}\w+)(?: \(.*?\))?: (.*)", line)
-        if item:
-            name = item.group(1).lstrip("*")
-            helps[name] = item.group(2)
-        elif name and line.startswith("        "):
-            helps[name] += " " + line.strip()
-    return helps
-
-
-def _flag_type(annotation: str, default: Any):
-    if isinstance(default, bool) or annotation == "bool":
-        return None
-    for name, kind in (("int", int), ("float", float), ("str", str)):
-        if default is not None and type(default) is kind:
-            return kind
-        if annotation.split(" | ")[0] == name:
-            return kind
-    return str
-
-
-def _init_parameters(cls: type) -> list[inspect.Parameter]:
-    """The keyword arguments of ``cls.__init__``, with those it passes on through ``**kwargs`` to its bases
-    (NLPO takes PPO's), up to the shared core (whose flags are added once for all algorithms)."""
-    out: dict[str, inspect.Parameter] = {}
-    for klass in cls.__mro__:
-        if klass is object or (klass is OnPolicyAlgorithm and cls is not OnPolicyAlgorithm):
-            break
-        params = inspect.signature(klass.__init__).parameters
-        out.update({name: p for name, p in params.items() if name not in out})
-        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            break
-    return list(out.values())
-
-
-def add_class_flags(
-    parser: argparse.ArgumentParser, cls: type, title: str, seen: set[str] | None = None
-) -> list[str]:
-    """Add one ``--flag`` per keyword argument of ``cls.__init__`` (except those in ``seen``, which another
-    class already added); return all the parameter names of ``cls``."""
-    params = [
-        p
-        for p in _init_parameters(cls)
-        if p.name not in SKIP and p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD
-    ]
-    shared = [p for p in params if seen is not None and p.name in seen]
-    description = None
-    if shared:  # argparse takes a flag once: list the ones defined above, with this class's defaults
-        description = "also: " + ", ".join(
-            f"--{p.name.replace('_', '-')} (default {p.default})" for p in shared
-        )
-    group = parser.add_argument_group(title, description.replace("%", "%%") if description else None)
-    helps = _docstring_args(cls)
-    names = [p.name for p in shared]
-    for p in params:
-        if p in shared:
-            continue
-        annotation = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
-        kind = _flag_type(annotation, p.default)
-        text = f"{helps.get(p.name, '')} (default: {p.default})".replace("%", "%%")  # argparse formats help
-        flag = "--" + p.name.replace("_", "-")
-        if kind is None:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        else:
-            group.add_argument(flag, type=kind, default=None, help=text, metavar=kind.__name__.upper())
-        names.append(p.name)
-        if seen is not None:
-            seen.add(p.name)
-    return names
-
-
-def _settings(args: argparse.Namespace, names: list[str], config: dict[str, Any]) -> dict[str, Any]:
-    """Flags given on the command line win over the config file, which wins over the defaults."""
-    out = {k: v for k, v in config.items() if k in names}
-    out.update({k: getattr(args, k) for k in names if getattr(args, k) is not None})
-    return out
-
-
-def _load_config(path: str | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    import yaml  # a dependency of transformers
-
-    text = Path(path).read_text()
-    data = yaml.safe_load(text) if text.strip() else {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config {path}: expected a mapping of hyperparameter names to values")
-    return {k.replace("-", "_"): v for k, v in data.items()}
-
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def add_device_flags(parser: argparse.ArgumentParser) -> None:
-    """``--dtype`` and ``--device``, the same for every command that runs a model."""
-    parser.add_argument(
-        "--dtype",
-        default=None,
-        metavar="{bf16,fp16,fp32}",
-        help="weight and compute dtype of every model (policy, reference, reward model): bf16 halves the "
-        "memory (log-probs, losses and the optimizer's master weights stay float32); fp16 only for eval "
-        "(training refuses it). Default fp32, or bf16 under accelerate launch --mixed_precision bf16",
-    )
-    parser.add_argument(
-        "--device",
-        default=None,
-        help="cpu, cuda, cuda:1, mps... (default: this process's GPU if there is one, cuda:LOCAL_RANK under "
-        "accelerate launch / torchrun; else cpu)",
-    )
-
-
-def device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
-    """Check ``--device``/``--dtype`` and fill in their defaults."""
-    from algorithms.common.distributed import process_device
-
-    if dtype is None:  # `accelerate launch --mixed_precision bf16` (or its config) asks for bf16
-        dtype = "bf16" if os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16" else "fp32"
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: use one of bf16, fp16, fp32")
-    if device is None:
-        return process_device(), DTYPES[dtype]
-    try:
-        where = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:1, mps...)") from None
-    if where.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
-    return where, DTYPES[dtype]
-
-
-# ---------------------------------------------------------------------------------------------- commands
-def build_policy(
-    model_name: str,
-    settings: dict[str, Any],
-    seed: int,
-    device: torch.device | None = None,
-    dtype: torch.dtype | None = None,
-) -> LMActorCriticPolicy:
-    from lm_gym.models import is_seq2seq_lm, load_causal_lm, load_seq2seq_lm
-
-    load = load_seq2seq_lm if is_seq2seq_lm(model_name) else load_causal_lm  # T5-style: tiny-t5, a T5 folder
-    model, tokenizer = load(model_name, seed=seed, device=device, dtype=dtype)
-    return LMActorCriticPolicy(model, tokenizer, **settings)
 
 
 def train(args: argparse.Namespace) -> OnPolicyAlgorithm:
@@ -224,7 +65,9 @@ def train(args: argparse.Namespace) -> OnPolicyAlgorithm:
     model_name = args.model or config.get("model", DEFAULT_MODEL)
     task = args.task or config.get("task", "sentiment")
     device, dtype = device_and_dtype(args.device or config.get("device"), args.dtype or config.get("dtype"))
-    policy = build_policy(model_name, policy_settings, algo_settings.get("seed", 0), device, dtype)
+    policy = LMActorCriticPolicy.from_pretrained(
+        model_name, seed=algo_settings.get("seed", 0), device=device, dtype=dtype, **policy_settings
+    )
     run_dir = Path(args.run_dir)
     algo = algo_cls(
         policy,
@@ -290,72 +133,6 @@ def evaluate_cmd(args: argparse.Namespace) -> dict[str, float]:
         print(f"score {score:+.3f} gold {gold:+.3f} KL {kl:6.2f} | {prompt} >>> {text!r}")
     print(json.dumps({k: round(v, 4) for k, v in result.metrics.items()}))
     return result.metrics
-
-
-DEMO = dict(n_envs=16, max_new_tokens=24, learning_rate=6e-5, n_epochs=2, batch_size=8, kl_coef=0.05, seed=0)
-
-
-def demo(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """RLHF demo: PPO on the sentiment task, then a before/after table on held-out prompts and a curve."""
-    from lm_gym.evaluation import evaluate
-
-    run_dir = Path(args.run_dir)
-    policy = build_policy(args.model, {}, 0, *device_and_dtype(args.device, args.dtype))
-    reference = policy.reference_copy()
-    settings = {**DEMO, "max_new_tokens": args.max_new_tokens, "learning_rate": args.learning_rate}
-    if args.model == "tiny":  # smoke run: a random 0.3M model has no sentiment to improve
-        settings.update(n_envs=4, learning_rate=1e-3)
-    common = dict(
-        task="sentiment", split="eval", num_prompts=args.eval_prompts, max_new_tokens=args.max_new_tokens
-    )
-    print(f"[1/3] evaluating the initial model on {args.eval_prompts} held-out prompts")
-    before = evaluate(policy.model, policy.tokenizer, reference=reference, **common)
-    print(f"[2/3] PPO for {args.iterations} iterations ({settings['n_envs']} texts each); logs in {run_dir}")
-    algo = PPO(policy, task="sentiment", run_dir=run_dir, verbose=0, **settings)
-    algo.learn(args.iterations, progress_bar=True)
-    algo.close()
-    print("[3/3] evaluating the fine-tuned model")
-    after = evaluate(policy.model, policy.tokenizer, reference=reference, **common)
-    if algo.is_main_process:
-        print(_demo_report(before, after, algo.logger.history, run_dir))
-    return {"before": before.metrics, "after": after.metrics}
-
-
-def _demo_report(before, after, history: list[dict[str, float]], run_dir: Path) -> str:
-    names = {
-        "gold": "gold sentiment (VADER, mean)",
-        "gold_positive": "share of positive texts",
-        "kl": "KL to the initial model (nats/text)",
-        "perplexity": "perplexity under the initial model",
-        "distinct_2": "distinct-2",
-        "length": "tokens per text",
-    }
-    lines = ["| metric | before | after |", "|---|---|---|"]
-    lines += [f"| {label} | {before.metrics[k]:.3f} | {after.metrics[k]:.3f} |" for k, label in names.items()]
-    lines += ["", "| prompt | before | after |", "|---|---|---|"]
-    for b, a in list(zip(before.samples, after.samples))[:4]:
-        lines.append(f"| {b[0]} | {b[1]!r} ({b[3]:+.2f}) | {a[1]!r} ({a[3]:+.2f}) |")
-    report = "\n".join(lines)
-    (run_dir / "demo_report.md").write_text(report + "\n")
-    _plot_curve(history, run_dir / "learning_curve.png")
-    return report + f"\n\nlearning curve: {run_dir / 'learning_curve.png'}"
-
-
-def _plot_curve(history: list[dict[str, float]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [h["iteration"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
-    ax1.plot(steps, [h["rollout/rm_score"] for h in history])
-    ax1.set(xlabel="iteration", ylabel="reward-model score", title="reward of the rollouts")
-    ax2.plot(steps, [h["rollout/kl"] for h in history], color="tab:red")
-    ax2.set(xlabel="iteration", ylabel="KL (nats/text)", title="KL to the initial model")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def benchmark_cmd(args: argparse.Namespace) -> list[dict[str, Any]]:

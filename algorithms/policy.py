@@ -104,6 +104,24 @@ class LMActorCriticPolicy(nn.Module):
         self.value_head.to(self.device)
         self.eval()
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        name: str,
+        *,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        **settings,
+    ) -> LMActorCriticPolicy:
+        """Load ``name`` (``tiny``, ``tiny-t5``, ``smollm2-135m``, a folder or a Hub id; causal or T5-style)
+        with :mod:`lm_gym.models` and wrap it; ``settings`` are this class's keyword arguments."""
+        from lm_gym.models import is_seq2seq_lm, load_causal_lm, load_seq2seq_lm
+
+        load = load_seq2seq_lm if is_seq2seq_lm(name) else load_causal_lm
+        model, tokenizer = load(name, seed=seed, device=device, dtype=dtype)
+        return cls(model, tokenizer, **settings)
+
     # ------------------------------------------------------------------------------------------ basics
     @property
     def device(self) -> torch.device:
