@@ -95,7 +95,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         )
     ),
     "overoptimize": dict(
-        iterations=30,
+        iterations=24,
         eval_every=3,
         rl_settings=dict(
             n_envs=8, max_new_tokens=24, kl_coef=0.0, learning_rate=2e-4, n_epochs=2, batch_size=4

@@ -51,7 +51,47 @@ def left_pad(
     return ids.to(device), mask.to(device)
 
 
-class BatchedDecoder:
+class RowDecoder:
+    """What the KV-cached decoders share (:class:`BatchedDecoder`, :class:`~lm_gym.seq2seq.Seq2SeqDecoder`):
+    N rows, optionally each with a LoRA twin row, and the views of their last logits and hidden states.
+    Subclasses set ``num_rows``, ``twin_adapter``, ``keep_hidden``, ``model``, ``_logits`` and ``_hidden``."""
+
+    num_rows: int
+    twin_adapter: str | None
+    keep_hidden: bool
+    model: torch.nn.Module
+    _logits: torch.Tensor | None
+    _hidden: torch.Tensor | None
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """(N, V) next-token logits of each row (with ``twin_adapter``: the adapters-off rows)."""
+        return self._logits[: self.num_rows]
+
+    @property
+    def twin_logits(self) -> torch.Tensor:
+        """(N, V) next-token logits of the twin rows, run with the adapter ``twin_adapter`` on."""
+        if not self.twin_adapter:
+            raise RuntimeError("this decoder has no twin rows (twin_adapter=None)")
+        return self._logits[self.num_rows :]
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """(N, H) last (decoder) layer's hidden state at each row's last token (the twins' with
+        ``twin_adapter``)."""
+        if not self.keep_hidden:
+            raise RuntimeError("this decoder does not keep hidden states (keep_hidden=False)")
+        return self._hidden[self.num_rows :] if self.twin_adapter else self._hidden
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _physical(self, rows: list[int]) -> list[int]:
+        return rows + [r + self.num_rows for r in rows] if self.twin_adapter else rows
+
+
+class BatchedDecoder(RowDecoder):
     """Incremental forward passes of a causal LM over ``num_rows`` independent sequences.
 
     After :meth:`reset_rows` or :meth:`append`, :attr:`logits` (N, V) holds each row's next-token logits
@@ -92,43 +132,12 @@ class BatchedDecoder:
         self._logits: torch.Tensor | None = None  # (rows, V)
         forward = model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward
         self._logits_to_keep = "logits_to_keep" in inspect.signature(forward).parameters
-        self._lora_b = _plain_lora_b(model, twin_adapter) if twin_adapter else None
-        if twin_adapter and self._lora_b is None:
-            raise ValueError(
-                f"twin rows need plain LoRA layers for adapter {twin_adapter!r} (unmerged, without DoRA); "
-                "found none or another kind"
-            )
-
-    @property
-    def logits(self) -> torch.Tensor:
-        """(N, V) next-token logits of each row (with ``twin_adapter``: the adapters-off rows)."""
-        return self._logits[: self.num_rows]
-
-    @property
-    def twin_logits(self) -> torch.Tensor:
-        """(N, V) next-token logits of the twin rows, run with the adapter ``twin_adapter`` on."""
-        if not self.twin_adapter:
-            raise RuntimeError("this decoder has no twin rows (twin_adapter=None)")
-        return self._logits[self.num_rows :]
-
-    @property
-    def hidden(self) -> torch.Tensor:
-        """(N, H) last-layer hidden state at each row's last token (the twins' with ``twin_adapter``)."""
-        if not self.keep_hidden:
-            raise RuntimeError("this decoder does not keep hidden states (keep_hidden=False)")
-        return self._hidden[self.num_rows :] if self.twin_adapter else self._hidden
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        self._lora_b = _twin_lora_b(model, twin_adapter)
 
     @property
     def lengths(self) -> torch.Tensor:
         """(rows,) number of tokens each physical row holds."""
         return torch.tensor([len(t) for t in self.tokens], device=self.device)
-
-    def _physical(self, rows: list[int]) -> list[int]:
-        return rows + [r + self.num_rows for r in rows] if self.twin_adapter else rows
 
     def _forward(
         self,
@@ -241,6 +250,19 @@ class BatchedDecoder:
             layer.keys = layer.keys[:, :, first:]
             layer.values = layer.values[:, :, first:]
         self.mask = self.mask[:, first:]
+
+
+def _twin_lora_b(model: torch.nn.Module, twin_adapter: str | None) -> list[torch.nn.Module] | None:
+    """The LoRA B layers whose rows the twin hooks mask (None without twins); an error when unusable."""
+    if not twin_adapter:
+        return None
+    lora_b = _plain_lora_b(model, twin_adapter)
+    if lora_b is None:
+        raise ValueError(
+            f"twin rows need plain LoRA layers for adapter {twin_adapter!r} (unmerged, without DoRA); "
+            "found none or another kind"
+        )
+    return lora_b
 
 
 def _plain_lora_b(model: torch.nn.Module, adapter: str) -> list[torch.nn.Module] | None:

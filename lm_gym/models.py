@@ -301,16 +301,9 @@ def load_causal_lm(
         trust_remote_code: run model code from the checkpoint's repository. Off unless you trust it.
         seed: weight-initialisation seed of ``"tiny"`` (ignored for pretrained models).
     """
-    device = torch.device(device) if device is not None else default_device()
-    dtype = _dtype(dtype)
-    if name == "tiny":
-        model, tokenizer = tiny_causal_lm(seed=seed)
-    else:
-        _check_exists(name)
-        path = resolve_model_path(name)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-        tokenizer = load_tokenizer(path, trust_remote_code)
-    return model.to(device=device, dtype=dtype).eval(), tokenizer
+    return _load_lm(
+        AutoModelForCausalLM, "tiny", tiny_causal_lm, name, device, dtype, trust_remote_code, seed
+    )
 
 
 def is_seq2seq_lm(name: str, trust_remote_code: bool = False) -> bool:
@@ -347,14 +340,21 @@ def load_seq2seq_lm(
         trust_remote_code: run model code from the checkpoint's repository. Off unless you trust it.
         seed: weight-initialisation seed of ``"tiny-t5"`` (ignored for pretrained models).
     """
+    return _load_lm(
+        AutoModelForSeq2SeqLM, "tiny-t5", tiny_seq2seq_lm, name, device, dtype, trust_remote_code, seed
+    )
+
+
+def _load_lm(auto_class, tiny_name, build_tiny, name, device, dtype, trust_remote_code, seed):
+    """``load_causal_lm`` and ``load_seq2seq_lm``: the tiny model built from its config, or ``auto_class``."""
     device = torch.device(device) if device is not None else default_device()
     dtype = _dtype(dtype)
-    if name == "tiny-t5":
-        model, tokenizer = tiny_seq2seq_lm(seed=seed)
+    if name == tiny_name:
+        model, tokenizer = build_tiny(seed=seed)
     else:
         _check_exists(name)
         path = resolve_model_path(name)
-        model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = auto_class.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
         tokenizer = load_tokenizer(path, trust_remote_code)
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 

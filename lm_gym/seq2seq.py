@@ -27,7 +27,7 @@ import torch
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from lm_gym.decoding import BatchedDecoder, _masked_lora, _pad_left, _plain_lora_b, left_pad
+from lm_gym.decoding import BatchedDecoder, RowDecoder, _masked_lora, _pad_left, _twin_lora_b, left_pad
 from lm_gym.sampling import follow, observed_sequences
 
 __all__ = [
@@ -61,7 +61,7 @@ def right_pad(
     return ids.to(device), mask.to(device)
 
 
-class Seq2SeqDecoder:
+class Seq2SeqDecoder(RowDecoder):
     """Incremental decoding of ``num_rows`` sources with an encoder-decoder LM: the encoder once per episode.
 
     After :meth:`reset_rows` or :meth:`append`, :attr:`logits` (N, V) holds each row's next-token logits
@@ -121,38 +121,7 @@ class Seq2SeqDecoder:
         # relative position bias (unlike BatchedDecoder's explicit position ids), so they are prefilled
         # again if they are appended to before a reset
         self._gapped = np.zeros(num_rows, dtype=bool)
-        self._lora_b = _plain_lora_b(model, twin_adapter) if twin_adapter else None
-        if twin_adapter and self._lora_b is None:
-            raise ValueError(
-                f"twin rows need plain LoRA layers for adapter {twin_adapter!r} (unmerged, without DoRA); "
-                "found none or another kind"
-            )
-
-    @property
-    def logits(self) -> torch.Tensor:
-        """(N, V) next-token logits of each row (with ``twin_adapter``: the adapters-off rows)."""
-        return self._logits[: self.num_rows]
-
-    @property
-    def twin_logits(self) -> torch.Tensor:
-        """(N, V) next-token logits of the twin rows, run with the adapter ``twin_adapter`` on."""
-        if not self.twin_adapter:
-            raise RuntimeError("this decoder has no twin rows (twin_adapter=None)")
-        return self._logits[self.num_rows :]
-
-    @property
-    def hidden(self) -> torch.Tensor:
-        """(N, H) last decoder layer's hidden state at each row's last token (the twins' with ``twin_adapter``)."""
-        if not self.keep_hidden:
-            raise RuntimeError("this decoder does not keep hidden states (keep_hidden=False)")
-        return self._hidden[self.num_rows :] if self.twin_adapter else self._hidden
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def _physical(self, rows: list[int]) -> list[int]:
-        return rows + [r + self.num_rows for r in rows] if self.twin_adapter else rows
+        self._lora_b = _twin_lora_b(model, twin_adapter)
 
     def _run(
         self, rows: list[int], **inputs: torch.Tensor

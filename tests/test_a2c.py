@@ -1,36 +1,15 @@
 """A2C: learning on a toy reward, one step per rollout whatever the chunk size, seeding, checks."""
 
-import copy
-
 import numpy as np
 import pytest
 import torch
+from toys import toy_algo
 
 from algorithms.a2c import A2C
-from algorithms.policy import LMActorCriticPolicy
-
-PROMPTS = ["Hello", "The film", "Wow", "It was"]
-
-
-def lowercase_share(prompts, completions):
-    """Toy reward: the share of lowercase ASCII letters in the completion (about 10% for a random model)."""
-    return [sum("a" <= ch <= "z" for ch in c) / max(1, len(c)) for c in completions]
 
 
 def make_a2c(tiny, **kwargs):
-    model, tokenizer = tiny
-    policy = LMActorCriticPolicy(copy.deepcopy(model), tokenizer)
-    settings = dict(
-        prompts=PROMPTS,
-        reward=lowercase_share,
-        n_envs=8,
-        max_new_tokens=8,
-        learning_rate=3e-3,
-        kl_coef=0.0,
-        verbose=0,
-        seed=0,
-    )
-    return A2C(policy, **{**settings, **kwargs})
+    return toy_algo(A2C, tiny, **{"learning_rate": 3e-3, **kwargs})
 
 
 def test_a2c_raises_the_toy_reward(tiny):

@@ -1,38 +1,15 @@
 """NLPO: the top-p mask processor, masks in rollouts and in the ratio, refreshes, learning, resume, LoRA."""
 
-import copy
-
 import numpy as np
 import pytest
 import torch
+from toys import toy_algo
 
 from algorithms.nlpo import NLPO, TopPMaskLogitsProcessor
-from algorithms.policy import LMActorCriticPolicy
-
-PROMPTS = ["Hello", "The film", "Wow", "It was"]
-
-
-def lowercase_share(prompts, completions):
-    """Toy reward: the share of lowercase ASCII letters in the completion (about 10% for a random model)."""
-    return [sum("a" <= ch <= "z" for ch in c) / max(1, len(c)) for c in completions]
 
 
 def make_nlpo(tiny, **kwargs):
-    model, tokenizer = tiny
-    policy = LMActorCriticPolicy(copy.deepcopy(model), tokenizer, lora_r=kwargs.pop("lora_r", 0))
-    settings = dict(
-        prompts=PROMPTS,
-        reward=lowercase_share,
-        n_envs=8,
-        max_new_tokens=8,
-        learning_rate=1e-3,
-        kl_coef=0.0,
-        batch_size=8,
-        n_epochs=4,
-        verbose=0,
-        seed=0,
-    )
-    return NLPO(policy, **{**settings, **kwargs})
+    return toy_algo(NLPO, tiny, **{"batch_size": 8, "n_epochs": 4, **kwargs})
 
 
 def full_batch(algo):

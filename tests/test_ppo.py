@@ -1,40 +1,17 @@
 """The on-policy core and PPO: GAE, learning on a toy reward, resume, the non-finite guard."""
 
-import copy
-
 import numpy as np
 import pytest
 import torch
+from toys import toy_algo
 
 from algorithms.common.buffer import compute_gae
 from algorithms.common.on_policy import NonFiniteLossError
-from algorithms.policy import LMActorCriticPolicy
 from algorithms.ppo import PPO
-
-PROMPTS = ["Hello", "The film", "Wow", "It was"]
-
-
-def lowercase_share(prompts, completions):
-    """Toy reward: the share of lowercase ASCII letters in the completion (about 10% for a random model)."""
-    return [sum("a" <= ch <= "z" for ch in c) / max(1, len(c)) for c in completions]
 
 
 def make_ppo(tiny, **kwargs):
-    model, tokenizer = tiny
-    policy = LMActorCriticPolicy(copy.deepcopy(model), tokenizer, lora_r=kwargs.pop("lora_r", 0))
-    settings = dict(
-        prompts=PROMPTS,
-        reward=lowercase_share,
-        n_envs=8,
-        max_new_tokens=8,
-        learning_rate=1e-3,
-        kl_coef=0.0,
-        batch_size=8,
-        n_epochs=4,
-        verbose=0,
-        seed=0,
-    )
-    return PPO(policy, **{**settings, **kwargs})
+    return toy_algo(PPO, tiny, **{"batch_size": 8, "n_epochs": 4, **kwargs})
 
 
 def test_gae_matches_hand_computed_returns():

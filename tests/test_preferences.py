@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -52,7 +51,12 @@ NEGATIVE = [
     "sad and painfully bad.",
     "poor pacing ruins it.",
 ]
-NEUTRAL = ["the film runs two hours.", "it was shot in Ohio.", "the cast has six actors.", "it came out in May."]
+NEUTRAL = [
+    "the film runs two hours.",
+    "it was shot in Ohio.",
+    "the cast has six actors.",
+    "it came out in May.",
+]
 
 
 # ---------------------------------------------------------------------------------------------- Elo
@@ -90,8 +94,12 @@ def test_ranking_gives_k_choose_2_pairs_and_ties_give_none():
 
 def test_jsonl_round_trip(tmp_path):
     records = [
-        PreferenceRecord("The film", " was great.", " was bad.", chosen_score=0.8, rejected_score=-0.8, agreement=0.6),
-        PreferenceRecord("", "Human: hi\n\nAssistant: hello, ünïcode", "Human: hi\n\nAssistant: go away", margin=1.0),
+        PreferenceRecord(
+            "The film", " was great.", " was bad.", chosen_score=0.8, rejected_score=-0.8, agreement=0.6
+        ),
+        PreferenceRecord(
+            "", "Human: hi\n\nAssistant: hello, ünïcode", "Human: hi\n\nAssistant: go away", margin=1.0
+        ),
     ]
     path = write_jsonl(records, tmp_path / "prefs.jsonl")
     assert read_jsonl(path) == records
@@ -220,7 +228,9 @@ def _planted_records(n_prompts: int = 40) -> list[PreferenceRecord]:
         for _ in range(3):
             filler = " ".join(rng.choice(words, size=4))
             other = " ".join(rng.choice(words, size=4))
-            records.append(PreferenceRecord(f"Review {n}:", f" {filler} zap", f" {other} {rng.choice(words)}"))
+            records.append(
+                PreferenceRecord(f"Review {n}:", f" {filler} zap", f" {other} {rng.choice(words)}")
+            )
     return records
 
 
@@ -273,7 +283,9 @@ def test_bradley_terry_training_separates_a_planted_preference(trained_rm):
     assert result.metrics["eval/labels_gold"] == 1.0
     assert result.history[-1]["train/loss"] < result.history[0]["train/loss"]
     info = json.loads((out / "reward_model.json").read_text())
-    assert info["include_prompt"] is True and info["metrics"]["eval/accuracy"] == result.metrics["eval/accuracy"]
+    assert (
+        info["include_prompt"] is True and info["metrics"]["eval/accuracy"] == result.metrics["eval/accuracy"]
+    )
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
 
 
@@ -304,11 +316,38 @@ def test_cli_collect_and_train_rm_on_tiny(tmp_path, capsys):
     model.save_pretrained(backbone)
     tokenizer.save_pretrained(backbone)
     prefs = tmp_path / "prefs.jsonl"
-    main(["collect", "--model", "tiny", "--num-prompts", "4", "--k", "3", "--max-new-tokens", "4", "--out", str(prefs)])
+    main(
+        [
+            "collect",
+            "--model",
+            "tiny",
+            "--num-prompts",
+            "4",
+            "--k",
+            "3",
+            "--max-new-tokens",
+            "4",
+            "--out",
+            str(prefs),
+        ]
+    )
     assert len(read_jsonl(prefs)) > 0 and (tmp_path / "prefs.elo.jsonl").exists()
     out = tmp_path / "rm"
-    main(["train-rm", "--data", str(prefs), "--model", str(backbone), "--out", str(out), "--epochs", "1",
-          "--eval-fraction", "0.25"])
+    main(
+        [
+            "train-rm",
+            "--data",
+            str(prefs),
+            "--model",
+            str(backbone),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--eval-fraction",
+            "0.25",
+        ]
+    )
     text = capsys.readouterr().out
     assert "inter-annotator agreement" in text and "held-out accuracy" in text
     assert (out / "model.safetensors").exists()

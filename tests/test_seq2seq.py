@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
+from toys import lowercase_share, toy_algo
 from transformers import AutoModelForSeq2SeqLM
 
 import lm_gym  # noqa: F401  (registers TextGen-v0)
@@ -32,11 +33,6 @@ STOPS = list(range(64))  # a quarter of the bytes end an episode: rows restart a
 def t5():
     model, tokenizer = tiny_seq2seq_lm(seed=0)
     return model.requires_grad_(False), tokenizer
-
-
-def lowercase_share(prompts, completions):
-    """Toy reward (as in test_ppo): the share of lowercase ASCII letters in the completion."""
-    return [sum("a" <= ch <= "z" for ch in c) / max(1, len(c)) for c in completions]
 
 
 def zero_reward(prompts, completions):
@@ -259,20 +255,7 @@ def test_sampling_log_probs_and_values_equal_evaluate_actions(t5, kwargs):
 
 
 def make_algo(t5, algo=PPO, lora_r=0, **kwargs):
-    model, tokenizer = t5
-    policy = LMActorCriticPolicy(copy.deepcopy(model), tokenizer, lora_r=lora_r)
-    settings = dict(
-        prompts=PROMPTS,
-        reward=lowercase_share,
-        n_envs=8,
-        max_new_tokens=8,
-        learning_rate=1e-3,
-        kl_coef=0.0,
-        batch_size=8,
-        verbose=0,
-        seed=0,
-    )
-    return algo(policy, **{**settings, **kwargs})
+    return toy_algo(algo, t5, **{"lora_r": lora_r, "batch_size": 8, **kwargs})
 
 
 def test_ppo_raises_the_toy_reward(t5):

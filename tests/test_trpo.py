@@ -5,35 +5,14 @@ import copy
 import numpy as np
 import pytest
 import torch
+from toys import toy_algo
 
 from algorithms.common.on_policy import NonFiniteLossError
-from algorithms.policy import LMActorCriticPolicy
 from algorithms.trpo import TRPO
-
-PROMPTS = ["Hello", "The film", "Wow", "It was"]
-
-
-def lowercase_share(prompts, completions):
-    """Toy reward: the share of lowercase ASCII letters in the completion (about 10% for a random model)."""
-    return [sum("a" <= ch <= "z" for ch in c) / max(1, len(c)) for c in completions]
 
 
 def make_trpo(tiny, **kwargs):
-    model, tokenizer = tiny
-    policy_kwargs = {k: kwargs.pop(k) for k in ("lora_r", "temperature", "separate_critic") if k in kwargs}
-    policy = LMActorCriticPolicy(copy.deepcopy(model), tokenizer, **policy_kwargs)
-    settings = dict(
-        prompts=PROMPTS,
-        reward=lowercase_share,
-        n_envs=8,
-        max_new_tokens=8,
-        learning_rate=1e-3,
-        kl_coef=0.0,
-        batch_size=8,
-        verbose=0,
-        seed=0,
-    )
-    return TRPO(policy, **{**settings, **kwargs})
+    return toy_algo(TRPO, tiny, **{"batch_size": 8, **kwargs})
 
 
 def reference_kl(old_model, new_model, buffer, temperature=1.0):

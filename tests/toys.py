@@ -1,0 +1,30 @@
+"""The toy setting the algorithm tests share: four prompts, a reward for lowercase letters (about 0.1 for a
+random model, learnable in seconds), 8 envs x 8 tokens, no KL penalty, one seed."""
+
+import copy
+
+from algorithms.policy import LMActorCriticPolicy
+from lm_gym.rewards import LowercaseShare
+
+PROMPTS = ["Hello", "The film", "Wow", "It was"]
+lowercase_share = LowercaseShare()
+POLICY_ARGS = ("lora_r", "temperature", "top_k", "top_p", "separate_critic")
+
+
+def toy_algo(algo_cls, model_and_tokenizer, **kwargs):
+    """``algo_cls`` on a copy of the model with the toy settings; ``kwargs`` override them (the policy's
+    own arguments go to the policy)."""
+    model, tokenizer = model_and_tokenizer
+    policy_kwargs = {k: kwargs.pop(k) for k in POLICY_ARGS if k in kwargs}
+    policy = LMActorCriticPolicy(copy.deepcopy(model), tokenizer, **policy_kwargs)
+    settings = dict(
+        prompts=PROMPTS,
+        reward=lowercase_share,
+        n_envs=8,
+        max_new_tokens=8,
+        learning_rate=1e-3,
+        kl_coef=0.0,
+        verbose=0,
+        seed=0,
+    )
+    return algo_cls(policy, **{**settings, **kwargs})
