@@ -51,6 +51,8 @@ QUICK: dict[str, Any] = dict(
     settings=dict(n_envs=8, max_new_tokens=8, kl_coef=0.05, learning_rate=2e-3, checkpoint_every=5),
 )
 
+INITIAL = "initial"  # the untrained model's row (no training; KL 0)
+
 METRICS = {
     "gold": "gold score",
     "score": "reward-model score",
@@ -114,20 +116,25 @@ def run_cell(spec: BenchmarkSpec, algo: str, seed: int, cell_dir: Path) -> dict[
     }
     where = dict(seed=seed, device=spec.device, dtype=spec.dtype)
     model, tokenizer = load_causal_lm(spec.model, **where)
-    policy = LMActorCriticPolicy(model, tokenizer, **spec.policy_settings)
     reference = load_causal_lm(spec.model, **where)[0].requires_grad_(False)
-    runner = spec.algorithms[algo](
-        policy, task=spec.task, reward=spec.reward, run_dir=cell_dir, verbose=0, **settings
-    )
-    if (cell_dir / "checkpoints" / "latest").exists():
-        runner.load_checkpoint(cell_dir)
-    main = runner.is_main_process  # with several processes (accelerate launch), the one that writes
-    if main:
-        (cell_dir / "settings.json").write_text(json.dumps(record, indent=2, default=str))
-    runner.learn(spec.iterations)
-    runner.close()
-    history = _history(cell_dir / "metrics.jsonl")
-    policy_model = policy.model.merge_and_unload() if policy.adapter else policy.model
+    if algo == INITIAL:  # the untrained model: the row every algorithm is compared with
+        history, policy_model, main = [], model, is_main_process()
+        if main:
+            cell_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        policy = LMActorCriticPolicy(model, tokenizer, **spec.policy_settings)
+        runner = spec.algorithms[algo](
+            policy, task=spec.task, reward=spec.reward, run_dir=cell_dir, verbose=0, **settings
+        )
+        if (cell_dir / "checkpoints" / "latest").exists():
+            runner.load_checkpoint(cell_dir)
+        main = runner.is_main_process  # with several processes (accelerate launch), the one that writes
+        if main:
+            (cell_dir / "settings.json").write_text(json.dumps(record, indent=2, default=str))
+        runner.learn(spec.iterations)
+        runner.close()
+        history = _history(cell_dir / "metrics.jsonl")
+        policy_model = policy.model.merge_and_unload() if policy.adapter else policy.model
     result = evaluate(
         policy_model,
         tokenizer,
@@ -160,8 +167,8 @@ def run_benchmark(
     then write the tables and plots; return the cell results."""
     out_dir = Path(out_dir)
     results = []
-    # seed-major: an interrupted grid has every algorithm on the first seeds
-    cells = [(algo, seed) for seed in spec.seeds for algo in spec.algorithms]
+    # seed-major: an interrupted grid has every algorithm on the first seeds; the initial model first
+    cells = [(algo, seed) for seed in spec.seeds for algo in (INITIAL, *spec.algorithms)]
     for n, (algo, seed) in enumerate(cells, 1):
         cell_dir = out_dir / algo / f"seed_{seed}"
         done = cell_dir / "result.json"
@@ -169,7 +176,7 @@ def run_benchmark(
             result = json.loads(done.read_text())
             _check_same_settings(result, spec, algo, seed, done)
             log(f"[{n}/{len(cells)}] {algo} seed {seed}: done earlier, skipped")
-        elif report_only:
+        elif report_only and algo != INITIAL:  # (the initial model's evaluation is quick: always there)
             log(f"[{n}/{len(cells)}] {algo} seed {seed}: not run, left out of the report")
             continue
         else:

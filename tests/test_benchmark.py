@@ -37,25 +37,35 @@ def test_mean_ci_is_the_student_t_interval():
 
 def test_grid_writes_tables_and_plots_and_skips_finished_cells(tmp_path, monkeypatch):
     results = run_benchmark(spec(), tmp_path, log=lambda *_: None)
-    assert [(r["algo"], r["seed"]) for r in results] == [("ppo", 0), ("a2c", 0), ("ppo", 1), ("a2c", 1)]
+    assert [(r["algo"], r["seed"]) for r in results] == [
+        ("initial", 0),
+        ("ppo", 0),
+        ("a2c", 0),
+        ("initial", 1),
+        ("ppo", 1),
+        ("a2c", 1),
+    ]
+    assert all(r["metrics"]["kl"] == pytest.approx(0.0, abs=1e-5) for r in results if r["algo"] == "initial")
     for name in ("results.md", "results.csv", "learning_curves.png", "gold_vs_kl.png"):
         assert (tmp_path / name).stat().st_size > 0
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
-    assert [r["algo"] for r in rows] == ["ppo", "a2c"]
+    assert [r["algo"] for r in rows] == ["initial", "ppo", "a2c"]
     for key in ("gold", "score", "kl", "perplexity", "distinct_1", "distinct_2", "wall_time_s"):
         mean, _ = mean_ci([r["metrics"][key] for r in results if r["algo"] == "ppo"])
-        assert float(rows[0][key]) == pytest.approx(mean)
-        assert key + "_ci95" in rows[0]
+        assert float(rows[1][key]) == pytest.approx(mean)
+        assert key + "_ci95" in rows[1]
     assert "| ppo | 2 |" in (tmp_path / "results.md").read_text()
-    assert len(results[0]["curve"]) == 2
+    assert len(results[1]["curve"]) == 2
 
     # a second run reruns nothing
     monkeypatch.setattr("algorithms.benchmark.run_cell", lambda *a: pytest.fail("a finished cell was rerun"))
     again = run_benchmark(spec(), tmp_path, log=lambda *_: None)
     assert [r["metrics"] for r in again] == [r["metrics"] for r in results]
-    # a report of the finished cells only, without running the missing ones
+    monkeypatch.undo()
+    # a report of the finished cells only, without training the missing ones (the initial model's is quick)
     partial = run_benchmark(spec(seeds=[0, 1, 2]), tmp_path, log=lambda *_: None, report_only=True)
-    assert len(partial) == 4 and "| ppo | 2 |" in (tmp_path / "results.md").read_text()
+    assert len(partial) == 7 and "| ppo | 2 |" in (tmp_path / "results.md").read_text()
+    assert "| initial | 3 |" in (tmp_path / "results.md").read_text()
     with pytest.raises(ValueError, match="iterations=2, now 3: use another --out"):
         run_benchmark(spec(iterations=3), tmp_path, log=lambda *_: None)
 
@@ -71,7 +81,7 @@ def test_an_interrupted_cell_resumes_from_its_checkpoint(tmp_path):
     crashed = PPO(LMActorCriticPolicy(model, tokenizer), task="letters", run_dir=cell, verbose=0, **settings)
     crashed.learn(1)  # checkpoint at iteration 1, then "crash" before result.json
     crashed.close()
-    (result,) = run_benchmark(one, tmp_path, log=lambda *_: None)
+    (_, result) = run_benchmark(one, tmp_path, log=lambda *_: None)
     iterations = [json.loads(line)["iteration"] for line in (cell / "metrics.jsonl").read_text().splitlines()]
     assert iterations == [1, 2]  # only the missing iteration ran
     assert [c["iteration"] for c in result["curve"]] == [1, 2]
