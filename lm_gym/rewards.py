@@ -7,7 +7,9 @@ neural reward model see all the episodes that end on the same step in one forwar
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -15,6 +17,10 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = ["HFRewardModel", "LowercaseShare", "RewardFunction", "VaderSentiment", "make_reward"]
+
+# Written next to a trained reward model by lm_gym.preferences.reward_model: its settings, its metrics and
+# the input it was trained on (``include_prompt``).
+REWARD_MODEL_INFO = "reward_model.json"
 
 
 @runtime_checkable
@@ -86,7 +92,9 @@ class HFRewardModel:
         tokenizer: required when ``model`` is a loaded model.
         label_index: which output to use when the head has several labels.
         output: ``"logit"`` or ``"probability"`` (softmax over labels) for multi-label heads.
-        include_prompt: score ``prompt + completion`` (default) or the completion alone.
+        include_prompt: score ``prompt + completion`` or the completion alone. Default: what the model
+            folder's ``reward_model.json`` says it was trained on (written by
+            :mod:`lm_gym.preferences.reward_model`), else ``prompt + completion``.
         batch_size: texts per forward pass.
         max_length: texts are truncated to this many tokens.
         device: default the model's device.
@@ -102,7 +110,7 @@ class HFRewardModel:
         *,
         label_index: int | None = None,
         output: Literal["logit", "probability"] = "logit",
-        include_prompt: bool = True,
+        include_prompt: bool | None = None,
         batch_size: int = 32,
         max_length: int = 512,
         device: str | torch.device | None = None,
@@ -111,6 +119,8 @@ class HFRewardModel:
     ) -> None:
         from lm_gym.models import load_sequence_classifier
 
+        if include_prompt is None:
+            include_prompt = _trained_with_prompt(model) if isinstance(model, str) else True
         if isinstance(model, str):
             model, loaded_tokenizer = load_sequence_classifier(
                 model, device=device, dtype=dtype, trust_remote_code=trust_remote_code
@@ -167,6 +177,15 @@ class HFRewardModel:
         if not scores:
             return np.zeros(0)
         return torch.cat(scores).cpu().numpy().astype(np.float64)
+
+
+def _trained_with_prompt(name: str) -> bool:
+    """Whether a reward-model folder scores ``prompt + completion``: its ``reward_model.json`` says so
+    (``include_prompt``), or it has none (a model trained elsewhere: the usual whole-text input)."""
+    info = Path(name).expanduser() / REWARD_MODEL_INFO
+    if not info.is_file():
+        return True
+    return bool(json.loads(info.read_text()).get("include_prompt", True))
 
 
 def make_reward(spec: str | RewardFunction | Callable, **kwargs) -> RewardFunction:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lm_gym.preferences.data import PreferenceRecord
-from lm_gym.rewards import RewardFunction
+from lm_gym.rewards import REWARD_MODEL_INFO, RewardFunction
 
 __all__ = [
     "RewardModelResult",
@@ -51,8 +51,6 @@ __all__ = [
     "split_by_prompt",
     "train_reward_model",
 ]
-
-INFO_FILE = "reward_model.json"
 
 
 class RewardModelResult(NamedTuple):
@@ -386,5 +384,5 @@ def save_reward_model(
         "metrics": result.metrics,
         "history": result.history,
     }
-    (out / INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+    (out / REWARD_MODEL_INFO).write_text(json.dumps(info, indent=2, default=str) + "\n")
     return out
