@@ -181,7 +181,8 @@ def run_benchmark(
             continue
         else:
             start = time.perf_counter()
-            log(f"[{n}/{len(cells)}] {algo} seed {seed}: training {spec.iterations} iterations")
+            doing = "evaluating" if algo == INITIAL else f"training {spec.iterations} iterations"
+            log(f"[{n}/{len(cells)}] {algo} seed {seed}: {doing}")
             result = run_cell(spec, algo, seed, cell_dir)
             log(
                 f"[{n}/{len(cells)}] {algo} seed {seed}: gold {result['metrics']['gold']:+.3f} "
