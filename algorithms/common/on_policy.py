@@ -376,6 +376,7 @@ class OnPolicyAlgorithm:
             return False
         self.optimizer.step()
         self._masters.masters_to_params()
+        self.zero_grad()  # free the gradients now, not after the next minibatch's forward pass: a lower peak
         return True
 
     def learn(self, iterations: int, progress_bar: bool = False, export: bool = True) -> OnPolicyAlgorithm:
@@ -391,6 +392,7 @@ class OnPolicyAlgorithm:
             for group in self.optimizer.param_groups:
                 group["lr"] = self._current_lr()
             rollout = self.collect_rollouts()
+            _release_free_memory()  # before the update's peak: the rollout's freed buffers back to the OS
             self._skipped_updates = 0
             start = time.perf_counter()
             self.train()
@@ -544,6 +546,25 @@ class OnPolicyAlgorithm:
     def close(self) -> None:
         self.envs.close()
         self.logger.close()
+
+
+def _release_free_memory() -> None:
+    """Return the C heap's free memory to the OS (glibc's ``malloc_trim``; elsewhere nothing). Freed KV
+    caches of the rollout, some in the reference thread's own heap, would otherwise sit under the update's
+    allocations and raise the peak."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM: Any = None
 
 
 def _step_values(infos: dict[str, Any], key: str, dones: np.ndarray) -> np.ndarray:
