@@ -210,12 +210,15 @@ def collect_cmd(args: argparse.Namespace) -> dict[str, float]:
     """Preference data (RLHF step 2): K completions per prompt, ranked by a simulated annotator panel."""
     from lm_gym.models import load_causal_lm
     from lm_gym.preferences import AnnotatorPanel, collect_preferences, write_collection
+    from lm_gym.preferences.collect import collection_report
     from lm_gym.tasks import get_task
 
     task = get_task(args.task)
     prompts = list(task.prompts(args.split))[: args.num_prompts]
     model, tokenizer = load_causal_lm(args.model, seed=args.seed)
-    panel = AnnotatorPanel(task.make_reward(), aggregate=args.aggregate, seed=args.seed)
+    panel = AnnotatorPanel(
+        task.make_reward(), aggregate=args.aggregate, min_agreement=args.min_agreement, seed=args.seed
+    )
     sampling = dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_size=args.batch_size
     )
@@ -224,45 +227,41 @@ def collect_cmd(args: argparse.Namespace) -> dict[str, float]:
     )
     settings = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     paths = write_collection(collection, args.out, settings)
-    s = collection.stats
-    print(
-        f"{len(collection.records)} comparisons of {int(s['completions'])} completions "
-        f"({int(s['ranked_prompts'])} prompts) -> {paths[0]}; Elo table {paths[1]}; panel report {paths[2]}"
-    )
-    print(
-        f"panel: inter-annotator agreement {s['inter_annotator']:.3f}, annotators vs gold "
-        f"{s['annotator_gold']:.3f}, panel labels vs gold {s['panel_gold']:.3f} (gold ties {s['gold_ties']:.3f})"
-    )
-    return s
+    print(collection_report(collection.stats))
+    print(f"comparisons: {paths[0]}; Elo table: {paths[1]}; panel statistics: {paths[2]}")
+    return collection.stats
 
 
 def train_rm_cmd(args: argparse.Namespace) -> dict[str, float]:
     """Reward model (RLHF step 2): Bradley-Terry on preference data; the folder is a TextGen-v0 reward."""
     from lm_gym.preferences import load_preferences, train_reward_model
+    from lm_gym.preferences.reward_model import accuracy_report
     from lm_gym.tasks import get_task
 
     records = load_preferences(args.data)
     names = ("epochs", "batch_size", "margin", "center_coef", "eval_fraction", "min_agreement", "max_length")
+    names += ("vote_share",)
     settings = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.lr is not None:
         settings["learning_rate"] = args.lr
     gold = None if args.no_gold else get_task(args.task).make_reward()
+    # By default the reward model reads what the task's gold scorer reads (VADER: the completion alone).
+    include_prompt = args.include_prompt
+    if include_prompt is None:
+        include_prompt = getattr(gold, "include_prompt", True)
     result = train_reward_model(
-        records, model=args.model, gold=gold, out_dir=args.out, seed=args.seed, log=print, **settings
+        records,
+        model=args.model,
+        gold=gold,
+        include_prompt=include_prompt,
+        out_dir=args.out,
+        seed=args.seed,
+        log=print,
+        **settings,
     )
-    m = result.metrics
-    if "eval/accuracy" in m:
-        line = (
-            f"held-out accuracy: {m['eval/accuracy']:.3f} against the labels ({int(m['eval/pairs'])} pairs)"
-        )
-        if "eval/accuracy_gold" in m:
-            line += (
-                f", {m['eval/accuracy_gold']:.3f} against the gold scorer ({int(m['eval/gold_pairs'])} pairs "
-                f"with different gold scores; the labels themselves agree with gold on {m['eval/labels_gold']:.3f})"
-            )
-        print(line)
+    print(accuracy_report(result.metrics))
     print(f"reward model: {args.out} (use it as reward={args.out}, e.g. lm-gym train --reward {args.out})")
-    return m
+    return result.metrics
 
 
 PIPELINE_RL_FLAGS = ("n_envs", "max_new_tokens", "kl_coef", "learning_rate")
@@ -453,6 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", default="prefs.jsonl", help="records (JSONL); also writes OUT.elo.jsonl and OUT.meta.json"
     )
+    p.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.0,
+        help="pairs on which fewer annotators agree are ties and get no record (0.8: 4 of 5; default 0)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the sampling and the panel")
     p.set_defaults(func=collect_cmd)
 
@@ -481,6 +486,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--task", default="sentiment", choices=sorted(TASKS), help="its gold scorer judges the held-out pairs"
     )
     p.add_argument("--no-gold", action="store_true", help="report accuracy against the labels only")
+    p.add_argument(
+        "--vote-share",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fit the annotators' vote share (the records' agreement) instead of hard labels "
+        f"(default {rm_defaults['vote_share']})",
+    )
+    p.add_argument(
+        "--include-prompt",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="score prompt + completion, or the completion alone (default: as the task's gold scorer does; "
+        "sentiment: the completion alone); recorded in OUT/reward_model.json for the env",
+    )
     p.set_defaults(func=train_rm_cmd)
     p = sub.add_parser(
         "pipeline",

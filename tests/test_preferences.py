@@ -22,17 +22,19 @@ from lm_gym.preferences import (
     collect_preferences,
     elo_ratings,
     elo_rewards,
+    evaluate_reward_model,
     expected_score,
     load_preferences,
     panel_agreement,
     preference_dataset,
     ranking_to_pairs,
     read_jsonl,
+    save_reward_model,
     train_reward_model,
     write_collection,
     write_jsonl,
 )
-from lm_gym.preferences.reward_model import score_texts, split_by_prompt
+from lm_gym.preferences.reward_model import accuracy_report, score_texts, split_by_prompt
 from lm_gym.rewards import HFRewardModel, VaderSentiment, make_reward
 
 POSITIVE = [
@@ -175,6 +177,11 @@ def test_panel_aggregates_and_a_noiseless_annotator_matches_gold():
     assert all(len(j.labellers) == 1 and all(a is None for *_, a in j.pairs) for j in single)
     borda = AnnotatorPanel(gold, aggregate="borda", seed=0).judge(prompts, groups)
     assert all(len(j.pairs) <= 6 for j in borda)
+    strict = AnnotatorPanel(gold, min_agreement=0.8, seed=0).judge(prompts, groups)  # contested pairs = ties
+    kept = [a for j in strict for *_, a in j.pairs]
+    assert 0 < len(kept) < 24 * 6 and min(kept) >= 0.8
+    with pytest.raises(ValueError, match="min_agreement"):
+        AnnotatorPanel(gold, aggregate="single", min_agreement=0.8)
     with pytest.raises(ValueError, match="aggregate"):
         AnnotatorPanel(gold, aggregate="vote")
     with pytest.raises(ValueError, match="lapse"):
@@ -246,6 +253,10 @@ def test_bradley_terry_loss_by_hand():
     assert bradley_terry_loss(r_c, r_r, margin=1.0).item() == pytest.approx(with_margin)
     centered = bradley_terry_loss(r_c, r_r, center_coef=0.01).item()
     assert centered == pytest.approx(expected + 0.01 * (1.0 + 0.0) / 2)
+    # vote shares as targets: t = 1 is the hard loss; t = 0.6 mixes both directions
+    assert bradley_terry_loss(r_c, r_r, targets=torch.ones(2)).item() == pytest.approx(expected)
+    soft = (0.6 * math.log1p(math.exp(-1.0)) + 0.4 * math.log1p(math.exp(1.0)) + math.log(2.0)) / 2
+    assert bradley_terry_loss(r_c, r_r, targets=torch.tensor([0.6, 0.9])).item() == pytest.approx(soft)
 
 
 def test_split_by_prompt_keeps_prompts_on_one_side():
@@ -289,6 +300,22 @@ def test_bradley_terry_training_separates_a_planted_preference(trained_rm):
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
 
 
+def test_accuracy_is_broken_down_by_annotator_agreement(trained_rm):
+    result, _ = trained_rm
+    records = [r._replace(agreement=0.6 if i % 2 else 1.0) for i, r in enumerate(_planted_records(4))]
+    flipped = records[0]._replace(chosen=records[0].rejected, rejected=records[0].chosen)  # a wrong label
+    m = evaluate_reward_model(result.model, result.tokenizer, [flipped, *records[1:]], gold=_marker_gold)
+    assert m["pairs"] == 12 and m["confident_pairs"] == 6  # agreement 1.0 >= 0.8
+    assert m["labels_gold_confident"] == 5 / 6 and m["labels_gold"] == 11 / 12
+    assert set(m) >= {
+        "accuracy_gold/agreement_0.60",
+        "accuracy_gold/agreement_1.00",
+        "accuracy_gold_confident",
+    }
+    text = accuracy_report({f"eval/{k}": v for k, v in m.items()})
+    assert "against the gold scorer" in text and "1.00:" in text
+
+
 def test_trained_folder_is_the_env_reward_model(trained_rm):
     result, out = trained_rm
     reward = make_reward(str(out))
@@ -306,6 +333,17 @@ def test_trained_folder_is_the_env_reward_model(trained_rm):
         done = terminated or truncated
     assert np.isfinite(info["score"])
     env.close()
+
+
+def test_folder_records_whether_the_prompt_is_scored(trained_rm, tmp_path):
+    result, _ = trained_rm
+    folder = save_reward_model(result, tmp_path / "completion_only", include_prompt=False)
+    reward = make_reward(str(folder))
+    assert reward.include_prompt is False  # read from reward_model.json
+    scores = reward(["Review 1: zap zap", "x"], [" the plot ends", " the plot zap"])
+    expected = score_texts(result.model, result.tokenizer, [" the plot ends", " the plot zap"])
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
+    assert make_reward(str(folder), include_prompt=True).include_prompt is True  # an explicit choice wins
 
 
 def test_cli_collect_and_train_rm_on_tiny(tmp_path, capsys):

@@ -31,6 +31,7 @@ from lm_gym.preferences.panel import AnnotatorPanel, Judgement, panel_agreement
 __all__ = [
     "Collection",
     "collect_preferences",
+    "collection_report",
     "elo_games",
     "rank_completions",
     "sample_completions",
@@ -284,3 +285,14 @@ def write_collection(collection: Collection, out: str | Path, settings: dict | N
     meta = {"settings": settings or {}, "panel": collection.stats}
     paths[2].write_text(json.dumps(meta, indent=2) + "\n")
     return paths
+
+
+def collection_report(stats: dict[str, float]) -> str:
+    """The panel's statistics of a :class:`Collection` in words."""
+    return (
+        f"panel: inter-annotator agreement {stats['inter_annotator']:.3f}, annotators vs gold "
+        f"{stats['annotator_gold']:.3f}, panel labels vs gold {stats['panel_gold']:.3f}; "
+        f"{int(stats['pairs'])} labelled pairs from {int(stats['ranked_prompts'])} prompts "
+        f"({int(stats['completions'])} completions, {int(stats['dropped_completions'])} empty or repeated); "
+        f"gold ties {stats['gold_ties']:.3f}"
+    )

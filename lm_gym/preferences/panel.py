@@ -21,6 +21,11 @@ The panel turns the annotators' rankings into labelled pairs in one of three way
 * ``"single"``: one annotator, drawn at random for each prompt, labels all of its pairs: the usual
   one-labeller-per-item budget of real collection. ``agreement`` is then unknown (None).
 
+A pair on which too few annotators agree (``agreement < min_agreement``) is a *tie* for the panel and gets
+no label, as real collections drop "about the same" answers: ``min_agreement=0.8`` keeps the pairs on
+which at least 4 of 5 annotators agree. Those contested pairs are mostly the ones whose gold scores are
+close; dropping them trades quantity for label quality.
+
 :func:`panel_agreement` reports the inter-annotator agreement rate and each annotator's (and the
 panel's) agreement with the gold scorer.
 """
@@ -121,6 +126,8 @@ class AnnotatorPanel:
         annotators: the panel (default :data:`DEFAULT_ANNOTATORS`).
         aggregate: ``"majority"`` (per pair), ``"borda"`` (one consensus ranking) or ``"single"`` (one
             random annotator per prompt); see the module documentation.
+        min_agreement: pairs whose share of agreeing annotators is below this are ties and get no label
+            (0 = keep every decided pair; not available with ``"single"``, which has no agreement).
         seed: seeds the noise, the presentation orders, the lapses and the ``"single"`` draws.
     """
 
@@ -130,6 +137,7 @@ class AnnotatorPanel:
         annotators: Sequence[Annotator] | None = None,
         *,
         aggregate: Literal["majority", "borda", "single"] = "majority",
+        min_agreement: float = 0.0,
         seed: int = 0,
     ) -> None:
         annotators = tuple(annotators if annotators is not None else DEFAULT_ANNOTATORS)
@@ -139,7 +147,13 @@ class AnnotatorPanel:
             raise ValueError(f"AnnotatorPanel: aggregate must be one of {AGGREGATES}; got {aggregate!r}")
         self.gold = gold
         self.annotators = annotators
+        if not 0.0 <= min_agreement <= 1.0 or (aggregate == "single" and min_agreement > 0):
+            raise ValueError(
+                f"AnnotatorPanel: min_agreement must be in [0, 1] (and 0 with aggregate='single'); "
+                f"got {min_agreement} with {aggregate!r}"
+            )
         self.aggregate = aggregate
+        self.min_agreement = min_agreement
         self.rng = np.random.default_rng(seed)
 
     def judge(self, prompts: Sequence[str], completions: Sequence[Sequence[str]]) -> list[Judgement]:
@@ -184,7 +198,8 @@ class AnnotatorPanel:
                 votes_i = int((ranks[:, i] < ranks[:, j]).sum())
                 if 2 * votes_i != n_annotators:
                     pairs.append((i, j) if 2 * votes_i > n_annotators else (j, i))
-        return everyone, tuple((w, lo, float((ranks[:, w] < ranks[:, lo]).mean())) for w, lo in pairs)
+        labelled = [(w, lo, float((ranks[:, w] < ranks[:, lo]).mean())) for w, lo in pairs]
+        return everyone, tuple(pair for pair in labelled if pair[2] >= self.min_agreement)
 
 
 def panel_agreement(judgements: Sequence[Judgement], names: Sequence[str] | None = None) -> dict[str, float]:
@@ -195,7 +210,8 @@ def panel_agreement(judgements: Sequence[Judgement], names: Sequence[str] | None
         ``annotator_gold``: mean share of an annotator's pairs ordered as the gold scorer orders them
         (pairs with equal gold scores left out); ``gold/<name>``: the same per annotator;
         ``panel_gold``: share of the panel's labelled pairs that agree with gold; ``pairs``: labelled
-        pairs; ``gold_ties``: share of completion pairs with equal gold scores.
+        pairs; ``gold_ties``: share of completion pairs with equal gold scores. A rate with nothing to
+        count (e.g. gold ties every pair) is NaN.
     """
     n_annotators = judgements[0].ranks.shape[0] if judgements else 0
     names = list(names) if names is not None else [f"annotator_{a}" for a in range(n_annotators)]
@@ -219,11 +235,12 @@ def panel_agreement(judgements: Sequence[Judgement], names: Sequence[str] | None
             if j.gold[w] != j.gold[lo]:
                 panel_pairs += 1
                 panel_hits += int(j.gold[w] > j.gold[lo])
-    per_annotator = gold_hits / max(gold_pairs, 1)
+    nan = float("nan")
+    per_annotator = gold_hits / gold_pairs if gold_pairs else np.full(n_annotators, nan)
     stats = {
-        "inter_annotator": same / max(between, 1),
-        "annotator_gold": float(per_annotator.mean()) if n_annotators else 0.0,
-        "panel_gold": panel_hits / max(panel_pairs, 1),
+        "inter_annotator": same / between if between else nan,
+        "annotator_gold": float(per_annotator.mean()) if n_annotators else nan,
+        "panel_gold": panel_hits / panel_pairs if panel_pairs else nan,
         "pairs": float(sum(len(j.pairs) for j in judgements)),
         "gold_ties": 1.0 - gold_pairs / max(all_pairs, 1),
     }

@@ -10,6 +10,9 @@ et al. 2022, Eq. 1; Anthropic HH, Bai et al. 2022; TRL's ``RewardTrainer``)::
 The margin (Llama 2, Touvron et al. 2023, Sec. 3.2.2) is the record's own ``margin`` when it has one,
 else the ``margin`` argument; the second term (Eisenstein et al. 2023, "Helping or Herding?", with
 coefficient 0.01) keeps the rewards centred on 0, which the Bradley-Terry loss alone leaves free.
+With ``vote_share`` (the default) a record's label is the share of annotators who preferred ``chosen``
+(its ``agreement``) rather than 1: the cross-entropy to that share is the Bradley-Terry likelihood of every
+annotator's vote, so a 3-2 split pulls less than a 5-0 verdict.
 
 All pairs of a prompt are put in the same batch where they fit, and each distinct text of a batch goes
 through the model once: K ranked completions cost K forward passes for their K(K-1)/2 pairs (the
@@ -20,7 +23,8 @@ The held-out split is by prompt, so no held-out completion's prompt was seen in 
 ``eval/accuracy``, the share of held-out pairs with ``r_chosen > r_rejected`` (agreement with the
 annotators' labels); with a gold scorer, ``eval/accuracy_gold``, the same against the gold order of the
 pair, over the pairs on which the gold scores differ, and ``eval/labels_gold``, how often the labels
-themselves agree with gold on those pairs (the ceiling a model that copied the labels would reach).
+themselves agree with gold on those pairs (what a model that copied the labels would reach); and the same
+on the pairs the annotators agree on (``eval/accuracy_gold_confident``, see :func:`evaluate_reward_model`).
 
 The saved folder (``save_pretrained``: ``config.json``, ``model.safetensors``, the tokenizer, and
 ``reward_model.json`` with the settings and metrics) is what ``TextGen-v0`` takes as ``reward=FOLDER``.
@@ -44,6 +48,7 @@ from lm_gym.rewards import REWARD_MODEL_INFO, RewardFunction
 
 __all__ = [
     "RewardModelResult",
+    "accuracy_report",
     "bradley_terry_loss",
     "evaluate_reward_model",
     "save_reward_model",
@@ -67,9 +72,20 @@ def bradley_terry_loss(
     r_rejected: torch.Tensor,
     margin: torch.Tensor | float = 0.0,
     center_coef: float = 0.0,
+    targets: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``mean(-log sigmoid(r_c - r_r - margin)) + center_coef * mean((r_c + r_r)^2)``, shapes (P,)."""
-    loss = -F.logsigmoid(r_chosen - r_rejected - margin).mean()
+    """``mean(-log sigmoid(r_c - r_r - margin)) + center_coef * mean((r_c + r_r)^2)``, shapes (P,).
+
+    With ``targets`` (P,), the probability that ``chosen`` is preferred (e.g. the annotators' vote share),
+    the first term is the cross-entropy ``-(t log sigmoid(d) + (1 - t) log sigmoid(-d))``,
+    ``d = r_c - r_r - margin``: the Bradley-Terry likelihood of every annotator's vote, not only the
+    majority's.
+    """
+    d = r_chosen - r_rejected - margin
+    if targets is None:
+        loss = -F.logsigmoid(d).mean()
+    else:
+        loss = -(targets * F.logsigmoid(d) + (1.0 - targets) * F.logsigmoid(-d)).mean()
     if center_coef:
         loss = loss + center_coef * ((r_chosen + r_rejected) ** 2).mean()  # Eisenstein et al. 2023
     return loss
@@ -136,15 +152,34 @@ def evaluate_reward_model(
     *,
     gold: RewardFunction | None = None,
     include_prompt: bool = True,
+    confident: float = 0.8,
     batch_size: int = 64,
     max_length: int = 128,
 ) -> dict[str, float]:
     """Pairwise accuracy of a reward model on ``records``, against their labels and against ``gold``.
 
+    Like Llama 2's accuracy per preference strength (Touvron et al. 2023, Table 8), the accuracy is also
+    broken down by how many annotators agreed on the pair (the records' ``agreement``): pairs the panel
+    split on are close calls, and nearly a coin flip for any model.
+
+    Args:
+        model: the reward model (one output).
+        tokenizer: its tokenizer.
+        records: the pairs to judge.
+        gold: the gold scorer, for the accuracies against gold.
+        include_prompt: score ``prompt + completion`` or the completion alone.
+        confident: the agreement from which a pair counts as *confident*: the pairs a collection that
+            drops the panel's near-ties (``AnnotatorPanel(min_agreement=confident)``) would keep.
+        batch_size: texts per forward pass.
+        max_length: texts are truncated to this many tokens.
+
     Returns:
         ``accuracy`` (share of pairs with ``r_chosen > r_rejected``), ``pairs``; with ``gold``:
-        ``accuracy_gold`` (share ordered as gold orders them, over the pairs whose gold scores differ),
-        ``labels_gold`` (share of those pairs whose label agrees with gold) and ``gold_pairs``.
+        ``gold_pairs`` (pairs whose gold scores differ) and, when there are any, ``accuracy_gold`` (share
+        of them the model orders as gold does) and ``labels_gold`` (share whose label agrees). When the
+        records carry ``agreement``: ``accuracy_confident``, ``confident_pairs`` and, with ``gold``,
+        ``gold_pairs_confident``, ``accuracy_gold_confident``, ``labels_gold_confident`` over the pairs with
+        ``agreement >= confident``, and ``accuracy_gold/agreement_<a>`` for each agreement level ``a``.
     """
     keys = list(dict.fromkeys((r.prompt, c) for r in records for c in (r.chosen, r.rejected)))
     index = {key: n for n, key in enumerate(keys)}
@@ -162,11 +197,32 @@ def evaluate_reward_model(
         decided = g[chosen] != g[rejected]
         gold_prefers_chosen = g[chosen] > g[rejected]
         hits = model_prefers_chosen == gold_prefers_chosen
-        metrics.update(
-            accuracy_gold=float(hits[decided].mean()) if decided.any() else 0.0,
-            labels_gold=float(gold_prefers_chosen[decided].mean()) if decided.any() else 0.0,
-            gold_pairs=float(decided.sum()),
-        )
+        metrics["gold_pairs"] = float(decided.sum())
+        if decided.any():  # no accuracy against gold when it ties every pair
+            metrics.update(
+                accuracy_gold=float(hits[decided].mean()),
+                labels_gold=float(gold_prefers_chosen[decided].mean()),
+            )
+    agreement = np.array([np.nan if r.agreement is None else r.agreement for r in records], dtype=np.float64)
+    if np.isnan(agreement).all():
+        return metrics
+    sure = agreement >= confident - 1e-9
+    metrics.update(
+        accuracy_confident=float(model_prefers_chosen[sure].mean()) if sure.any() else 0.0,
+        confident_pairs=float(sure.sum()),
+    )
+    if gold is not None:
+        kept = decided & sure
+        metrics["gold_pairs_confident"] = float(kept.sum())
+        if kept.any():
+            metrics.update(
+                accuracy_gold_confident=float(hits[kept].mean()),
+                labels_gold_confident=float(gold_prefers_chosen[kept].mean()),
+            )
+        for level in np.unique(agreement[~np.isnan(agreement)]):
+            at = decided & np.isclose(agreement, level)
+            if at.any():
+                metrics[f"accuracy_gold/agreement_{level:.2f}"] = float(hits[at].mean())
     return metrics
 
 
@@ -218,13 +274,15 @@ def train_reward_model(
     *,
     model: str | PreTrainedModel = "minilm-l6",
     tokenizer: PreTrainedTokenizerBase | None = None,
-    epochs: int = 2,
-    learning_rate: float = 5e-5,
+    epochs: int = 3,
+    learning_rate: float = 1e-4,
     batch_size: int = 32,
     margin: float = 0.0,
     center_coef: float = 0.0,
     eval_fraction: float = 0.1,
     min_agreement: float = 0.0,
+    vote_share: bool = True,
+    confident: float = 0.8,
     include_prompt: bool = True,
     max_length: int = 128,
     weight_decay: float = 0.01,
@@ -251,6 +309,11 @@ def train_reward_model(
         eval_fraction: share of the prompts held out for evaluation.
         min_agreement: train only on pairs whose annotator ``agreement`` is at least this (pairs without
             one are kept); the held-out pairs are never filtered.
+        vote_share: fit the annotators' vote share (the records' ``agreement``; 1 when a record has none)
+            instead of a hard label: the likelihood of every annotator's vote (see
+            :func:`bradley_terry_loss`).
+        confident: held-out pairs with at least this annotator agreement are also scored apart
+            (``eval/accuracy_gold_confident``; see :func:`evaluate_reward_model`).
         include_prompt: score ``prompt + completion`` (as ``HFRewardModel`` does by default) or the
             completion alone.
         max_length: texts are truncated to this many tokens.
@@ -295,7 +358,7 @@ def train_reward_model(
         optimizer,
         lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(steps - warmup, 1)),
     )
-    evaluate = dict(gold=gold, include_prompt=include_prompt, max_length=max_length)
+    evaluate = dict(gold=gold, include_prompt=include_prompt, confident=confident, max_length=max_length)
     history: list[dict[str, float]] = []
     for epoch in range(1, epochs + 1):
         losses, hits, seen = [], 0, 0
@@ -313,7 +376,11 @@ def train_reward_model(
             margins = torch.tensor(
                 [r.margin if r.margin is not None else margin for r in batch], device=device_
             )  # (P,)
-            loss = bradley_terry_loss(r_chosen, r_rejected, margins, center_coef)
+            targets = None
+            if vote_share:
+                shares = [r.agreement if r.agreement is not None else 1.0 for r in batch]
+                targets = torch.tensor(shares, device=device_)  # (P,)
+            loss = bradley_terry_loss(r_chosen, r_rejected, margins, center_coef, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if max_grad_norm > 0:
@@ -334,7 +401,7 @@ def train_reward_model(
         row["time/elapsed_s"] = time.perf_counter() - start
         history.append(row)
         if log is not None:
-            log(" ".join(f"{k} {v:.4g}" for k, v in row.items()))
+            log(" ".join(f"{k} {v:.4g}" for k, v in row.items() if "/agreement_" not in k))
     metrics = {
         **history[-1],
         "data/train_pairs": float(len(train_records)),
@@ -350,6 +417,8 @@ def train_reward_model(
             center_coef=center_coef,
             eval_fraction=eval_fraction,
             min_agreement=min_agreement,
+            vote_share=vote_share,
+            confident=confident,
             max_length=max_length,
             weight_decay=weight_decay,
             warmup_ratio=warmup_ratio,
@@ -386,3 +455,27 @@ def save_reward_model(
     }
     (out / REWARD_MODEL_INFO).write_text(json.dumps(info, indent=2, default=str) + "\n")
     return out
+
+
+def accuracy_report(metrics: dict[str, float], prefix: str = "eval/") -> str:
+    """The held-out accuracies of :func:`train_reward_model`'s metrics, in words (one line each)."""
+    m = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
+    if "accuracy" not in m:
+        return "no held-out pairs (eval_fraction=0)"
+    lines = [f"held-out accuracy against the labels: {m['accuracy']:.3f} ({int(m['pairs'])} pairs)"]
+    if "accuracy_gold" in m:
+        lines.append(
+            f"held-out accuracy against the gold scorer: {m['accuracy_gold']:.3f} ({int(m['gold_pairs'])} pairs "
+            f"whose gold scores differ; the labels themselves agree with gold on {m['labels_gold']:.3f})"
+        )
+    elif "gold_pairs" in m:
+        lines.append("the gold scorer ties every held-out pair: no accuracy against it")
+    if "accuracy_gold_confident" in m:
+        levels = ", ".join(
+            f"{float(k.split('_')[-1]):.2f}: {v:.3f}" for k, v in m.items() if k.startswith("accuracy_gold/")
+        )
+        lines.append(
+            f"  on the {int(m['gold_pairs_confident'])} pairs the panel agrees on (its near-ties dropped): "
+            f"{m['accuracy_gold_confident']:.3f}; by annotator agreement {levels}"
+        )
+    return "\n".join(lines)
