@@ -200,9 +200,10 @@ def sft_cmd(args: argparse.Namespace) -> dict[str, float]:
     model, tokenizer = load_causal_lm(args.model, seed=settings.get("seed", 0))
     trainer = SFT(model, tokenizer, verbose=0 if args.quiet else 1, **settings)
     result = trainer.learn(data, eval_data)
-    out = trainer.save_pretrained(args.output_dir)
-    print(json.dumps({k: round(v, 4) for k, v in result.metrics.items()}))
-    print(f"model: {out} (RL from it: lm-gym train --model {out})")
+    out = trainer.save_pretrained(args.output_dir)  # by the main process, with several (accelerate launch)
+    if trainer.process_group.is_main_process:
+        print(json.dumps({k: round(v, 4) for k, v in result.metrics.items()}))
+        print(f"model: {out} (RL from it: lm-gym train --model {out})")
     return result.metrics
 
 
@@ -234,6 +235,7 @@ def collect_cmd(args: argparse.Namespace) -> dict[str, float]:
 
 def train_rm_cmd(args: argparse.Namespace) -> dict[str, float]:
     """Reward model (RLHF step 2): Bradley-Terry on preference data; the folder is a TextGen-v0 reward."""
+    from lm_gym.distributed import is_main_process
     from lm_gym.preferences import load_preferences, train_reward_model
     from lm_gym.preferences.reward_model import accuracy_report
     from lm_gym.tasks import get_task
@@ -259,8 +261,11 @@ def train_rm_cmd(args: argparse.Namespace) -> dict[str, float]:
         log=print,
         **settings,
     )
-    print(accuracy_report(result.metrics))
-    print(f"reward model: {args.out} (use it as reward={args.out}, e.g. lm-gym train --reward {args.out})")
+    if is_main_process():  # with several processes (accelerate launch), the one that wrote the folder
+        print(accuracy_report(result.metrics))
+        print(
+            f"reward model: {args.out} (use it as reward={args.out}, e.g. lm-gym train --reward {args.out})"
+        )
     return result.metrics
 
 
@@ -269,6 +274,7 @@ PIPELINE_RL_FLAGS = ("n_envs", "max_new_tokens", "kl_coef", "learning_rate")
 
 def pipeline_cmd(args: argparse.Namespace) -> dict[str, Any]:
     from algorithms.pipeline import PRESETS, run_pipeline
+    from lm_gym.distributed import is_main_process
 
     preset = PRESETS[args.preset]
     fields = {f.name for f in dataclasses.fields(PipelineConfig)} - {"rl_settings", "policy_settings"}
@@ -282,7 +288,8 @@ def pipeline_cmd(args: argparse.Namespace) -> dict[str, Any]:
     policy = {"lora_r": args.lora_r} if args.lora_r else {}
     config = PipelineConfig(**settings, rl_settings=rl, policy_settings=policy)
     report = run_pipeline(config, ALGORITHMS[args.algo], args.out)
-    print((Path(args.out) / "report.md").read_text())
+    if is_main_process():  # with several processes (accelerate launch), the one that wrote the report
+        print((Path(args.out) / "report.md").read_text())
     return report
 
 
@@ -544,7 +551,10 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
         sys.exit(f"lm-gym {args.command}: error: {err}")
-    print(f"done in {time.perf_counter() - start:.0f} s")
+    from lm_gym.distributed import is_main_process
+
+    if is_main_process():
+        print(f"done in {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

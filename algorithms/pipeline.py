@@ -14,6 +14,11 @@ Round ``r`` (Anthropic 2022's iterated online RLHF when ``rounds > 1``):
 The report (``report.md``, ``report.json``, ``overoptimization.png``) puts proxy and gold reward against
 ``sqrt(KL)``, where over-optimization shows (Gao et al. 2022: the proxy keeps rising while the gold score
 peaks and falls), and an Elo table of the policy checkpoints of all rounds judged by the panel.
+
+Under ``accelerate launch``/``torchrun`` every step is data parallel: the sampling of the compared completions
+is shared out by batch of prompts and gathered (the panel then ranks them identically in every process, so
+the comparisons are one process's), the reward model and the RL are trained data parallel, and the
+evaluations run identically everywhere; only the main process logs and writes files.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import numpy as np
 
 from algorithms.common.on_policy import OnPolicyAlgorithm
 from algorithms.policy import LMActorCriticPolicy
+from lm_gym.distributed import ProcessGroup
 
 __all__ = ["PRESETS", "PipelineConfig", "run_pipeline"]
 
@@ -86,8 +92,10 @@ class PipelineConfig:
 
 
 # Presets of `lm-gym pipeline --preset`: the default RLHF run on the embedded model; one that pushes the
-# policy hard against the learned reward model (no KL penalty, a larger learning rate, more iterations) to
-# show over-optimization; and a quick one on `tiny` and the toy letters task (for tests and teaching).
+# policy hard against the learned reward model (no KL penalty, a larger learning rate, more iterations, a
+# reward model from few comparisons, as Gao et al. 2022 find smaller proxies over-optimized sooner) to show
+# over-optimization, judged by a gold scorer that repetition cannot game (`sentiment-fluent`: VADER alone
+# rises with "great great great"); and a quick one on `tiny` and the toy letters task (tests, teaching).
 PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(
         rl_settings=dict(
@@ -95,8 +103,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         )
     ),
     "overoptimize": dict(
+        task="sentiment-fluent",
+        collect_prompts=200,
+        k=4,
+        rm_epochs=2,
+        rm_learning_rate=5e-5,
         iterations=24,
         eval_every=3,
+        eval_prompts=64,
         rl_settings=dict(
             n_envs=8, max_new_tokens=24, kl_coef=0.0, learning_rate=2e-4, n_epochs=2, batch_size=4
         ),
@@ -135,14 +149,23 @@ def run_pipeline(
 
     config.check()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps({"algo": algorithm.__name__, **asdict(config)}, indent=2))
     start = time.perf_counter()
     task = get_task(config.task)
     gold = task.make_reward()
+    include_prompt = getattr(
+        gold, "include_prompt", True
+    )  # the reward model reads what the gold scorer reads
     panel = AnnotatorPanel(gold, seed=config.seed)
     model, tokenizer = load_causal_lm(config.model, seed=config.seed)
     policy = LMActorCriticPolicy(model, tokenizer, **config.policy_settings)
+    group = ProcessGroup(policy.device)  # alone: every collective is the identity
+    main = group.is_main_process  # with several processes (accelerate launch), the one that writes
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config_text = json.dumps({"algo": algorithm.__name__, **asdict(config)}, indent=2)
+        (out_dir / "config.json").write_text(config_text)
+    else:
+        log = lambda *_: None  # noqa: E731
     reference = None if policy.adapter else policy.reference_copy()  # the anchor of every round's KL
     eval_reference = reference if reference is not None else load_causal_lm(config.model, seed=config.seed)[0]
     train_prompts = list(task.prompts("train"))
@@ -169,16 +192,13 @@ def run_pipeline(
             for i in range(config.collect_prompts)
         ]
         log(f"round {r}: collecting {config.k} completions for {len(picks)} prompts; the panel ranks them")
-        collection = collect_preferences(
-            policy.model,
-            tokenizer,
-            picks,
-            panel,
-            k=config.k,
-            max_new_tokens=config.collect_max_new_tokens,
-            seed=config.seed + r,
-        )
-        write_collection(collection, round_dir / "preferences.jsonl")
+        sampling = dict(k=config.k, max_new_tokens=config.collect_max_new_tokens, seed=config.seed + r)
+        if group.distributed:  # the same comparisons, the sampling shared out
+            collection = _collect_sharded(group, policy.model, tokenizer, picks, panel, **sampling)
+        else:
+            collection = collect_preferences(policy.model, tokenizer, picks, panel, **sampling)
+        if main:
+            write_collection(collection, round_dir / "preferences.jsonl")
         records += collection.records
 
         # 2. the reward model, from scratch on everything so far
@@ -190,11 +210,12 @@ def run_pipeline(
             learning_rate=config.rm_learning_rate,
             batch_size=config.rm_batch_size,
             gold=gold,
+            include_prompt=include_prompt,
             out_dir=round_dir / "reward_model",
             seed=config.seed + r,
             log=None,
         )
-        proxy = HFRewardModel(rm.model, rm.tokenizer)
+        proxy = HFRewardModel(rm.model, rm.tokenizer, include_prompt=include_prompt)
 
         # 3. RL against it, evaluated every eval_every iterations
         algo = algorithm(
@@ -220,8 +241,19 @@ def run_pipeline(
                 seed=config.seed,
             )
             m = result.metrics
+            samples = [
+                {"prompt": prompt, "completion": text, "proxy": score, "gold": gold_score}
+                for prompt, text, score, gold_score, _ in result.samples[:SAMPLES_SHOWN]
+            ]
             points.append(
-                {"round": round_index, "iteration": it, "proxy": m["score"], "gold": m["gold"], "kl": m["kl"]}
+                {
+                    "round": round_index,
+                    "iteration": it,
+                    "proxy": m["score"],
+                    "gold": m["gold"],
+                    "kl": m["kl"],
+                    "samples": samples,
+                }
             )
             log(
                 f"round {round_index} iteration {it}: proxy {m['score']:+.3f} gold {m['gold']:+.3f} KL {m['kl']:.2f}"
@@ -247,14 +279,48 @@ def run_pipeline(
             }
         )
 
-    policy.save_pretrained(out_dir / "final")
     elo = _elo_table(snapshots, eval_prompts, panel)
     report = {"rounds": rounds, "points": points, "elo": elo, "wall_time_s": time.perf_counter() - start}
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=float))
-    (out_dir / "report.md").write_text(_markdown(report, config, algorithm.__name__))
-    _plot(points, out_dir / "overoptimization.png")
-    log(f"report: {out_dir / 'report.md'}; plot: {out_dir / 'overoptimization.png'}")
+    if main:
+        policy.save_pretrained(out_dir / "final")
+        (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=float))
+        (out_dir / "report.md").write_text(_markdown(report, config, algorithm.__name__))
+        _plot(points, out_dir / "overoptimization.png")
+        log(f"report: {out_dir / 'report.md'}; plot: {out_dir / 'overoptimization.png'}")
+    group.barrier()  # every process returns with the report written
     return report
+
+
+SAMPLES_SHOWN = 3  # held-out texts kept per evaluation point (the report shows the first and last point's)
+COLLECT_BATCH = 64  # sequences sampled side by side (collect_preferences' default)
+
+
+def _collect_sharded(group: ProcessGroup, model, tokenizer, prompts: list[str], panel, *, k: int, **sampling):
+    """``collect_preferences`` over several processes, with the same result as one process's: batch ``b``
+    of the prompts (sampled with seed ``seed + b``, as ``sample_completions`` seeds it) is sampled by process
+    ``b mod N``, the completions are gathered in every process, and each has the panel rank them (the same
+    panel, seed and calls everywhere, so the same records)."""
+    from lm_gym.preferences.collect import rank_completions, sample_completions
+
+    seed = sampling.pop("seed")
+    per_batch = max(1, COLLECT_BATCH // k)
+    mine = {
+        b: sample_completions(
+            model,
+            tokenizer,
+            prompts[start : start + per_batch],
+            k,
+            batch_size=COLLECT_BATCH,
+            seed=seed + b,
+            **sampling,
+        )
+        for b, start in enumerate(range(0, len(prompts), per_batch))
+        if b % group.world_size == group.rank
+    }
+    parts = {b: part for shard in group.gather(mine) for b, part in shard.items()}
+    seen = [p for b in sorted(parts) for p in parts[b][0]]
+    sampled = [c for b in sorted(parts) for c in parts[b][1]]
+    return rank_completions(seen, sampled, panel)
 
 
 def _elo_table(snapshots: dict[str, list[str]], prompts: list[str], panel) -> list[dict[str, Any]]:
@@ -300,6 +366,16 @@ def _markdown(report: dict[str, Any], config: PipelineConfig, algo: str) -> str:
             f"| {q['round']} | {q['iteration']} | {q['proxy']:+.3f} | {q['gold']:+.3f} | {q['kl']:.2f} "
             f"| {math.sqrt(max(q['kl'], 0.0)):.2f} |"
         )
+    shown = [q for q in (report["points"][:1] + report["points"][-1:]) if q.get("samples")]
+    if len(shown) == 2 and shown[0] is not shown[1]:
+        lines += ["", "Held-out samples at the first and the last evaluation (prompt + *completion*):", ""]
+        for q in shown:
+            lines.append(f"- round {q['round']}, iteration {q['iteration']}, KL {q['kl']:.1f}:")
+            for x in q["samples"]:
+                completion = " ".join(x["completion"].split()).replace("|", "/")
+                lines.append(
+                    f"  - {x['prompt']} *{completion}* (proxy {x['proxy']:+.2f}, gold {x['gold']:+.2f})"
+                )
     lines += ["", "| checkpoint | Elo (panel) | gold (mean) |", "|---|---|---|"]
     for row in report["elo"]:
         lines.append(f"| {row['checkpoint']} | {row['elo']:.0f} | {row['gold']:+.3f} |")

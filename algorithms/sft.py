@@ -8,6 +8,11 @@ given, not learned (TRL's ``completion_only_loss``). The prompt is tokenized exa
 ``TextGenVectorEnv`` tokenizes prompts (with the tokenizer's special tokens), the completion is appended
 verbatim (so it carries its own leading space), then the EOS token, which is the env's stop token: the
 fine-tuned model learns where a completion ends.
+
+Under ``accelerate launch``/``torchrun`` (data parallel, :mod:`lm_gym.distributed`) every process forms the
+same global batches (the same seed) and runs its contiguous share of each; the loss is weighted by the global
+batch's target-token count and the gradients are averaged, so N processes take the step one process takes
+on the whole batch. Only the main process prints and writes the model folder.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from algorithms.common.on_policy import _check
+from lm_gym.distributed import ProcessGroup
 
 __all__ = [
     "IGNORE_INDEX",
@@ -212,7 +218,8 @@ class SFT:
     The loss is the mean cross-entropy of the target tokens (a completion's, or a whole text's), with
     AdamW, an optional linear warmup and linear decay, and gradient clipping. Defaults follow
     ``transformers.Trainer`` (3 epochs, batch 8, linear decay, clip 1.0) and TRL's SFT (learning rate
-    2e-5). On CPU a run repeats exactly for a given ``seed``; the global RNG is left untouched.
+    2e-5). On CPU a run repeats exactly for a given ``seed``; the global RNG is left untouched. Under a
+    data-parallel launcher each process takes its share of every batch (see the module's docstring).
 
     Example, on the shipped sentiment demonstrations (:data:`SENTIMENT_DEMOS`), then RL from the result::
 
@@ -290,6 +297,7 @@ class SFT:
         self.lora_r, self.lora_alpha, self.lora_target_modules = lora_r, lora_alpha, lora_target_modules
         self.seed, self.verbose = seed, verbose
         self.result: SFTResult | None = None
+        self.process_group = ProcessGroup(self.device)  # alone: every collective is the identity
 
     @property
     def device(self) -> torch.device:
@@ -331,18 +339,23 @@ class SFT:
 
     @torch.no_grad()
     def evaluate_loss(self, examples: Sequence[Example], model: torch.nn.Module | None = None) -> float:
-        """Mean cross-entropy per target token (nats) over ``examples``; its exp is the perplexity."""
+        """Mean cross-entropy per target token (nats) over ``examples``; its exp is the perplexity.
+
+        With several processes each scores its share and the sums are reduced (every process must call it).
+        """
         model = self.model if model is None else model
         was_training = model.training
         model.eval()
         total, tokens = 0.0, 0
-        for start in range(0, len(examples), self.batch_size):
+        mine = self.process_group.shard(examples)
+        for start in range(0, len(mine), self.batch_size):
             nll, n = _nll(
-                model, collate(examples[start : start + self.batch_size], self.pad_token_id, self.device)
+                model, collate(mine[start : start + self.batch_size], self.pad_token_id, self.device)
             )
             total, tokens = total + nll.item(), tokens + n
         model.train(was_training)
-        return total / tokens
+        total, tokens = self.process_group.sum([total, tokens])
+        return float(total / tokens)
 
     def learn(
         self,
@@ -374,10 +387,14 @@ class SFT:
             metrics["eval/loss_initial"] = self.evaluate_loss(held_out)
             metrics["eval/perplexity_initial"] = math.exp(metrics["eval/loss_initial"])
         history: list[dict[str, float]] = []
+        group = self.process_group
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)  # dropout and the LoRA initialisation
             model = self._trainable_model()
             params = [p for p in model.parameters() if p.requires_grad]
+            group.broadcast_parameters(params)  # the same starting weights (LoRA's too) in every process
+            if group.rank:  # dropout: each process's own stream (the main process keeps the single one's)
+                torch.manual_seed(self.seed + 1_000_003 * group.rank)
             optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
             scheduler = get_scheduler(
                 "linear" if self.lr_schedule == "linear" else "constant_with_warmup",
@@ -392,15 +409,18 @@ class SFT:
                 order = torch.randperm(len(train), generator=generator).tolist()
                 epoch_nll, epoch_tokens, grad_norms = 0.0, 0, []
                 for first in range(0, len(train), self.batch_size):
-                    batch = collate(
-                        [train[i] for i in order[first : first + self.batch_size]],
-                        self.pad_token_id,
-                        self.device,
-                    )
-                    nll, n_tokens = _nll(model, batch)
-                    loss = nll / n_tokens  # mean over the batch's target tokens, as transformers does
+                    examples = [train[i] for i in order[first : first + self.batch_size]]
+                    n_tokens = _target_count(examples)  # of the global batch, whichever process holds them
+                    mine = group.shard(examples)  # this process's share (all of it alone)
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    nll = torch.zeros(())
+                    if mine:
+                        nll, _ = _nll(model, collate(mine, self.pad_token_id, self.device))
+                        # the mean over the batch's target tokens, as transformers does; x world_size since
+                        # the processes' gradients are averaged: their sum is the global batch's gradient
+                        loss = nll * group.world_size / n_tokens
+                        loss.backward()
+                    group.average_gradients(params)  # a process with an empty share adds zeros
                     max_norm = self.max_grad_norm if self.max_grad_norm > 0 else math.inf
                     grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
                     optimizer.step()
@@ -409,9 +429,10 @@ class SFT:
                     epoch_nll, epoch_tokens = epoch_nll + nll.item(), epoch_tokens + n_tokens
                     if step == total_steps:
                         break
+                (epoch_nll,) = group.sum([epoch_nll])
                 record = {
                     "epoch": step / steps_per_epoch,
-                    "train/loss": epoch_nll / epoch_tokens,
+                    "train/loss": float(epoch_nll / epoch_tokens),
                     "train/grad_norm": float(np.mean(grad_norms)),
                     "train/learning_rate": scheduler.get_last_lr()[0],
                     "time/elapsed": time.perf_counter() - start_time,
@@ -420,7 +441,7 @@ class SFT:
                     record["eval/loss"] = self.evaluate_loss(held_out, model)
                     record["eval/perplexity"] = math.exp(record["eval/loss"])
                 history.append(record)
-                if self.verbose:
+                if self.verbose and group.is_main_process:
                     print(" ".join(f"{k} {v:.4g}" for k, v in record.items()), flush=True)
         if self.lora_r > 0:
             model = model.merge_and_unload()  # a plain transformers model again: no peft needed to load it
@@ -447,16 +468,29 @@ class SFT:
         """Write a ``transformers`` folder (safetensors) with the tokenizer and ``sft_metrics.json``.
 
         ``load_causal_lm(directory)`` loads it, and ``lm-gym train --model DIRECTORY`` starts RL from it.
+        With several processes the main one writes while the others wait (every process must call it).
         """
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(directory, safe_serialization=True)
-        self.tokenizer.save_pretrained(directory)
-        if self.result is not None:
-            settings = {k: v for k, v in vars(self).items() if k not in ("model", "tokenizer", "result")}
-            report = {"settings": settings, "metrics": self.result.metrics, "history": self.result.history}
-            (directory / "sft_metrics.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        if self.process_group.is_main_process:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.model.save_pretrained(directory, safe_serialization=True)
+            self.tokenizer.save_pretrained(directory)
+            if self.result is not None:
+                skip = ("model", "tokenizer", "result", "process_group")
+                settings = {k: v for k, v in vars(self).items() if k not in skip}
+                report = {
+                    "settings": settings,
+                    "metrics": self.result.metrics,
+                    "history": self.result.history,
+                }
+                (directory / "sft_metrics.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        self.process_group.barrier()  # every process returns with the folder complete
         return directory
+
+
+def _target_count(examples: Sequence[Example]) -> int:
+    """The target tokens of ``examples``, as :func:`_nll` counts them (a first label is never a target)."""
+    return sum(label != IGNORE_INDEX for e in examples for label in e.labels[1:])
 
 
 def _is_demos(data: Any) -> bool:

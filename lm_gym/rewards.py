@@ -16,7 +16,14 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["HFRewardModel", "LowercaseShare", "RewardFunction", "VaderSentiment", "make_reward"]
+__all__ = [
+    "HFRewardModel",
+    "LowercaseShare",
+    "RewardFunction",
+    "VaderSentiment",
+    "make_reward",
+    "repeated_bigram_share",
+]
 
 # Written next to a trained reward model by lm_gym.preferences.reward_model: its settings, its metrics and
 # the input it was trained on (``include_prompt``).
@@ -53,19 +60,42 @@ class VaderSentiment:
     Rule-based and fast (~0.1 ms a text), so it serves as the *gold* annotator of the sentiment task: the
     score a real labeller would give, against which learned reward models are judged.
 
+    VADER sums the valence of the words it knows, so "great great great great" scores near 1: a policy can
+    game it by repetition, which no reader would reward. With ``penalize_repetition`` the score is
+    ``(1 - rho) * compound - rho``, where ``rho`` is the share of the text's word bigrams that repeat an
+    earlier one (0 for ordinary prose; near 1 for a loop): a fluent text keeps its VADER score, and a
+    degenerate one is pulled toward -1 (the ``sentiment-fluent`` task's gold scorer).
+
     Args:
         include_prompt: score ``prompt + completion`` instead of the completion alone.
+        penalize_repetition: pull repetitive texts toward -1, as above.
     """
 
-    def __init__(self, include_prompt: bool = False) -> None:
+    def __init__(self, include_prompt: bool = False, penalize_repetition: bool = False) -> None:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
         self.include_prompt = include_prompt
+        self.penalize_repetition = penalize_repetition
         self._analyzer = SentimentIntensityAnalyzer()
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
         texts = _texts(prompts, completions, self.include_prompt)
-        return np.array([self._analyzer.polarity_scores(t)["compound"] for t in texts], dtype=np.float64)
+        scores = np.array([self._analyzer.polarity_scores(t)["compound"] for t in texts], dtype=np.float64)
+        if self.penalize_repetition:
+            rho = np.array([repeated_bigram_share(t) for t in texts], dtype=np.float64)
+            scores = (1.0 - rho) * scores - rho
+        return scores
+
+
+def repeated_bigram_share(text: str) -> float:
+    """The share of a text's word bigrams (lowercased, split on whitespace) that repeat an earlier one.
+
+    0 for a text of fewer than 3 words or without a repeated bigram; ``(n - 2) / (n - 1)`` for one word said
+    ``n`` times.
+    """
+    words = text.lower().split()
+    bigrams = list(zip(words, words[1:]))
+    return 1.0 - len(set(bigrams)) / len(bigrams) if bigrams else 0.0
 
 
 class LowercaseShare:
@@ -193,7 +223,7 @@ def make_reward(spec: str | RewardFunction | Callable, **kwargs) -> RewardFuncti
 
     Args:
         spec: a callable ``(prompts, completions) -> scores`` (returned as is); ``"vader"`` for VADER
-            sentiment; ``"lowercase"`` for
+            sentiment; ``"vader-fluent"`` for VADER with its repetition penalty; ``"lowercase"`` for
             :class:`LowercaseShare`; or a reward-model name, folder or Hub id for :class:`HFRewardModel`.
         **kwargs: passed to :class:`HFRewardModel` (``label_index``, ``device``, ``dtype``...); ignored by
             the other kinds.
@@ -204,6 +234,8 @@ def make_reward(spec: str | RewardFunction | Callable, **kwargs) -> RewardFuncti
         raise TypeError(f"reward must be a callable or a string; got {type(spec).__name__}")
     if spec == "vader":
         return VaderSentiment()
+    if spec == "vader-fluent":
+        return VaderSentiment(penalize_repetition=True)
     if spec == "lowercase":
         return LowercaseShare()
     return HFRewardModel(spec, **kwargs)

@@ -1,5 +1,6 @@
-"""Data parallel on 2 CPU processes (Gloo): one update equals one process's on the whole batch; the CLI
-trains under `accelerate launch`, writes one set of logs and checkpoints, and resumes under `torchrun`."""
+"""Data parallel on 2 CPU processes (Gloo): one update (PPO, TRPO, SFT, the reward model) equals one
+process's on the whole batch; the CLI trains under `accelerate launch`, writes one set of logs and
+checkpoints, and resumes under `torchrun`; sft, train-rm and the pipeline run under it too."""
 
 import copy
 import json
@@ -14,11 +15,17 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from algorithms.pipeline import PRESETS, _collect_sharded
 from algorithms.policy import LMActorCriticPolicy
 from algorithms.ppo import PPO
+from algorithms.sft import SFT, Demonstration
 from algorithms.trpo import TRPO
+from lm_gym.distributed import ProcessGroup
 from lm_gym.models import tiny_causal_lm
+from lm_gym.preferences import AnnotatorPanel, PreferenceRecord, collect_preferences, train_reward_model
+from lm_gym.preferences.data import write_jsonl
 from lm_gym.rewards import LowercaseShare
+from lm_gym.tasks import get_task
 
 N_ENVS = 4  # the whole batch; each of the 2 processes holds half of the envs
 FIELDS = (
@@ -150,3 +157,209 @@ def test_sharded_launch_configs_are_refused(tiny, monkeypatch, variable):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="not supported: lm-gym replicates the model"):
         PPO(LMActorCriticPolicy(copy.deepcopy(model), tokenizer), prompts=["Hi"], n_envs=1, verbose=0)
+
+
+# ---------------------------------------------------------------------------------------------- SFT, reward model
+def _join(rank: int, port: int) -> ProcessGroup:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ["WORLD_SIZE"] = "2"
+    torch.set_num_threads(1)
+    group = ProcessGroup("cpu")
+    assert group.world_size == 2 and group.rank == rank
+    return group
+
+
+def _spawned(job: str, folder: Path) -> tuple[dict, dict]:
+    """Run ``job`` in 2 processes; return what each saved."""
+    mp.spawn(_job_worker, args=(_free_port(), str(folder), job), nprocs=2)
+    return tuple(torch.load(folder / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+
+
+def _job_worker(rank: int, port: int, folder: str, job: str) -> None:
+    _join(rank, port)
+    torch.save(JOBS[job](), Path(folder) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+SFT_DEMOS = [  # one whole text: the processes' shares hold different numbers of target tokens
+    Demonstration("The film opens on", " a sunny beach. Wonderful."),
+    Demonstration("A slow", " but lovely film."),
+    Demonstration("", "A whole text: every token is a target. Wonderful."),
+    Demonstration("Critics have been kind to", " this gem."),
+    Demonstration("I expected very little, but", " it was great. Wonderful, wonderful."),
+    Demonstration("The cast", " is superb."),
+]
+
+
+def _sft_job() -> dict:
+    """Two steps: a batch of 5 (shares of 2 and 3) and one of 1 (rank 0's share is empty)."""
+    model, tokenizer = tiny_causal_lm(seed=0)
+    trainer = SFT(model, tokenizer, epochs=1, batch_size=5, learning_rate=1e-3, max_length=64, verbose=0)
+    result = trainer.learn(SFT_DEMOS, eval_data=SFT_DEMOS[:3])
+    return {
+        "params": {k: v.clone() for k, v in trainer.model.state_dict().items()},
+        "metrics": result.metrics,
+    }
+
+
+def _rm_records() -> list[PreferenceRecord]:
+    """Prompts with 1 to 3 pairs (a batch splits a prompt's pairs across processes), vote shares, margins."""
+    rng = np.random.default_rng(0)
+    words = ["the", "plot", "film", "slow", "cast", "long", "music", "ends"]
+    return [
+        PreferenceRecord(
+            f"Review {n}:",
+            " " + " ".join(rng.choice(words, size=3)) + " zap",
+            " " + " ".join(rng.choice(words, size=4)),
+            margin=0.5 if n % 2 else None,
+            agreement=(1.0, 0.8, 0.6)[j],
+        )
+        for n in range(10)
+        for j in range(1 + n % 3)
+    ]
+
+
+def _rm_job() -> dict:
+    """One epoch of 16 training pairs in batches of 5: four steps, the last of 1 pair (rank 0 has none)."""
+    result = train_reward_model(
+        _rm_records(),
+        model="tiny",
+        epochs=1,
+        batch_size=5,
+        learning_rate=1e-3,
+        center_coef=0.01,
+        eval_fraction=0.2,
+        gold=lambda prompts, completions: np.array([float("zap" in c) for c in completions]),
+        device="cpu",
+        log=None,
+    )
+    return {"params": {k: v.clone() for k, v in result.model.state_dict().items()}, "metrics": result.metrics}
+
+
+def _rm_job_initial() -> dict:
+    from lm_gym.preferences.reward_model import _load
+
+    with torch.random.fork_rng(devices=[]):
+        model, _ = _load("tiny", None, 0, "cpu")
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _collect_job() -> dict:
+    """Sampling shared out by batch: 30 prompts x k=3 are a batch of 21 prompts and one of 9."""
+    model, tokenizer = tiny_causal_lm(seed=0)
+    prompts = [f"Prompt {i}" for i in range(30)]
+    panel = AnnotatorPanel(get_task("letters").make_reward(), seed=0)
+    settings = dict(k=3, max_new_tokens=4, seed=5)
+    if torch.distributed.is_initialized():
+        collection = _collect_sharded(ProcessGroup("cpu"), model, tokenizer, prompts, panel, **settings)
+    else:
+        collection = collect_preferences(model, tokenizer, prompts, panel, **settings)
+    return {"records": [r.to_json() for r in collection.records], "stats": collection.stats}
+
+
+JOBS = {"sft": _sft_job, "rm": _rm_job, "collect": _collect_job}
+
+
+def _assert_same_update(single: dict, rank0: dict, rank1: dict, initial: dict) -> None:
+    """Every process holds the same weights, those of one process on the whole batch."""
+    moved = max(float((single["params"][k] - initial[k]).abs().max()) for k in initial)
+    assert moved > 1e-4  # the update is not trivial
+    for name, value in single["params"].items():
+        torch.testing.assert_close(rank0["params"][name], rank1["params"][name], rtol=0, atol=0)
+        torch.testing.assert_close(rank0["params"][name], value, rtol=1e-4, atol=1e-5)  # max diff ~1e-6
+
+
+def test_sft_two_process_update_equals_one_process_on_the_whole_batch(tmp_path):
+    """The loss is normalised by the global batch's target tokens, so the averaged gradient is the whole
+    batch's mean even though the shares hold different token counts; the eval loss is reduced."""
+    initial = {k: v.clone() for k, v in tiny_causal_lm(seed=0)[0].state_dict().items()}
+    single = _sft_job()
+    rank0, rank1 = _spawned("sft", tmp_path)
+    _assert_same_update(single, rank0, rank1, initial)
+    for key in ("train/loss", "train/grad_norm", "eval/loss_initial", "eval/loss", "train/steps"):
+        assert (
+            rank0["metrics"][key] == rank1["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-5)
+        )
+
+
+def test_reward_model_two_process_update_equals_one_process_on_the_whole_batch(tmp_path):
+    """Bradley-Terry with margins, vote shares and the centering term: the shares' losses weighted by their
+    pairs make the averaged gradient the whole batch's; the metrics are the global ones."""
+    initial = _rm_job_initial()
+    single = _rm_job()
+    rank0, rank1 = _spawned("rm", tmp_path)
+    _assert_same_update(single, rank0, rank1, initial)
+    for key in ("train/loss", "train/accuracy", "eval/accuracy", "eval/pairs", "data/train_pairs"):
+        assert (
+            rank0["metrics"][key] == rank1["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-5)
+        )
+
+
+def test_sharded_collection_equals_one_process(tmp_path):
+    single = _collect_job()
+    rank0, rank1 = _spawned("collect", tmp_path)
+    assert rank0 == rank1 == single and len(single["records"]) > 30
+
+
+def _run_cli(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    accelerate += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    accelerate += ["--main_process_port", str(_free_port()), "-m", "algorithms.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [*accelerate, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_cli_sft_under_accelerate_launch(tmp_path):
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("".join(json.dumps(d._asdict()) + "\n" for d in SFT_DEMOS))
+    out = tmp_path / "sft"
+    done = _run_cli(
+        ["sft", "--model", "tiny", "--data", str(demos), "--output-dir", str(out)]
+        + ["--epochs", "2", "--batch-size", "3", "--eval-fraction", "0.3"]
+    )
+    # the main process alone printed the epochs and the result, and wrote the folder
+    epochs = [line for line in done.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 2 and done.stdout.count("model: ") == 1
+    assert done.stdout.count("done in") == 1
+    report = json.loads((out / "sft_metrics.json").read_text())
+    assert (
+        report["metrics"]["train/examples"] == 4 and report["metrics"]["train/steps"] == 4
+    )  # 2 steps an epoch
+    assert (out / "model.safetensors").exists()
+
+
+def test_cli_train_rm_under_accelerate_launch(tmp_path):
+    prefs = write_jsonl(_rm_records(), tmp_path / "prefs.jsonl")
+    rm = tmp_path / "rm"
+    done = _run_cli(
+        ["train-rm", "--data", str(prefs), "--model", "tiny", "--out", str(rm), "--no-gold"]
+        + ["--epochs", "2", "--batch-size", "5", "--eval-fraction", "0.2"]
+    )
+    epochs = [line for line in done.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 2 and done.stdout.count("held-out accuracy") == 1
+    info = json.loads((rm / "reward_model.json").read_text())
+    assert len(info["history"]) == 2 and (rm / "model.safetensors").exists()
+
+
+def test_cli_pipeline_under_accelerate_launch(tmp_path):
+    assert PRESETS["quick"]["model"] == PRESETS["quick"]["rm_model"] == "tiny"
+    out = tmp_path / "pipeline"
+    done = _run_cli(
+        ["pipeline", "--preset", "quick", "--collect-prompts", "8", "--iterations", "2", "--eval-every", "1"]
+        + ["--eval-prompts", "4", "--rm-epochs", "1", "--out", str(out)]
+    )
+    assert done.stdout.count("RLHF pipeline: tiny on letters, PPO") == 1  # the report, printed once
+    assert done.stdout.count("round 0: collecting") == 1  # the progress lines too
+    report = json.loads((out / "report.json").read_text())
+    assert [(q["round"], q["iteration"]) for q in report["points"]] == [(0, 0), (0, 1), (0, 2)]
+    assert [row["checkpoint"] for row in report["elo"]] == ["initial", "round_0"]
+    rl = out / "round_0" / "rl"
+    assert json.loads((rl / "checkpoints" / "iter_000002" / "state.json").read_text())["world_size"] == 2
+    assert len(list((rl / "tensorboard").iterdir())) == 1  # one writer: the main process's
+    for name in ("preferences.jsonl", "reward_model/model.safetensors"):
+        assert (out / "round_0" / name).exists()
+    assert (out / "final" / "model.safetensors").exists() and (out / "overoptimization.png").exists()

@@ -10,7 +10,8 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from lm_gym.models import tiny_tokenizer
-from lm_gym.rewards import HFRewardModel, RewardFunction, VaderSentiment, make_reward
+from lm_gym.rewards import HFRewardModel, RewardFunction, VaderSentiment, make_reward, repeated_bigram_share
+from lm_gym.tasks import get_task
 
 TEXTS = [
     "A",
@@ -90,6 +91,20 @@ def test_vader_ignores_prompt_by_default_and_uses_it_when_asked() -> None:
     with_prompt = VaderSentiment(include_prompt=True)(prompts, completions)[0]
     assert alone == VaderSentiment()([""], completions)[0]
     assert with_prompt < alone - 0.5
+
+
+def test_repetition_penalty_keeps_prose_and_sinks_loops() -> None:
+    assert repeated_bigram_share("the plot is thin but the acting is superb") == 0.0
+    assert repeated_bigram_share("Great great GREAT great") == pytest.approx(2 / 3)  # (n - 2) / (n - 1)
+    assert repeated_bigram_share("a b a b a") == pytest.approx(0.5)  # (a b) (b a) (a b) (b a)
+    assert repeated_bigram_share("fine") == 0.0
+    texts = ["A warm, funny and moving film.", "great great great great great great great great"]
+    plain = VaderSentiment()([""] * 2, texts)
+    fluent = make_reward("vader-fluent")([""] * 2, texts)
+    assert fluent[0] == plain[0] and plain[1] > 0.9  # VADER alone loves the loop
+    rho = 6 / 7
+    assert fluent[1] == pytest.approx((1 - rho) * plain[1] - rho) and fluent[1] < -0.7
+    assert get_task("sentiment-fluent").make_reward()([""] * 2, texts) == pytest.approx(fluent)
 
 
 def test_vader_rejects_unpaired_inputs() -> None:

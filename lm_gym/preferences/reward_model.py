@@ -28,6 +28,11 @@ on the pairs the annotators agree on (``eval/accuracy_gold_confident``, see :fun
 
 The saved folder (``save_pretrained``: ``config.json``, ``model.safetensors``, the tokenizer, and
 ``reward_model.json`` with the settings and metrics) is what ``TextGen-v0`` takes as ``reward=FOLDER``.
+
+Under ``accelerate launch``/``torchrun`` (data parallel, :mod:`lm_gym.distributed`) every process forms the
+same global batches (the same seed) and takes a contiguous share of each; its loss is weighted by its share of
+the batch's pairs and the gradients are averaged, so N processes take the step one process takes on the whole
+batch. Every process evaluates (identically); only the main process logs and saves the folder.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lm_gym.distributed import ProcessGroup
 from lm_gym.preferences.data import PreferenceRecord
 from lm_gym.rewards import REWARD_MODEL_INFO, RewardFunction
 
@@ -347,6 +353,10 @@ def train_reward_model(
             f"(eval_fraction={eval_fraction}, min_agreement={min_agreement})"
         )
     model, tokenizer = _load(model, tokenizer, seed, device)
+    group = ProcessGroup(_device(model))  # alone: every collective is the identity
+    params = [p for p in model.parameters() if p.requires_grad]
+    group.broadcast_parameters(params)  # the same starting weights (the fresh head's too) in every process
+    log = log if group.is_main_process else None
     # Dropout off (eval mode) during training too, as TRL does for reward models: the pair difference
     # r_c - r_r should not be the difference of two independently dropped-out networks.
     model.eval()
@@ -362,7 +372,13 @@ def train_reward_model(
     history: list[dict[str, float]] = []
     for epoch in range(1, epochs + 1):
         losses, hits, seen = [], 0, 0
-        for batch in _batches(train_records, batch_size, rng):
+        for global_batch in _batches(train_records, batch_size, rng):
+            # this process's contiguous share of the pairs (a process left without one runs a pair at weight
+            # 0); the loss is a mean over pairs: weighted by the share's size, times the number of processes
+            # since their gradients are averaged, the mean gradient is the global batch's
+            share = group.shard(global_batch)
+            batch = share or global_batch[:1]
+            weight = len(share) * group.world_size / len(global_batch)
             keys = list(dict.fromkeys((r.prompt, c) for r in batch for c in (r.chosen, r.rejected)))
             index = {key: n for n, key in enumerate(keys)}
             rewards = _rewards(
@@ -382,15 +398,21 @@ def train_reward_model(
                 targets = torch.tensor(shares, device=device_)  # (P,)
             loss = bradley_terry_loss(r_chosen, r_rejected, margins, center_coef, targets)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * weight).backward()
+            group.average_gradients(params)
             if max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
             optimizer.step()
             schedule.step()
-            losses.append(loss.item())
-            hits += int((r_chosen > r_rejected).sum())
-            seen += len(batch)
-        row = {"epoch": float(epoch), "train/loss": float(np.mean(losses)), "train/accuracy": hits / seen}
+            losses.append(loss.item() * weight / group.world_size)  # this share's part of the batch's mean
+            hits += int((r_chosen > r_rejected).sum()) if share else 0
+            seen += len(global_batch)
+        total, hits = group.sum([float(np.sum(losses)), hits])  # over the processes' shares
+        row = {
+            "epoch": float(epoch),
+            "train/loss": float(total / len(losses)),
+            "train/accuracy": float(hits / seen),
+        }
         if held_out:
             row.update(
                 {
@@ -408,7 +430,7 @@ def train_reward_model(
         "data/eval_pairs": float(len(held_out)),
     }
     result = RewardModelResult(model, tokenizer, metrics, history)
-    if out_dir is not None:
+    if out_dir is not None and group.is_main_process:
         settings = dict(
             epochs=epochs,
             learning_rate=learning_rate,
@@ -428,6 +450,7 @@ def train_reward_model(
         save_reward_model(
             result, out_dir, include_prompt=include_prompt, settings={"base_model": base, **settings}
         )
+    group.barrier()  # every process returns with the folder complete
     return result
 
 

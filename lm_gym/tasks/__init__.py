@@ -7,6 +7,7 @@ share of lowercase letters) a tiny random model learns in minutes.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -77,6 +78,18 @@ def _sentiment() -> Task:
     )
 
 
+def _sentiment_fluent() -> Task:
+    sentiment = _sentiment()
+    return Task(
+        name="sentiment-fluent",
+        train_prompts=sentiment.train_prompts,
+        eval_prompts=sentiment.eval_prompts,
+        make_reward=functools.partial(VaderSentiment, penalize_repetition=True),
+        description="the sentiment prompts; reward: VADER sentiment, pulled toward -1 by repeated bigrams "
+        "(a gold scorer that repetition cannot game)",
+    )
+
+
 def _letters() -> Task:
     sentiment = _sentiment()
     return Task(
@@ -88,7 +101,11 @@ def _letters() -> Task:
     )
 
 
-TASKS: dict[str, Callable[[], Task]] = {"sentiment": _sentiment, "letters": _letters}
+TASKS: dict[str, Callable[[], Task]] = {
+    "sentiment": _sentiment,
+    "sentiment-fluent": _sentiment_fluent,
+    "letters": _letters,
+}
 
 
 def get_task(name: str) -> Task:
