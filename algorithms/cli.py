@@ -198,8 +198,9 @@ def sft_cmd(args: argparse.Namespace) -> dict[str, float]:
     data = load_demonstrations(args.data, **fields)
     eval_data = load_demonstrations(args.eval_data, **fields) if args.eval_data else None
     model, tokenizer = load_causal_lm(args.model, seed=settings.get("seed", 0))
-    trainer = SFT(model, tokenizer, verbose=0 if args.quiet else 1, **settings)
-    result = trainer.learn(data, eval_data)
+    checkpoints = Path(args.output_dir) / "checkpoints"
+    trainer = SFT(model, tokenizer, verbose=0 if args.quiet else 1, checkpoint_dir=checkpoints, **settings)
+    result = trainer.learn(data, eval_data, resume=args.resume)
     out = trainer.save_pretrained(args.output_dir)  # by the main process, with several (accelerate launch)
     if trainer.process_group.is_main_process:
         print(json.dumps({k: round(v, 4) for k, v in result.metrics.items()}))
@@ -258,6 +259,8 @@ def train_rm_cmd(args: argparse.Namespace) -> dict[str, float]:
         include_prompt=include_prompt,
         out_dir=args.out,
         seed=args.seed,
+        checkpoint_dir=Path(args.out) / "checkpoints",
+        resume=args.resume,
         log=print,
         **settings,
     )
@@ -287,7 +290,7 @@ def pipeline_cmd(args: argparse.Namespace) -> dict[str, Any]:
     rl = {k: v for k, v in rl.items() if k in accepted}  # a preset's PPO epochs are not A2C's arguments
     policy = {"lora_r": args.lora_r} if args.lora_r else {}
     config = PipelineConfig(**settings, rl_settings=rl, policy_settings=policy)
-    report = run_pipeline(config, ALGORITHMS[args.algo], args.out)
+    report = run_pipeline(config, ALGORITHMS[args.algo], args.out, resume=args.resume)
     if is_main_process():  # with several processes (accelerate launch), the one that wrote the report
         print((Path(args.out) / "report.md").read_text())
     return report
@@ -431,6 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="runs/sft",
         help="the fine-tuned model folder (safetensors, tokenizer, metrics)",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest epoch checkpoint in OUTPUT_DIR/checkpoints (same settings and data)",
+    )
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     p.set_defaults(func=sft_cmd, sft_names=add_class_flags(p, SFT, "SFT"))
     from lm_gym.preferences.reward_model import train_reward_model
@@ -507,6 +515,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="score prompt + completion, or the completion alone (default: as the task's gold scorer does; "
         "sentiment: the completion alone); recorded in OUT/reward_model.json for the env",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest epoch checkpoint in OUT/checkpoints (same settings and data)",
+    )
     p.set_defaults(func=train_rm_cmd)
     p = sub.add_parser(
         "pipeline",
@@ -540,6 +553,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
     p.add_argument("--lora-r", type=int, default=0, help="LoRA rank of the policy (0 = full fine-tuning)")
     p.add_argument("--out", default="runs/pipeline", help="preferences, reward models, RL runs, report")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in --out (same settings): finished rounds and evaluations are "
+        "read back, the RL from its latest checkpoint",
+    )
     p.set_defaults(func=pipeline_cmd)
     return parser
 

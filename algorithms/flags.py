@@ -28,6 +28,7 @@ SKIP = {
     "prompts",
     "kwargs",
     "run_dir",
+    "checkpoint_dir",
     "verbose",
     "stop_token_ids",
     "reference",

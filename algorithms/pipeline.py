@@ -19,12 +19,21 @@ Under ``accelerate launch``/``torchrun`` every step is data parallel: the sampli
 is shared out by batch of prompts and gathered (the panel then ranks them identically in every process, so
 the comparisons are one process's), the reward model and the RL are trained data parallel, and the
 evaluations run identically everywhere; only the main process logs and writes files.
+
+**Resume** (``resume=True``, ``lm-gym pipeline --resume``): ``pipeline_state.json`` in the output folder,
+rewritten atomically after every step (the collection, the reward model, each evaluation, each round), says
+what is done. Finished rounds are not redone (their comparisons are read back from ``preferences.jsonl``, the
+policy from the round's last RL checkpoint); in the interrupted round a finished collection or reward model
+is read back from disk, an interrupted reward-model training continues from its epoch checkpoint, and the RL
+from its latest checkpoint (every evaluation point has one). On CPU the report's points and the final
+weights are those of the uninterrupted run. A resume with other settings is refused.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -35,9 +44,12 @@ import numpy as np
 
 from algorithms.common.on_policy import OnPolicyAlgorithm
 from algorithms.policy import LMActorCriticPolicy
+from lm_gym.checkpoints import check_same_settings, latest_checkpoint, write_json_atomic
 from lm_gym.distributed import ProcessGroup
 
 __all__ = ["PRESETS", "PipelineConfig", "run_pipeline"]
+
+STATE = "pipeline_state.json"  # what is done: persisted after every step, read back by a resumed run
 
 
 @dataclass
@@ -138,11 +150,22 @@ def run_pipeline(
     algorithm: type[OnPolicyAlgorithm],
     out_dir: str | Path,
     log: Callable[[str], Any] = print,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run ``config.rounds`` rounds of collect -> reward model -> RL; write and return the report."""
+    """Run ``config.rounds`` rounds of collect -> reward model -> RL; write and return the report.
+
+    With ``resume`` continue the interrupted run in ``out_dir`` (see the module's docstring): the same
+    settings are required.
+    """
     from lm_gym.evaluation import evaluate
-    from lm_gym.models import load_causal_lm
-    from lm_gym.preferences import AnnotatorPanel, collect_preferences, train_reward_model, write_collection
+    from lm_gym.models import load_causal_lm, load_sequence_classifier
+    from lm_gym.preferences import (
+        AnnotatorPanel,
+        collect_preferences,
+        load_preferences,
+        train_reward_model,
+        write_collection,
+    )
     from lm_gym.preferences.collect import sample_completions
     from lm_gym.rewards import HFRewardModel
     from lm_gym.tasks import get_task
@@ -150,6 +173,8 @@ def run_pipeline(
     config.check()
     out_dir = Path(out_dir)
     start = time.perf_counter()
+    settings = _flat_settings({"algo": algorithm.__name__, **asdict(config)})
+    saved = _saved_state(out_dir, settings) if resume else None
     task = get_task(config.task)
     gold = task.make_reward()
     include_prompt = getattr(
@@ -175,6 +200,16 @@ def run_pipeline(
 
     records, rounds, points = [], [], []
     snapshots: dict[str, list[str]] = {}  # checkpoint name -> one completion per eval prompt (the Elo games)
+    current: dict[str, Any] = {}  # the round under way: what of it is done
+    elapsed_before = 0.0
+
+    def persist() -> None:
+        """Record what is done (the main process; atomically), so that a resumed run picks up from here."""
+        if main:
+            state = dict(settings=settings, world_size=group.world_size, snapshots=snapshots, points=points)
+            state.update(rounds=rounds, current=current, elapsed=elapsed_before + time.perf_counter() - start)
+            state["panel_rng"] = panel.rng.bit_generator.state  # the panel's draws go on where they were
+            write_json_atomic(out_dir / STATE, state)
 
     def snapshot(name: str) -> None:
         _, texts = sample_completions(
@@ -182,40 +217,75 @@ def run_pipeline(
         )
         snapshots[name] = [t[0] for t in texts]
 
-    snapshot("initial")
-    iteration = 0
-    for r in range(config.rounds):
+    if saved is None:
+        snapshot("initial")
+        persist()
+    else:
+        snapshots, points, rounds = saved["snapshots"], saved["points"], saved["rounds"]
+        current, elapsed_before = saved["current"] or {}, saved["elapsed"]
+        panel.rng.bit_generator.state = saved["panel_rng"]
+        for k in range(len(rounds)):
+            records += load_preferences(out_dir / f"round_{k}" / "preferences.jsonl")
+        if rounds:  # the policy as the last finished round left it
+            _load_policy_weights(policy, out_dir / f"round_{len(rounds) - 1}" / "rl", config.iterations)
+        log(f"resuming {out_dir}: {len(rounds)} round(s) done, {len(points)} evaluation(s) read back")
+    for r in range(len(rounds), config.rounds):
         round_dir = out_dir / f"round_{r}"
+        iteration = r * config.iterations  # the RL iterations of the rounds before
+        if current.get("round") != r:
+            current = {"round": r}
         # 1. preferences from the current policy, on prompts not used by earlier rounds while they last
-        picks = [
-            train_prompts[order[(r * config.collect_prompts + i) % len(order)]]
-            for i in range(config.collect_prompts)
-        ]
-        log(f"round {r}: collecting {config.k} completions for {len(picks)} prompts; the panel ranks them")
-        sampling = dict(k=config.k, max_new_tokens=config.collect_max_new_tokens, seed=config.seed + r)
-        if group.distributed:  # the same comparisons, the sampling shared out
-            collection = _collect_sharded(group, policy.model, tokenizer, picks, panel, **sampling)
+        if "panel" in current:  # collected before the interruption
+            round_records = load_preferences(round_dir / "preferences.jsonl")
         else:
-            collection = collect_preferences(policy.model, tokenizer, picks, panel, **sampling)
-        if main:
-            write_collection(collection, round_dir / "preferences.jsonl")
-        records += collection.records
+            picks = [
+                train_prompts[order[(r * config.collect_prompts + i) % len(order)]]
+                for i in range(config.collect_prompts)
+            ]
+            log(
+                f"round {r}: collecting {config.k} completions for {len(picks)} prompts; the panel ranks them"
+            )
+            sampling = dict(k=config.k, max_new_tokens=config.collect_max_new_tokens, seed=config.seed + r)
+            if group.distributed:  # the same comparisons, the sampling shared out
+                collection = _collect_sharded(group, policy.model, tokenizer, picks, panel, **sampling)
+            else:
+                collection = collect_preferences(policy.model, tokenizer, picks, panel, **sampling)
+            if main:
+                write_collection(collection, round_dir / "preferences.jsonl")
+            round_records = collection.records
+            current.update(comparisons=len(round_records), panel=collection.stats)
+            persist()
+        records += round_records
 
         # 2. the reward model, from scratch on everything so far
-        log(f"round {r}: training the reward model on {len(records)} comparisons")
-        rm = train_reward_model(
-            records,
-            model=config.rm_model,
-            epochs=config.rm_epochs,
-            learning_rate=config.rm_learning_rate,
-            batch_size=config.rm_batch_size,
-            gold=gold,
-            include_prompt=include_prompt,
-            out_dir=round_dir / "reward_model",
-            seed=config.seed + r,
-            log=None,
-        )
-        proxy = HFRewardModel(rm.model, rm.tokenizer, include_prompt=include_prompt)
+        if "reward_model" in current:  # trained before the interruption
+            rm_model, rm_tokenizer = load_sequence_classifier(str(round_dir / "reward_model"))
+        else:
+            log(f"round {r}: training the reward model on {len(records)} comparisons")
+            rm_checkpoints = round_dir / "reward_model_checkpoints"
+            resume_rm = saved is not None and latest_checkpoint(rm_checkpoints) is not None
+            if main and not resume_rm:  # an earlier run's, if any
+                shutil.rmtree(rm_checkpoints, ignore_errors=True)
+            rm = train_reward_model(
+                records,
+                model=config.rm_model,
+                epochs=config.rm_epochs,
+                learning_rate=config.rm_learning_rate,
+                batch_size=config.rm_batch_size,
+                gold=gold,
+                include_prompt=include_prompt,
+                out_dir=round_dir / "reward_model",
+                seed=config.seed + r,
+                checkpoint_dir=rm_checkpoints,
+                resume=resume_rm,
+                log=None,
+            )
+            rm_model, rm_tokenizer = rm.model, rm.tokenizer
+            current["reward_model"] = rm.metrics
+            persist()
+            if main:  # the folder is written: its epoch checkpoints are of no more use
+                shutil.rmtree(rm_checkpoints, ignore_errors=True)
+        proxy = HFRewardModel(rm_model, rm_tokenizer, include_prompt=include_prompt)
 
         # 3. RL against it, evaluated every eval_every iterations
         algo = algorithm(
@@ -228,6 +298,12 @@ def run_pipeline(
             seed=config.seed + 1000 * r,
             **config.rl_settings,
         )
+        measured = {q["iteration"] - iteration for q in points if q["round"] == r}
+        if measured and latest_checkpoint(round_dir / "rl" / "checkpoints") is not None:
+            algo.load_checkpoint(round_dir / "rl")  # every evaluated iteration has a checkpoint
+            log(f"round {r}: RL resumed from iteration {algo.iteration}")
+        elif main:  # a fresh start: an earlier run's checkpoints in this folder must not be resumed
+            shutil.rmtree(round_dir / "rl" / "checkpoints", ignore_errors=True)
 
         def measure(it: int, round_index: int = r, reward=proxy) -> None:
             result = evaluate(
@@ -255,32 +331,37 @@ def run_pipeline(
                     "samples": samples,
                 }
             )
+            persist()
             log(
                 f"round {round_index} iteration {it}: proxy {m['score']:+.3f} gold {m['gold']:+.3f} KL {m['kl']:.2f}"
             )
 
-        measure(iteration)
-        for target in range(config.eval_every, config.iterations + 1, config.eval_every):
-            algo.learn(target, export=False)
-            measure(iteration + target)
+        targets = list(range(config.eval_every, config.iterations + 1, config.eval_every))
         if config.iterations % config.eval_every:
-            algo.learn(config.iterations, export=False)
-            measure(iteration + config.iterations)
-        iteration += config.iterations
+            targets.append(config.iterations)
+        for target in [0, *targets]:
+            if target in measured:  # evaluated before the interruption
+                continue
+            if target:
+                algo.learn(target, export=False)  # ends with a checkpoint at iteration `target`
+            measure(iteration + target)
         algo.close()
         snapshot(f"round_{r}")
         rounds.append(
             {
                 "round": r,
-                "comparisons": len(collection.records),
+                "comparisons": current["comparisons"],
                 "comparisons_total": len(records),
-                "panel": collection.stats,
-                "reward_model": rm.metrics,
+                "panel": current["panel"],
+                "reward_model": current["reward_model"],
             }
         )
+        current = {}
+        persist()
 
     elo = _elo_table(snapshots, eval_prompts, panel)
-    report = {"rounds": rounds, "points": points, "elo": elo, "wall_time_s": time.perf_counter() - start}
+    wall = elapsed_before + time.perf_counter() - start
+    report = {"rounds": rounds, "points": points, "elo": elo, "wall_time_s": wall}
     if main:
         policy.save_pretrained(out_dir / "final")
         (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=float))
@@ -289,6 +370,45 @@ def run_pipeline(
         log(f"report: {out_dir / 'report.md'}; plot: {out_dir / 'overoptimization.png'}")
     group.barrier()  # every process returns with the report written
     return report
+
+
+def _flat_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The run's settings as JSON values, nested ones named ``rl_settings.kl_coef``: what a resume compares."""
+    flat: dict[str, Any] = {}
+    for key, value in json.loads(json.dumps(settings, default=str)).items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def _saved_state(out_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The state of the run in ``out_dir`` to resume, checked to have the same settings."""
+    path = out_dir / STATE
+    if not path.is_file():
+        raise FileNotFoundError(f"no pipeline run to resume in {out_dir} ({STATE} is missing)")
+    state = json.loads(path.read_text())
+    check_same_settings(
+        state["settings"], settings, str(out_dir), "resume with the same settings, or use another --out"
+    )
+    return state
+
+
+def _load_policy_weights(policy: LMActorCriticPolicy, run_dir: Path, iteration: int) -> None:
+    """Set the policy's trainable weights (the adapters, or every weight, and the critic) to those of the
+    latest RL checkpoint in ``run_dir``, which must be at ``iteration``: the end of a finished round."""
+    import torch
+    from safetensors.torch import load_file
+
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    state = json.loads((checkpoint / "state.json").read_text()) if checkpoint is not None else {}
+    if state.get("iteration") != iteration:
+        raise FileNotFoundError(f"no checkpoint of the finished RL at iteration {iteration} in {run_dir}")
+    params = dict(policy.named_parameters())
+    with torch.no_grad():  # float32 values: rounded into low-precision weights as the optimizer step does
+        for name, value in load_file(checkpoint / "policy.safetensors", device=str(policy.device)).items():
+            params[name].copy_(value)
 
 
 SAMPLES_SHOWN = 3  # held-out texts kept per evaluation point (the report shows the first and last point's)

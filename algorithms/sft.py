@@ -13,10 +13,16 @@ Under ``accelerate launch``/``torchrun`` (data parallel, :mod:`lm_gym.distribute
 same global batches (the same seed) and runs its contiguous share of each; the loss is weighted by the global
 batch's target-token count and the gradients are averaged, so N processes take the step one process takes
 on the whole batch. Only the main process prints and writes the model folder.
+
+With a ``checkpoint_dir`` the main process writes a checkpoint at the end of every epoch (weights, optimizer
+and scheduler state, the shuffling generator, every process's torch RNG state and the history;
+:mod:`lm_gym.checkpoints`); ``learn(..., resume=True)`` continues from the latest one and, on CPU, ends with
+the weights and metrics of the uninterrupted run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -33,6 +39,13 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from algorithms.common.on_policy import _check
+from lm_gym.checkpoints import (
+    check_same_settings,
+    latest_checkpoint,
+    restore_rng_state,
+    rng_state,
+    write_checkpoint,
+)
 from lm_gym.distributed import ProcessGroup
 
 __all__ = [
@@ -252,6 +265,9 @@ class SFT:
         lora_target_modules: modules that get adapters (``"all-linear"`` by default).
         seed: seeds the held-out split, the shuffling, dropout and the LoRA initialisation.
         verbose: 1 prints one line per epoch, 0 nothing.
+        checkpoint_dir: write a checkpoint there at the end of every epoch, to resume from with
+            ``learn(..., resume=True)`` (None = no checkpoints).
+        keep_checkpoints: how many of the latest checkpoints to keep (None = all).
     """
 
     def __init__(
@@ -275,6 +291,8 @@ class SFT:
         lora_target_modules: str | list[str] = "all-linear",
         seed: int = 0,
         verbose: int = 1,
+        checkpoint_dir: str | Path | None = None,
+        keep_checkpoints: int | None = 1,
     ) -> None:
         integer = "an integer >= 1"
         _check("epochs", epochs, lambda v: int(v) == v and v >= 1, integer)
@@ -289,6 +307,12 @@ class SFT:
         _check("eval_fraction", eval_fraction, lambda v: 0 <= v < 1, "in [0, 1)")
         _check("lora_r", lora_r, lambda v: int(v) == v and v >= 0, "an integer >= 0 (0 = full fine-tuning)")
         _check("lora_alpha", lora_alpha, lambda v: v > 0, "> 0")
+        _check(
+            "keep_checkpoints",
+            keep_checkpoints,
+            lambda v: v is None or (int(v) == v and v >= 1),
+            "None or >= 1",
+        )
         self.model, self.tokenizer = model, tokenizer
         self.epochs, self.batch_size, self.learning_rate = epochs, batch_size, learning_rate
         self.lr_schedule, self.warmup_ratio, self.weight_decay = lr_schedule, warmup_ratio, weight_decay
@@ -296,6 +320,8 @@ class SFT:
         self.eval_fraction, self.append_eos = eval_fraction, append_eos
         self.lora_r, self.lora_alpha, self.lora_target_modules = lora_r, lora_alpha, lora_target_modules
         self.seed, self.verbose = seed, verbose
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.keep_checkpoints = keep_checkpoints
         self.result: SFTResult | None = None
         self.process_group = ProcessGroup(self.device)  # alone: every collective is the identity
 
@@ -361,12 +387,15 @@ class SFT:
         self,
         data: str | Path | Sequence[Demonstration] | Sequence[Mapping[str, Any]] | Any,
         eval_data: str | Path | Sequence[Demonstration] | Sequence[Mapping[str, Any]] | Any = None,
+        resume: bool = False,
     ) -> SFTResult:
         """Fine-tune on ``data``; report the held-out loss before and after.
 
         Args:
             data: demonstrations, or anything :func:`load_demonstrations` reads (default field names).
             eval_data: held-out demonstrations; None holds out ``eval_fraction`` of ``data``.
+            resume: continue from the latest checkpoint in ``checkpoint_dir`` (a fresh copy of the same
+                initial model, the same settings and data); a run with other settings is refused.
         """
         start_time = time.perf_counter()
         demos = data if _is_demos(data) else load_demonstrations(data)
@@ -382,8 +411,12 @@ class SFT:
         total_steps = self.epochs * steps_per_epoch
         if self.max_steps is not None:
             total_steps = min(total_steps, self.max_steps)
+        settings = self._run_settings(train, held_out)
+        checkpoint, state = self._checkpoint_to_resume(settings) if resume else (None, None)
         metrics: dict[str, float] = {"train/examples": len(train), "eval/examples": len(held_out)}
-        if held_out:
+        if state is not None:  # the initial model's held-out loss, measured before the crash
+            metrics.update(state["metrics"])
+        elif held_out:
             metrics["eval/loss_initial"] = self.evaluate_loss(held_out)
             metrics["eval/perplexity_initial"] = math.exp(metrics["eval/loss_initial"])
         history: list[dict[str, float]] = []
@@ -404,6 +437,12 @@ class SFT:
             )
             generator = torch.Generator().manual_seed(self.seed)
             step = 0
+            if checkpoint is not None:
+                self._load_checkpoint(checkpoint, model, optimizer, scheduler, generator)
+                step, history = state["step"], state["history"]
+                start_time = time.perf_counter() - state["elapsed"]
+                if self.verbose and group.is_main_process:
+                    print(f"resumed from {checkpoint} (step {step} of {total_steps})", flush=True)
             model.train()
             while step < total_steps:
                 order = torch.randperm(len(train), generator=generator).tolist()
@@ -443,6 +482,11 @@ class SFT:
                 history.append(record)
                 if self.verbose and group.is_main_process:
                     print(" ".join(f"{k} {v:.4g}" for k, v in record.items()), flush=True)
+                if self.checkpoint_dir is not None:
+                    elapsed = time.perf_counter() - start_time
+                    self._save_checkpoint(
+                        model, optimizer, scheduler, generator, step, history, metrics, elapsed, settings
+                    )
         if self.lora_r > 0:
             model = model.merge_and_unload()  # a plain transformers model again: no peft needed to load it
         self.model = model.eval()
@@ -450,6 +494,100 @@ class SFT:
         metrics.update({"train/steps": step, "time/seconds": time.perf_counter() - start_time})
         self.result = SFTResult(metrics, history)
         return self.result
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _run_settings(self, train: Sequence[Example], held_out: Sequence[Example]) -> dict[str, Any]:
+        """What decides the run's course: a resume with other values is refused."""
+        skip = {
+            "model",
+            "tokenizer",
+            "result",
+            "process_group",
+            "verbose",
+            "checkpoint_dir",
+            "keep_checkpoints",
+        }
+        settings = {k: v for k, v in vars(self).items() if k not in skip}
+        digest = hashlib.sha256(
+            json.dumps([[tuple(e) for e in train], [tuple(e) for e in held_out]]).encode()
+        )
+        settings["model"] = getattr(self.model, "name_or_path", None)
+        settings["data"] = digest.hexdigest()[:16]  # the tokenized demonstrations, held-out ones included
+        return settings
+
+    def _checkpoint_to_resume(self, settings: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+        if self.checkpoint_dir is None:
+            raise ValueError("resume: set checkpoint_dir, the folder of the checkpoints to resume from")
+        checkpoint = latest_checkpoint(self.checkpoint_dir)
+        if checkpoint is None:
+            raise FileNotFoundError(f"no checkpoint in {self.checkpoint_dir} to resume from")
+        state = json.loads((checkpoint / "state.json").read_text())
+        hint = "resume with the same settings and data, or start afresh in another folder"
+        check_same_settings(state["settings"], settings, str(checkpoint), hint)
+        return checkpoint, state
+
+    def _save_checkpoint(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        generator: torch.Generator,
+        step: int,
+        history: list[dict[str, float]],
+        metrics: dict[str, float],
+        elapsed: float,
+        settings: dict[str, Any],
+    ) -> None:
+        """The state at the end of an epoch (every process calls it; the main process writes)."""
+        from safetensors.torch import save_file
+
+        rng = rng_state(self.process_group)  # a collective: each process's dropout stream
+        if not self.process_group.is_main_process:
+            return
+
+        def write(folder: Path) -> None:
+            weights = {k: p.detach().contiguous() for k, p in model.named_parameters() if p.requires_grad}
+            save_file(weights, folder / "model.safetensors")
+            torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+            torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+            state = {
+                "step": step,
+                "history": history,
+                "metrics": {k: v for k, v in metrics.items() if k.endswith("_initial")},
+                "elapsed": elapsed,
+                "generator": generator.get_state().tolist(),
+                "settings": settings,
+                **rng,
+            }
+            (folder / "state.json").write_text(json.dumps(state, default=str))
+
+        write_checkpoint(self.checkpoint_dir, f"step_{step:06d}", write, self.keep_checkpoints)
+
+    def _load_checkpoint(
+        self,
+        checkpoint: Path,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        generator: torch.Generator,
+    ) -> None:
+        from safetensors.torch import load_file
+
+        weights = load_file(checkpoint / "model.safetensors", device=str(self.device))
+        params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+        if set(weights) != set(params):
+            missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+            raise ValueError(
+                f"checkpoint {checkpoint} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}"
+            )
+        with torch.no_grad():
+            for k, value in weights.items():
+                params[k].copy_(value)
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+        state = json.loads((checkpoint / "state.json").read_text())
+        generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        restore_rng_state(state, self.process_group, checkpoint)
 
     def _trainable_model(self) -> torch.nn.Module:
         if self.lora_r == 0:

@@ -326,20 +326,30 @@ class TextGenVectorEnv(VectorEnv):
         rewards = np.where(running, kl_penalty, 0.0)
 
         self._steps[running] += 1
-        for i in np.flatnonzero(running):
-            self._seq[i].append(int(actions[i]))
+        running_rows = np.flatnonzero(running).tolist()
+        action_list = actions.tolist()
+        for i in running_rows:
+            self._seq[i].append(action_list[i])
         terminated = running & np.isin(actions, self.stop_token_ids)
         truncated = running & ~terminated & (self._steps >= self.max_new_tokens)
         ended = terminated | truncated
+        continuing = running & ~ended
+        ended_rows = np.flatnonzero(ended).tolist()
+
+        # Advance the reference on the rows that go on; with async_reference this runs in the background
+        # while the reward model scores the ended rows and the agent computes its next action.
+        if continuing.any():
+            self._submit(self._decoder.append, torch.as_tensor(actions), torch.as_tensor(continuing))
 
         texts = self._completions(running, terminated)
         scores = np.zeros(self.num_envs)
-        ended_rows = np.flatnonzero(ended).tolist()
         if ended_rows:
-            got = np.asarray(
-                self.reward_fn([self._prompt_text[i] for i in ended_rows], [texts[i] for i in ended_rows]),
-                dtype=np.float64,
-            ).reshape(-1)
+            # the reference thread is idle unless rows go on: then the scoring may use all the cores
+            with torch_threads(self._all_threads if self._pending is None else None):
+                got = self.reward_fn(
+                    [self._prompt_text[i] for i in ended_rows], [texts[i] for i in ended_rows]
+                )
+            got = np.asarray(got, dtype=np.float64).reshape(-1)
             if got.shape != (len(ended_rows),):
                 raise ValueError(
                     f"the reward function returned {got.shape[0]} scores for {len(ended_rows)} texts"
@@ -347,31 +357,22 @@ class TextGenVectorEnv(VectorEnv):
             scores[ended_rows] = got
             rewards[ended_rows] += got
 
-        row_infos: list[dict[str, Any]] = []
-        for i in range(self.num_envs):
-            if not running[i]:  # NEXT_STEP: this row restarted; its action was ignored
-                row_infos.append(self._reset_info(i))
-                continue
-            info = {
-                "prompt": self._prompt_text[i],
-                "text": texts[i],
-                "ref_log_prob": float(ref_lp[i]),
-                "kl_penalty": float(kl_penalty[i]),
-            }
-            if known[i]:
-                info["policy_log_prob"] = float(policy_lp[i])
-                info["kl"] = float(kl[i])
-            if ended[i]:
-                info["score"] = float(scores[i])
-            row_infos.append(info)
+        # the info, one column per key (what _batch_infos makes of the per-row dicts, built directly)
+        fresh = ~running  # NEXT_STEP: these rows restarted; their action was ignored
+        columns = [
+            ("prompt", np.array(self._prompt_text + [None], dtype=object)[:-1], np.ones(self.num_envs, bool)),
+            ("text", np.array(texts + [None], dtype=object)[:-1], np.ones(self.num_envs, bool)),
+            ("ref_log_prob", ref_lp, running),
+            ("kl_penalty", kl_penalty, running),
+            ("policy_log_prob", policy_lp, known),
+            ("kl", kl, known),
+            ("score", scores, ended),
+        ]
+        truncated_prompt = ("prompt_truncated", self._truncated_prompt.copy(), fresh)
+        columns.insert(2 if fresh[0] else len(columns), truncated_prompt)
 
-        # Advance the reference on the rows that go on; with async_reference this runs in the background
-        # while the agent computes its next action.
-        continuing = running & ~ended
-        if continuing.any():
-            self._submit(self._decoder.append, torch.as_tensor(actions), torch.as_tensor(continuing))
         self._fresh[:] = False
-        obs = self._observe()
+        obs = self._advance_observation(running, actions)
         extra: dict[str, Any] = {}
         if self.autoreset_mode == AutoresetMode.DISABLED:
             self._ended |= ended
@@ -382,15 +383,20 @@ class TextGenVectorEnv(VectorEnv):
         elif ended_rows:  # SAME_STEP: the final observation and info go into the info; the row restarts now
             extra["final_obs"] = np.array([_row(obs, i) if ended[i] else None for i in range(self.num_envs)])
             extra["_final_obs"] = ended.copy()
-            extra["final_info"] = self._batch_infos(
-                [row_infos[i] if ended[i] else None for i in range(self.num_envs)]
-            )
+            extra["final_info"] = self._columns_to_infos([(k, v, m & ended) for k, v, m in columns])
             extra["_final_info"] = ended.copy()
             self._start_rows(ended_rows)
-            for row in ended_rows:
-                row_infos[row] = self._reset_info(row)
-            obs = self._observe()
-        return obs, rewards, terminated, truncated, {**self._batch_infos(row_infos), **extra}
+            obs = {key: value.copy() for key, value in obs.items()}  # final_obs keeps views of the old one
+            self._write_observation_rows(obs, ended_rows)
+            restarted = [
+                ("prompt", np.array(self._prompt_text + [None], dtype=object)[:-1], np.ones(self.num_envs, bool)),
+                ("text", np.where(ended, "", columns[1][1]).astype(object), np.ones(self.num_envs, bool)),
+                ("prompt_truncated", self._truncated_prompt.copy(), fresh | ended),
+            ]
+            columns = restarted[:2] + [(k, v, m & ~ended) for k, v, m in columns[2:] if k != "prompt_truncated"]
+            columns.insert(2 if ended[0] or fresh[0] else len(columns), restarted[2])
+        self._obs = obs
+        return obs, rewards, terminated, truncated, {**self._columns_to_infos(columns), **extra}
 
     def render(self) -> tuple[str, ...]:
         """Each row's prompt and completion so far, ``"prompt|completion"``."""

@@ -20,6 +20,7 @@ from algorithms.policy import LMActorCriticPolicy
 from algorithms.ppo import PPO
 from algorithms.sft import SFT, Demonstration
 from algorithms.trpo import TRPO
+from lm_gym.checkpoints import latest_checkpoint
 from lm_gym.distributed import ProcessGroup
 from lm_gym.models import tiny_causal_lm
 from lm_gym.preferences import AnnotatorPanel, PreferenceRecord, collect_preferences, train_reward_model
@@ -244,6 +245,45 @@ def _rm_job_initial() -> dict:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+def _rm_resume_job(folder: Path, phase: str) -> dict:
+    """``crash``: an uninterrupted 2-epoch run, then a run that crashes in its second epoch (every process at
+    the same step, as a killed job); ``resume``: fresh processes continue the crashed run from its checkpoint."""
+    import lm_gym.preferences.reward_model as rm_module
+
+    settings = dict(model="tiny", epochs=2, batch_size=5, learning_rate=1e-3, center_coef=0.01)
+    settings.update(eval_fraction=0.2, device="cpu", log=None)
+    if phase == "resume":
+        result = train_reward_model(_rm_records(), checkpoint_dir=folder / "run", resume=True, **settings)
+    else:
+        result = train_reward_model(_rm_records(), checkpoint_dir=folder / "whole", **settings)
+        real, calls = rm_module.bradley_terry_loss, []
+
+        def crashing(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 6:  # 4 steps an epoch: the second step of epoch 2
+                raise RuntimeError("simulated crash")
+            return real(*args, **kwargs)
+
+        rm_module.bradley_terry_loss = crashing
+        try:
+            train_reward_model(_rm_records(), checkpoint_dir=folder / "run", **settings)
+        except RuntimeError:
+            pass
+        finally:
+            rm_module.bradley_terry_loss = real
+    params = {k: v.clone() for k, v in result.model.state_dict().items()}
+    return {
+        "params": params,
+        "history": [{k: v for k, v in h.items() if k != "time/elapsed_s"} for h in result.history],
+    }
+
+
+def _resume_worker(rank: int, port: int, folder: str, phase: str) -> None:
+    _join(rank, port)
+    torch.save(_rm_resume_job(Path(folder), phase), Path(folder) / f"{phase}{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
 def _collect_job() -> dict:
     """Sampling shared out by batch: 30 prompts x k=3 are a batch of 21 prompts and one of 9."""
     model, tokenizer = tiny_causal_lm(seed=0)
@@ -293,6 +333,26 @@ def test_reward_model_two_process_update_equals_one_process_on_the_whole_batch(t
         assert (
             rank0["metrics"][key] == rank1["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-5)
         )
+
+
+def test_reward_model_resumes_under_two_processes_as_the_uninterrupted_run(tmp_path):
+    """2 processes crash in epoch 2; 2 fresh ones resume from the epoch-1 checkpoint (each process its own RNG
+    state) and end with the uninterrupted 2-process run's weights and history."""
+    mp.spawn(_resume_worker, args=(_free_port(), str(tmp_path), "crash"), nprocs=2)
+    state = json.loads((latest_checkpoint(tmp_path / "run") / "state.json").read_text())
+    assert state["epoch"] == 1 and state["world_size"] == 2 and len(state["torch_rng_by_process"]) == 2
+    mp.spawn(_resume_worker, args=(_free_port(), str(tmp_path), "resume"), nprocs=2)
+    whole, resumed = (
+        [torch.load(tmp_path / f"{phase}{r}.pt") for r in (0, 1)] for phase in ("crash", "resume")
+    )
+    assert (
+        whole[0]["history"] == resumed[0]["history"] == resumed[1]["history"]
+        and len(whole[0]["history"]) == 2
+    )
+    for name, value in whole[0]["params"].items():
+        for got in (whole[1], resumed[0], resumed[1]):
+            torch.testing.assert_close(got["params"][name], value, rtol=0, atol=0)
+    assert latest_checkpoint(tmp_path / "run").name == "epoch_000002"
 
 
 def test_sharded_collection_equals_one_process(tmp_path):

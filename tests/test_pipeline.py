@@ -3,6 +3,8 @@
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from algorithms.cli import main
 from algorithms.pipeline import PRESETS, PipelineConfig, run_pipeline
@@ -62,3 +64,69 @@ def test_cli_pipeline_quick(tmp_path, capsys):
         + ["--eval-every", "1", "--eval-prompts", "3", "--out", str(tmp_path)]
     )
     assert "RLHF pipeline: tiny on letters, A2C" in capsys.readouterr().out
+
+
+def _crash_on_call(monkeypatch, module, name: str, n: int) -> None:
+    """Make ``module.name`` raise on its n-th call: a crash at that point of the run."""
+    real, calls = getattr(module, name), []
+
+    def crashing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, crashing)
+
+
+def test_resume_after_crashes_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+    """A run that crashes in round 1's reward-model training, resumes, crashes in round 1's RL, and resumes
+    again ends with the uninterrupted run's report points, round summaries, Elo table and final weights."""
+    import lm_gym.evaluation
+    import lm_gym.preferences.reward_model as rm_module
+
+    quiet = dict(log=lambda *_: None)
+    whole = run_pipeline(quick(rounds=2), PPO, tmp_path / "whole", **quiet)
+    run = tmp_path / "run"
+
+    # 1. in round 1's second reward-model epoch (2 held-out evaluations a training): after its first checkpoint
+    with monkeypatch.context() as m:
+        _crash_on_call(m, rm_module, "evaluate_reward_model", 4)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run_pipeline(quick(rounds=2), PPO, run, **quiet)
+    state = json.loads((run / "pipeline_state.json").read_text())
+    assert len(state["rounds"]) == 1 and state["current"]["round"] == 1 and "panel" in state["current"]
+    assert "reward_model" not in state["current"]
+    assert (run / "round_1" / "reward_model_checkpoints" / "epoch_000001").exists()
+
+    # 2. resumed: round 0 read back, round 1's collection read back, its reward model resumed from the
+    # checkpoint; then a crash at round 1's second evaluation, after the RL checkpoint at its iteration 1
+    with monkeypatch.context() as m:
+        _crash_on_call(m, lm_gym.evaluation, "evaluate", 2)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run_pipeline(quick(rounds=2), PPO, run, resume=True, **quiet)
+    state = json.loads((run / "pipeline_state.json").read_text())
+    assert [(q["round"], q["iteration"]) for q in state["points"]] == [(0, 0), (0, 1), (0, 2), (1, 2)]
+    assert not (run / "round_1" / "reward_model_checkpoints").exists()  # removed once the folder is written
+
+    # 3. resumed again: the RL of round 1 continues from its checkpoint
+    resumed = run_pipeline(quick(rounds=2), PPO, run, resume=True, **quiet)
+    assert resumed["points"] == whole["points"]
+    assert resumed["elo"] == whole["elo"]
+    untimed = lambda rounds: [  # noqa: E731
+        {**r, "reward_model": {k: v for k, v in r["reward_model"].items() if not k.startswith("time/")}}
+        for r in rounds
+    ]
+    assert untimed(resumed["rounds"]) == untimed(whole["rounds"])
+    expected, got = (load_file(d / "final" / "model.safetensors") for d in (tmp_path / "whole", run))
+    assert expected.keys() == got.keys()
+    for name, value in expected.items():
+        assert torch.equal(value, got[name]), name
+
+    # settings other than the run's are refused, naming the setting; so is a folder with no run
+    changed = quick(rounds=2)
+    changed.rl_settings["kl_coef"] = 0.1
+    with pytest.raises(ValueError, match=r"was run with rl_settings\.kl_coef=0\.05, now 0\.1"):
+        run_pipeline(changed, PPO, run, resume=True, **quiet)
+    with pytest.raises(SystemExit, match="no pipeline run to resume in"):
+        main(["pipeline", "--preset", "quick", "--out", str(tmp_path / "empty"), "--resume"])

@@ -346,6 +346,63 @@ def test_folder_records_whether_the_prompt_is_scored(trained_rm, tmp_path):
     assert make_reward(str(folder), include_prompt=True).include_prompt is True  # an explicit choice wins
 
 
+def test_reward_model_resumes_after_a_crash_as_the_uninterrupted_run(tmp_path, monkeypatch):
+    """Epoch checkpoints: a run that crashes in its second epoch and resumes from the first epoch's checkpoint
+    ends with the uninterrupted run's weights and history; other settings or data are refused."""
+    import lm_gym.preferences.reward_model as rm_module
+
+    records = _planted_records(12)  # 27 training pairs: 3 steps an epoch
+    settings = dict(epochs=3, learning_rate=2e-3, batch_size=12, eval_fraction=0.25, center_coef=0.01)
+    settings.update(gold=_marker_gold, seed=0, log=None)
+
+    def run(folder, **extra):
+        model, tokenizer = _tiny_bert()
+        return train_reward_model(
+            records,
+            model=model,
+            tokenizer=tokenizer,
+            checkpoint_dir=tmp_path / folder,
+            **{**settings, **extra},
+        )
+
+    whole = run("whole")
+    real_loss, calls = rm_module.bradley_terry_loss, []
+
+    def crash_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # the second step of epoch 2
+            raise RuntimeError("simulated crash")
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(rm_module, "bradley_terry_loss", crash_in_epoch_2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run("run")
+    monkeypatch.setattr(rm_module, "bradley_terry_loss", real_loss)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["epoch_000001", "latest"]
+    resumed = run("run", resume=True)
+    for (name, p), q in zip(whole.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), name
+    untimed = [
+        [{k: v for k, v in h.items() if k != "time/elapsed_s"} for h in r.history] for r in (whole, resumed)
+    ]
+    assert untimed[0] == untimed[1] and len(untimed[0]) == 3
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["epoch_000003", "latest"]  # keeps 1
+    with pytest.raises(ValueError, match=r"was run with learning_rate=0\.002, now 0\.001"):
+        run("run", resume=True, learning_rate=1e-3)
+    with pytest.raises(ValueError, match="was run with data="):
+        model, tokenizer = _tiny_bert()
+        train_reward_model(
+            records[3:],
+            model=model,
+            tokenizer=tokenizer,
+            checkpoint_dir=tmp_path / "run",
+            resume=True,
+            **settings,
+        )
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        run("nothing", resume=True)
+
+
 def test_cli_collect_and_train_rm_on_tiny(tmp_path, capsys):
     from algorithms.cli import main
 
@@ -388,4 +445,7 @@ def test_cli_collect_and_train_rm_on_tiny(tmp_path, capsys):
     )
     text = capsys.readouterr().out
     assert "inter-annotator agreement" in text and "held-out accuracy" in text
-    assert (out / "model.safetensors").exists()
+    assert (out / "model.safetensors").exists() and (out / "checkpoints" / "latest").exists()
+    train_rm = ["train-rm", "--data", str(prefs), "--model", str(backbone), "--out", str(out)]
+    with pytest.raises(SystemExit, match=r"lm-gym train-rm: error: .* was run with epochs=1, now 2: "):
+        main([*train_rm, "--epochs", "2", "--eval-fraction", "0.25", "--resume"])

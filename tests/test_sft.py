@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import algorithms.sft as sft_module
 from algorithms.cli import main
 from algorithms.sft import (
     IGNORE_INDEX,
@@ -176,14 +177,16 @@ def test_cli_sft_then_the_folder_is_a_model(tmp_path, capsys):
         "".join(json.dumps({"prompt": d.prompt, "completion": d.completion}) + "\n" for d in DEMOS)
     )
     out = tmp_path / "sft"
-    main(
-        ["sft", "--model", "tiny", "--data", str(data), "--output-dir", str(out), "--epochs", "2"]
-        + ["--batch-size", "2", "--learning-rate", "0.003", "--eval-fraction", "0.34", "--quiet"]
-    )
+    sft = ["sft", "--model", "tiny", "--data", str(data), "--output-dir", str(out), "--batch-size", "2"]
+    sft += ["--learning-rate", "0.003", "--eval-fraction", "0.34", "--quiet"]
+    main([*sft, "--epochs", "2"])
     printed = capsys.readouterr().out
     assert f"lm-gym train --model {out}" in printed
     metrics = json.loads((out / "sft_metrics.json").read_text())["metrics"]
     assert metrics["eval/examples"] == 2 and metrics["eval/loss"] < metrics["eval/loss_initial"]
+    assert (out / "checkpoints" / "latest").read_text() == "step_000004"  # one per epoch, the last kept
+    with pytest.raises(SystemExit, match=r"lm-gym sft: error: .* was run with epochs=2, now 3: "):
+        main([*sft, "--epochs", "3", "--resume"])
     run = tmp_path / "rl"
     main(
         ["train", "--model", str(out), "--iterations", "1", "--n-envs", "2", "--max-new-tokens", "4"]
@@ -192,3 +195,50 @@ def test_cli_sft_then_the_folder_is_a_model(tmp_path, capsys):
     assert (run / "final" / "model.safetensors").exists()
     with pytest.raises(SystemExit, match=r"lm-gym sft: error: data .*nothing\.jsonl: no such file"):
         main(["sft", "--model", "tiny", "--data", str(tmp_path / "nothing.jsonl")])
+
+
+def _untimed(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in h.items() if not k.startswith("time/")} for h in history]
+
+
+def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+    """Epoch checkpoints: a run that crashes in its second epoch and resumes from the first epoch's checkpoint
+    ends with the uninterrupted run's weights, history and metrics; other settings are refused."""
+    settings = dict(epochs=2, warmup_ratio=0.25)  # 2 steps an epoch; the schedule spans both epochs
+    whole = _trainer(checkpoint_dir=tmp_path / "whole", **settings)
+    expected = whole.learn(DEMOS, eval_data=DEMOS[:2])
+
+    real_nll, calls = sft_module._nll, []
+
+    def crash_in_epoch_2(model, batch):
+        calls.append(model.training)
+        if calls.count(True) == 4:  # the second training step of epoch 2
+            raise RuntimeError("simulated crash")
+        return real_nll(model, batch)
+
+    monkeypatch.setattr(sft_module, "_nll", crash_in_epoch_2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _trainer(checkpoint_dir=tmp_path / "run", **settings).learn(DEMOS, eval_data=DEMOS[:2])
+    monkeypatch.setattr(sft_module, "_nll", real_nll)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["latest", "step_000002"]
+
+    resumed = _trainer(checkpoint_dir=tmp_path / "run", **settings)  # a fresh copy of the initial model
+    result = resumed.learn(DEMOS, eval_data=DEMOS[:2], resume=True)
+    for (name, p), q in zip(whole.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), name
+    assert _untimed(result.history) == _untimed(expected.history) and len(result.history) == 2
+    assert {k: v for k, v in result.metrics.items() if not k.startswith("time/")} == {
+        k: v for k, v in expected.metrics.items() if not k.startswith("time/")
+    }
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["latest", "step_000004"]  # keeps 1
+
+    with pytest.raises(ValueError, match=r"was run with learning_rate=0\.003, now 0\.001"):
+        _trainer(checkpoint_dir=tmp_path / "run", **{**settings, "learning_rate": 1e-3}).learn(
+            DEMOS, eval_data=DEMOS[:2], resume=True
+        )
+    with pytest.raises(ValueError, match="was run with data="):
+        _trainer(checkpoint_dir=tmp_path / "run", **settings).learn(
+            DEMOS[1:], eval_data=DEMOS[:2], resume=True
+        )
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        _trainer(checkpoint_dir=tmp_path / "none", **settings).learn(DEMOS, resume=True)

@@ -7,8 +7,6 @@ An algorithm subclasses :class:`OnPolicyAlgorithm` and writes only :meth:`~OnPol
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -24,6 +22,7 @@ from algorithms.common.distributed import ProcessGroup
 from algorithms.common.logger import Logger
 from algorithms.common.precision import MasterWeights, check_trainable_dtype
 from algorithms.policy import LMActorCriticPolicy, RolloutAgent
+from lm_gym.checkpoints import latest_checkpoint, restore_rng_state, rng_state, write_checkpoint
 from lm_gym.decoding import torch_threads
 from lm_gym.env import TextGenVectorEnv
 from lm_gym.kl import AdaptiveKLController, FixedKLController
@@ -459,51 +458,37 @@ class OnPolicyAlgorithm:
         from safetensors.torch import save_file
 
         # every process's RNG state; only the main process writes (the weights are the same everywhere)
-        rng_states = self.process_group.gather(torch.get_rng_state().tolist())
+        rng = rng_state(self.process_group)
         root = self.run_dir / "checkpoints"
-        final = root / f"iter_{self.iteration:06d}"
+        name = f"iter_{self.iteration:06d}"
         if not self.is_main_process:
-            return final
-        root.mkdir(parents=True, exist_ok=True)
-        staging = root / f".staging_{self.iteration:06d}_{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        trainable = [(name, p) for name, p in self.policy.named_parameters() if p.requires_grad]
-        save_file(  # float32 master values where the optimizer holds them: a resumed run loses no bits
-            {name: self._masters.master(p).detach().contiguous() for name, p in trainable},
-            staging / "policy.safetensors",
-        )
-        torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
-        self._save_extra_state(staging)
-        state = {
-            "iteration": self.iteration,
-            "num_timesteps": self.num_timesteps,
-            "kl_controller": self.kl_controller.state_dict(),
-            "nonfinite_streak": self._nonfinite_streak,
-            "torch_rng": rng_states[0],
-            "world_size": self.world_size,
-        }
-        if self.world_size > 1:
-            state["torch_rng_by_process"] = rng_states
-        (staging / "state.json").write_text(json.dumps(state))
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)  # readers see a complete checkpoint or none
-        latest = root / "latest.tmp"
-        latest.write_text(final.name)
-        os.replace(latest, root / "latest")
-        if self.keep_checkpoints is not None:  # only once the new one is complete and named latest
-            for old in sorted(root.glob("iter_*"))[: -self.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        return final
+            return root / name
+
+        def write(staging: Path) -> None:
+            trainable = [(key, p) for key, p in self.policy.named_parameters() if p.requires_grad]
+            save_file(  # float32 master values where the optimizer holds them: a resumed run loses no bits
+                {key: self._masters.master(p).detach().contiguous() for key, p in trainable},
+                staging / "policy.safetensors",
+            )
+            torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
+            self._save_extra_state(staging)
+            state = {
+                "iteration": self.iteration,
+                "num_timesteps": self.num_timesteps,
+                "kl_controller": self.kl_controller.state_dict(),
+                "nonfinite_streak": self._nonfinite_streak,
+                **rng,
+            }
+            (staging / "state.json").write_text(json.dumps(state))
+
+        return write_checkpoint(root, name, write, self.keep_checkpoints)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore a checkpoint folder, or the latest one of a run directory, to continue with ``learn``."""
         from safetensors.torch import load_file
 
         path = Path(path)
-        if (path / "checkpoints" / "latest").exists():
-            path = path / "checkpoints" / (path / "checkpoints" / "latest").read_text().strip()
+        path = latest_checkpoint(path / "checkpoints") or path
         if not (path / "policy.safetensors").exists():
             raise FileNotFoundError(
                 f"no checkpoint at {path} (expected policy.safetensors, optimizer.pt, state.json)"
@@ -523,17 +508,7 @@ class OnPolicyAlgorithm:
         self.iteration, self.num_timesteps = state["iteration"], state["num_timesteps"]
         self.kl_controller.load_state_dict(state["kl_controller"])
         self._nonfinite_streak = state["nonfinite_streak"]
-        if state.get("world_size", 1) != self.world_size:
-            warnings.warn(
-                f"checkpoint {path} was written by {state.get('world_size', 1)} process(es) and is resumed by "
-                f"{self.world_size}: training goes on, but not as the uninterrupted run would (each process's "
-                "seeds depend on its rank)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        rng_states = state.get("torch_rng_by_process", [state["torch_rng"]])
-        rng = rng_states[self.rank] if self.rank < len(rng_states) else state["torch_rng"]
-        torch.set_rng_state(torch.tensor(rng, dtype=torch.uint8))
+        restore_rng_state(state, self.process_group, path)
         self._load_extra_state(path)
 
     def _save_extra_state(self, folder: Path) -> None:

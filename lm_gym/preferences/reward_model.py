@@ -33,10 +33,15 @@ Under ``accelerate launch``/``torchrun`` (data parallel, :mod:`lm_gym.distribute
 same global batches (the same seed) and takes a contiguous share of each; its loss is weighted by its share of
 the batch's pairs and the gradients are averaged, so N processes take the step one process takes on the whole
 batch. Every process evaluates (identically); only the main process logs and saves the folder.
+
+With a ``checkpoint_dir`` the main process writes a checkpoint at the end of every epoch (weights, optimizer
+and schedule, the batch-order generator, the torch RNG states, the history; :mod:`lm_gym.checkpoints`);
+``resume=True`` continues from the latest one and, on CPU, ends as the uninterrupted run does.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -48,6 +53,13 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lm_gym.checkpoints import (
+    check_same_settings,
+    latest_checkpoint,
+    restore_rng_state,
+    rng_state,
+    write_checkpoint,
+)
 from lm_gym.distributed import ProcessGroup
 from lm_gym.preferences.data import PreferenceRecord
 from lm_gym.rewards import REWARD_MODEL_INFO, RewardFunction
@@ -298,6 +310,9 @@ def train_reward_model(
     out_dir: str | Path | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    keep_checkpoints: int | None = 1,
     log: Callable[[str], Any] | None = print,
 ) -> RewardModelResult:
     """Fit a scalar reward model to preference records with the Bradley-Terry loss.
@@ -330,6 +345,10 @@ def train_reward_model(
         out_dir: save the model, tokenizer and ``reward_model.json`` there (see :func:`save_reward_model`).
         seed: seeds the head's initialisation, the split and the batch order.
         device: where to train; default the model's device (a name is loaded on CUDA when available).
+        checkpoint_dir: write a checkpoint there at the end of every epoch (None = no checkpoints).
+        resume: continue from the latest checkpoint in ``checkpoint_dir`` (the same records, backbone and
+            settings; other settings are refused).
+        keep_checkpoints: how many of the latest checkpoints to keep (None = all).
         log: where progress lines go (None: silent).
     """
     if epochs < 1 or batch_size < 1:
@@ -345,6 +364,35 @@ def train_reward_model(
         )
     start = time.perf_counter()
     base = model if isinstance(model, str) else model.name_or_path
+    settings = dict(
+        epochs=epochs,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        margin=margin,
+        center_coef=center_coef,
+        eval_fraction=eval_fraction,
+        min_agreement=min_agreement,
+        vote_share=vote_share,
+        confident=confident,
+        max_length=max_length,
+        weight_decay=weight_decay,
+        warmup_ratio=warmup_ratio,
+        max_grad_norm=max_grad_norm,
+        seed=seed,
+    )
+    digest = hashlib.sha256(json.dumps([r.to_json() for r in records], sort_keys=True).encode())
+    run_settings = {"base_model": base, **settings, "include_prompt": include_prompt}
+    run_settings["data"] = digest.hexdigest()[:16]  # the records: a resume on other data is refused
+    checkpoint = state = None
+    if resume:
+        if checkpoint_dir is None:
+            raise ValueError("train_reward_model: resume needs the checkpoint_dir to resume from")
+        checkpoint = latest_checkpoint(checkpoint_dir)
+        if checkpoint is None:
+            raise FileNotFoundError(f"no checkpoint in {checkpoint_dir} to resume from")
+        state = json.loads((checkpoint / "state.json").read_text())
+        hint = "resume with the same settings and data, or start afresh in another folder"
+        check_same_settings(state["settings"], run_settings, str(checkpoint), hint)
     train_records, held_out = split_by_prompt(records, eval_fraction, seed)
     train_records = [r for r in train_records if r.agreement is None or r.agreement >= min_agreement]
     if not train_records:
@@ -370,7 +418,15 @@ def train_reward_model(
     )
     evaluate = dict(gold=gold, include_prompt=include_prompt, confident=confident, max_length=max_length)
     history: list[dict[str, float]] = []
-    for epoch in range(1, epochs + 1):
+    first_epoch = 1
+    if checkpoint is not None:
+        _load_checkpoint(checkpoint, model, optimizer, schedule, group)
+        rng.bit_generator.state = state["batch_order_rng"]
+        history, first_epoch = state["history"], state["epoch"] + 1
+        start = time.perf_counter() - state["elapsed"]
+        if log is not None:
+            log(f"resumed from {checkpoint} (epoch {state['epoch']} of {epochs})")
+    for epoch in range(first_epoch, epochs + 1):
         losses, hits, seen = [], 0, 0
         for global_batch in _batches(train_records, batch_size, rng):
             # this process's contiguous share of the pairs (a process left without one runs a pair at weight
@@ -424,6 +480,15 @@ def train_reward_model(
         history.append(row)
         if log is not None:
             log(" ".join(f"{k} {v:.4g}" for k, v in row.items() if "/agreement_" not in k))
+        if checkpoint_dir is not None:
+            progress = dict(
+                epoch=epoch,
+                history=history,
+                batch_order_rng=rng.bit_generator.state,
+                elapsed=time.perf_counter() - start,
+                settings=run_settings,
+            )
+            _save_checkpoint(checkpoint_dir, keep_checkpoints, model, optimizer, schedule, group, progress)
     metrics = {
         **history[-1],
         "data/train_pairs": float(len(train_records)),
@@ -431,27 +496,61 @@ def train_reward_model(
     }
     result = RewardModelResult(model, tokenizer, metrics, history)
     if out_dir is not None and group.is_main_process:
-        settings = dict(
-            epochs=epochs,
-            learning_rate=learning_rate,
-            batch_size=batch_size,
-            margin=margin,
-            center_coef=center_coef,
-            eval_fraction=eval_fraction,
-            min_agreement=min_agreement,
-            vote_share=vote_share,
-            confident=confident,
-            max_length=max_length,
-            weight_decay=weight_decay,
-            warmup_ratio=warmup_ratio,
-            max_grad_norm=max_grad_norm,
-            seed=seed,
-        )
         save_reward_model(
             result, out_dir, include_prompt=include_prompt, settings={"base_model": base, **settings}
         )
     group.barrier()  # every process returns with the folder complete
     return result
+
+
+def _save_checkpoint(
+    root: str | Path,
+    keep: int | None,
+    model: PreTrainedModel,
+    optimizer: torch.optim.Optimizer,
+    schedule: Any,
+    group: ProcessGroup,
+    progress: dict[str, Any],
+) -> None:
+    """The state at the end of an epoch (every process calls it; the main process writes)."""
+    from safetensors.torch import save_file
+
+    rng = rng_state(group)  # a collective
+    if not group.is_main_process:
+        return
+
+    def write(folder: Path) -> None:
+        weights = {k: p.detach().contiguous() for k, p in model.named_parameters()}
+        save_file(weights, folder / "model.safetensors")
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+        torch.save(schedule.state_dict(), folder / "scheduler.pt")
+        (folder / "state.json").write_text(json.dumps({**progress, **rng}, default=str))
+
+    write_checkpoint(root, f"epoch_{progress['epoch']:06d}", write, keep)
+
+
+def _load_checkpoint(
+    checkpoint: Path,
+    model: PreTrainedModel,
+    optimizer: torch.optim.Optimizer,
+    schedule: Any,
+    group: ProcessGroup,
+) -> None:
+    from safetensors.torch import load_file
+
+    weights = load_file(checkpoint / "model.safetensors", device=str(_device(model)))
+    params = dict(model.named_parameters())
+    if set(weights) != set(params):
+        missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+        raise ValueError(
+            f"checkpoint {checkpoint} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}"
+        )
+    with torch.no_grad():
+        for k, value in weights.items():
+            params[k].copy_(value)
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+    schedule.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+    restore_rng_state(json.loads((checkpoint / "state.json").read_text()), group, checkpoint)
 
 
 def save_reward_model(
