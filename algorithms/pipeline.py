@@ -118,8 +118,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         task="sentiment-fluent",
         collect_prompts=200,
         k=4,
+        collect_max_new_tokens=24,
         rm_epochs=2,
         rm_learning_rate=5e-5,
+        rm_batch_size=32,
         iterations=24,
         eval_every=3,
         eval_prompts=64,
@@ -507,39 +509,34 @@ def _markdown(report: dict[str, Any], config: PipelineConfig, algo: str) -> str:
 
 
 def _plot(points: list[dict[str, Any]], path: Path) -> None:
+    """Proxy and gold reward against sqrt(KL) (Gao et al.'s axis) and, since the KL need not grow
+    monotonically, against the RL iteration as well."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     rounds = sorted({q["round"] for q in points})
     for r in rounds:
         mine = [q for q in points if q["round"] == r]
-        d = [math.sqrt(max(q["kl"], 0.0)) for q in mine]
         suffix = f" (round {r})" if len(rounds) > 1 else ""
-        ax.plot(
-            d,
-            [q["proxy"] for q in mine],
-            "o-",
-            color="tab:blue",
-            alpha=0.4 + 0.6 * (r + 1) / len(rounds),
-            label="proxy: learned reward model" + suffix,
-        )
-        ax.plot(
-            d,
-            [q["gold"] for q in mine],
-            "s-",
-            color="tab:orange",
-            alpha=0.4 + 0.6 * (r + 1) / len(rounds),
-            label="gold scorer" + suffix,
-        )
-    ax.set(
+        alpha = 0.4 + 0.6 * (r + 1) / len(rounds)
+        xs = ([math.sqrt(max(q["kl"], 0.0)) for q in mine], [q["iteration"] for q in mine])
+        for ax, x in zip(axes, xs, strict=True):
+            proxy = [q["proxy"] for q in mine]
+            ax.plot(
+                x, proxy, "o-", color="tab:blue", alpha=alpha, label="proxy: learned reward model" + suffix
+            )
+            gold = [q["gold"] for q in mine]
+            ax.plot(x, gold, "s-", color="tab:orange", alpha=alpha, label="gold scorer" + suffix)
+    axes[0].set(
         xlabel="sqrt(KL to the initial model)",
         ylabel="reward on held-out prompts",
         title="proxy and gold reward against sqrt(KL)",
     )
-    ax.legend(fontsize=7)
+    axes[1].set(xlabel="RL iteration (all rounds)", title="... and against the iteration")
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
