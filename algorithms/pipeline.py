@@ -78,12 +78,12 @@ class PipelineConfig:
     model: str = "smollm2-135m"
     task: str = "sentiment"
     rounds: int = 1
-    collect_prompts: int = 200
-    k: int = 4
-    collect_max_new_tokens: int = 24
+    collect_prompts: int = 400
+    k: int = 8
+    collect_max_new_tokens: int = 16
     rm_model: str = "minilm-l6"
-    rm_epochs: int = 2
-    rm_learning_rate: float = 5e-5
+    rm_epochs: int = 4
+    rm_learning_rate: float = 1e-4
     rm_batch_size: int = 32
     iterations: int = 10
     eval_every: int = 2

@@ -292,7 +292,7 @@ def train_reward_model(
     *,
     model: str | PreTrainedModel = "minilm-l6",
     tokenizer: PreTrainedTokenizerBase | None = None,
-    epochs: int = 3,
+    epochs: int = 4,
     learning_rate: float = 1e-4,
     batch_size: int = 32,
     margin: float = 0.0,
