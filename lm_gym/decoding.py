@@ -16,6 +16,7 @@ import inspect
 from collections.abc import Sequence
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
@@ -95,7 +96,9 @@ class BatchedDecoder(RowDecoder):
     """Incremental forward passes of a causal LM over ``num_rows`` independent sequences.
 
     After :meth:`reset_rows` or :meth:`append`, :attr:`logits` (N, V) holds each row's next-token logits
-    (float32). No gradients are tracked.
+    (float32). The forward passes run in ``torch.inference_mode`` (no autograd bookkeeping: ~10% less time
+    per step on small models), so ``logits``, ``hidden`` and the cache are inference tensors: read them
+    freely (what is computed from them outside the decoder is an ordinary tensor), never modify them in place.
 
     With ``twin_adapter``, ``model`` is a peft model and every row has a twin: the N rows run with the
     adapters off (the frozen base, i.e. the reference of a LoRA policy) and N twin rows with the adapter
@@ -127,12 +130,18 @@ class BatchedDecoder(RowDecoder):
         self.twin_adapter = twin_adapter
         rows = 2 * num_rows if twin_adapter else num_rows  # physical rows: twins follow the N originals
         self.tokens: list[list[int]] = [[] for _ in range(rows)]
+        self.version = 0  # counts the changes of ``tokens`` (reset_rows, append)
+        # (version, input_ids, attention_mask as bool) of the observation lm_gym.sampling.follow_arrays
+        # last brought the rows to
+        self.observed: tuple[int, np.ndarray, np.ndarray] | None = None
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # (rows, C) 1 where the cache holds a row's token
         self._logits: torch.Tensor | None = None  # (rows, V)
         forward = model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward
         self._logits_to_keep = "logits_to_keep" in inspect.signature(forward).parameters
         self._lora_b = _twin_lora_b(model, twin_adapter)
+        self._padding_mask_4d = _padding_mask_suffices(model)
+        self._all_twins: torch.Tensor | None = None  # the twin row mask of a pass over every row
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -151,8 +160,13 @@ class BatchedDecoder(RowDecoder):
         twin_mask = None
         if self.twin_adapter:
             # one pass for both halves: the base weights are read once, the LoRA update kept on twins only
-            is_twin = [r >= self.num_rows for r in rows]
-            twin_mask = torch.tensor(is_twin, device=self.device, dtype=torch.float32)[:, None, None]
+            every_row = len(rows) == len(self.tokens)
+            twin_mask = self._all_twins if every_row else None
+            if twin_mask is None:
+                is_twin = [r >= self.num_rows for r in rows]
+                twin_mask = torch.tensor(is_twin, device=self.device, dtype=torch.float32)[:, None, None]
+                if every_row:
+                    self._all_twins = twin_mask
         with _masked_lora(self._lora_b, twin_mask):
             out = self.model(
                 input_ids=ids,
@@ -167,12 +181,13 @@ class BatchedDecoder(RowDecoder):
             self._new_hidden = out.hidden_states[-1][:, -1]  # (R, H) the last layer, after the final norm
         return out.logits[:, -1].float(), out.past_key_values
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def reset_rows(self, rows: Sequence[int], prompts: Sequence[Sequence[int]]) -> None:
         """Start ``rows`` afresh on ``prompts`` (non-empty token lists), leaving the other rows as they are."""
         rows, prompts = self._physical(list(rows)), list(prompts) * (2 if self.twin_adapter else 1)
         if not rows:
             return
+        self.version += 1
         for row, prompt in zip(rows, prompts):
             self.tokens[row] = list(prompt)
         if self.cache is None or len(rows) == len(self.tokens) or not self._surgery_ok():
@@ -199,35 +214,46 @@ class BatchedDecoder(RowDecoder):
             self._hidden[index] = self._new_hidden
         self._trim()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def append(self, tokens: torch.Tensor, active: torch.Tensor) -> None:
         """Append ``tokens[i]`` (N,) to every row where ``active[i]``; other rows only get a masked slot."""
-        active = active.to(self.device)
-        tokens = torch.where(active, tokens.to(self.device), self.pad_token_id)
+        self.version += 1
+        device = self.device
+        active = active.to(device)
+        everyone = bool(active.all())
+        tokens = tokens.to(device)
+        if not everyone:
+            tokens = torch.where(active, tokens, self.pad_token_id)
         if self.twin_adapter:
             tokens, active = tokens.repeat(2), active.repeat(2)
-        lengths = self.lengths  # (rows,) position of the new token in its own row
+        positions = torch.tensor([len(t) for t in self.tokens], device=device)[:, None]  # of the new tokens
         mask = torch.cat([self.mask, active.long()[:, None]], dim=1)  # (rows, C+1)
+        # one new token per row: its attention mask is the padding mask, (rows, 1, 1, C+1), which transformers
+        # would otherwise rebuild from the 2-D mask at every step
+        attention = mask.bool()[:, None, None, :] if self._padding_mask_4d else mask
         logits, self.cache = self._forward(
-            tokens[:, None], mask, lengths[:, None], self.cache, list(range(len(self.tokens)))
+            tokens[:, None], attention, positions, self.cache, list(range(len(self.tokens)))
         )
         self.mask = mask
-        everyone = bool(active.all())
         self._logits = logits if everyone else torch.where(active[:, None], logits, self._logits)
         if self.keep_hidden:
             self._hidden = (
                 self._new_hidden if everyone else torch.where(active[:, None], self._new_hidden, self._hidden)
             )
-        for i, token in zip(active.nonzero().flatten().tolist(), tokens[active].tolist()):
-            self.tokens[i].append(token)
-        if not everyone:
+        if everyone:
+            for row, token in zip(self.tokens, tokens.tolist()):
+                row.append(token)
+        else:
+            for row, token, on in zip(self.tokens, tokens.tolist(), active.tolist()):
+                if on:
+                    row.append(token)
             self._trim()
 
     def _surgery_ok(self) -> bool:
         # Row slots can be rewritten in place only in plain dynamic caches (not sliding-window, quantized...)
         return all(type(layer) is DynamicLayer for layer in self.cache.layers)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _rebuild(self) -> None:
         """Recompute the whole cache from the rows' tokens: one prefill of all rows."""
         ids, mask = left_pad(self.tokens, self.pad_token_id, self.device)  # (N, T)
@@ -252,48 +278,89 @@ class BatchedDecoder(RowDecoder):
         self.mask = self.mask[:, first:]
 
 
-def _twin_lora_b(model: torch.nn.Module, twin_adapter: str | None) -> list[torch.nn.Module] | None:
-    """The LoRA B layers whose rows the twin hooks mask (None without twins); an error when unusable."""
+# families whose decoder layers all use the plain causal mask (nothing else when the config says so below)
+_FULL_ATTENTION_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite"})
+
+
+def _padding_mask_suffices(model: torch.nn.Module) -> bool:
+    """Whether a one-token step may be given its 4-D boolean padding mask directly: SDPA attention (which
+    takes boolean masks) and every layer plain causal attention (no sliding window, no chunks)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is None or getattr(config, "model_type", None) not in _FULL_ATTENTION_MODELS:
+        return False
+    if getattr(config, "_attn_implementation", None) != "sdpa" or getattr(
+        config, "attention_chunk_size", None
+    ):
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return all(kind == "full_attention" for kind in layer_types)
+    return getattr(config, "sliding_window", None) is None
+
+
+def _twin_lora_b(
+    model: torch.nn.Module, twin_adapter: str | None
+) -> list[tuple[torch.nn.Module, str]] | None:
+    """The LoRA layers whose update the twin rows keep, as ``(layer, adapter)`` (None without twins); an
+    error when unusable."""
     if not twin_adapter:
         return None
-    lora_b = _plain_lora_b(model, twin_adapter)
-    if lora_b is None:
+    layers = _plain_lora_layers(model, twin_adapter)
+    if layers is None:
         raise ValueError(
-            f"twin rows need plain LoRA layers for adapter {twin_adapter!r} (unmerged, without DoRA); "
-            "found none or another kind"
+            f"twin rows need plain LoRA layers for adapter {twin_adapter!r} (unmerged, without DoRA or "
+            "another variant); found none or another kind"
         )
-    return lora_b
+    return [(layer, twin_adapter) for layer in layers]
 
 
-def _plain_lora_b(model: torch.nn.Module, adapter: str) -> list[torch.nn.Module] | None:
-    """The ``lora_B`` modules of ``adapter`` if every LoRA layer is plain (unmerged, no DoRA), else None.
+def _plain_lora_layers(model: torch.nn.Module, adapter: str) -> list[torch.nn.Module] | None:
+    """The peft LoRA layers of ``adapter`` if every one is plain (unmerged, no DoRA or other variant, a
+    number as its scale), else None.
 
-    For such a layer ``y = W x + scale * B(A(x))``, so zeroing B's output on some rows gives the base
-    model's output on those rows: the twin batch needs no per-adapter split of each layer.
+    Such a layer computes ``y = W x + B(A(x)) * scaling[adapter]``, so a scale of 0 on some rows gives the
+    base model's output on those rows: the twin batch needs no per-adapter split of each layer.
     """
     found = []
     for module in model.modules():
         lora_b = getattr(module, "lora_B", None)
         if not isinstance(lora_b, torch.nn.ModuleDict) or adapter not in lora_b:
             continue
-        if getattr(module, "merged", False) or getattr(module, "use_dora", {}).get(adapter, False):
+        plain = (
+            not getattr(module, "merged", False)
+            and not getattr(module, "use_dora", {}).get(adapter, False)
+            and adapter not in getattr(module, "lora_variant", {})
+            and isinstance(getattr(module, "scaling", {}).get(adapter), (int, float))
+        )
+        if not plain:
             return None
-        found.append(lora_b[adapter])
+        found.append(module)
     return found or None
 
 
 @contextmanager
-def _masked_lora(lora_b: list[torch.nn.Module] | None, row_mask: torch.Tensor | None):
-    """Multiply the LoRA update by ``row_mask`` (B, 1, 1) for the duration of one forward pass."""
-    if lora_b is None or row_mask is None:
+def _masked_lora(layers: list[tuple[torch.nn.Module, str]] | None, row_mask: torch.Tensor | None):
+    """Multiply the LoRA update by ``row_mask`` (B, 1, 1) for the duration of one forward pass.
+
+    Each layer's scale becomes ``scale * row_mask`` (in the dtype of its LoRA weights), which the layer
+    multiplies its update by anyway: no hook and no extra operation per layer.
+    """
+    if layers is None or row_mask is None:
         yield
         return
-    handles = [m.register_forward_hook(lambda _m, _i, out: out * row_mask.to(out.dtype)) for m in lora_b]
+    saved = [layer.scaling[adapter] for layer, adapter in layers]
+    masks: dict[tuple[float, torch.dtype], torch.Tensor] = {}  # one tensor per distinct scale and dtype
     try:
+        for (layer, adapter), scale in zip(layers, saved):
+            key = (scale, layer.lora_B[adapter].weight.dtype)
+            if key not in masks:
+                masks[key] = (row_mask * scale).to(key[1])
+            layer.scaling[adapter] = masks[key]
         yield
     finally:
-        for handle in handles:
-            handle.remove()
+        for (layer, adapter), scale in zip(layers, saved):
+            layer.scaling[adapter] = scale
 
 
 def _pad_left(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from lm_gym.decoding import BatchedDecoder, RowDecoder, _masked_lora, _pad_left, _twin_lora_b, left_pad
-from lm_gym.sampling import follow, observed_sequences
+from lm_gym.sampling import follow_arrays
 
 __all__ = [
     "Seq2SeqDecoder",
@@ -66,7 +66,7 @@ class Seq2SeqDecoder(RowDecoder):
 
     After :meth:`reset_rows` or :meth:`append`, :attr:`logits` (N, V) holds each row's next-token logits
     (float32). :attr:`sources` holds each row's source tokens and :attr:`tokens` its decoder tokens (start
-    token first). No gradients are tracked.
+    token first). The forward passes run in ``torch.inference_mode``, as :class:`BatchedDecoder`'s.
 
     Args:
         model: a Hugging Face encoder-decoder LM (in eval mode), or a peft model of one.
@@ -151,7 +151,7 @@ class Seq2SeqDecoder(RowDecoder):
         )
         return logits, hidden, out.encoder_last_hidden_state, src_mask, dec_mask, out.past_key_values
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def reset_rows(
         self,
         rows: Sequence[int],
@@ -206,7 +206,7 @@ class Seq2SeqDecoder(RowDecoder):
             self._hidden[index] = hidden
         self._trim()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def append(self, tokens: torch.Tensor, active: torch.Tensor) -> None:
         """Append ``tokens[i]`` (N,) to every row where ``active[i]``; other rows only get a masked slot."""
         active = active.to(self.device)
@@ -242,7 +242,7 @@ class Seq2SeqDecoder(RowDecoder):
         layers = [*self.cache.self_attention_cache.layers, *self.cache.cross_attention_cache.layers]
         return all(type(layer) is DynamicLayer for layer in layers)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _rebuild(self) -> None:
         """Recompute everything from the rows' sources and decoder tokens: one prefill of all rows."""
         rows = list(range(len(self.tokens)))
@@ -357,11 +357,11 @@ def make_decoder(
 def follow_observation(
     decoder: BatchedDecoder | Seq2SeqDecoder, obs: dict[str, np.ndarray], last_actions: torch.Tensor | None
 ) -> None:
-    """:func:`follow_seq2seq` or :func:`lm_gym.sampling.follow`, whichever fits ``decoder``."""
+    """:func:`follow_seq2seq` or :func:`lm_gym.sampling.follow_arrays`, whichever fits ``decoder``."""
     if isinstance(decoder, Seq2SeqDecoder):
         follow_seq2seq(decoder, obs, last_actions)
     else:
-        follow(decoder, observed_sequences(obs), last_actions)
+        follow_arrays(decoder, obs, last_actions)
 
 
 def last_tokens(obs: dict[str, np.ndarray], device: torch.device | None = None) -> torch.Tensor:

@@ -15,7 +15,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lm_gym.decoding import BatchedDecoder
+from lm_gym.decoding import BatchedDecoder, torch_threads
 from lm_gym.kl import KLEstimator, kl_estimate
 from lm_gym.logprobs import PolicyLogProbCache
 from lm_gym.models import is_seq2seq_lm, load_causal_lm, load_seq2seq_lm
@@ -174,6 +174,8 @@ class TextGenVectorEnv(VectorEnv):
             else None
         )
         self._pending: Future | None = None
+        # while the reference thread is idle (scoring the ended rows), the env's own work may use every core
+        self._all_threads = torch.get_num_threads() if async_reference else None
         self._rngs = [seeding.np_random()[0] for _ in range(num_envs)]
         self._prompt_text = [""] * num_envs
         self._prompt_len = np.zeros(num_envs, dtype=np.int64)
@@ -184,6 +186,8 @@ class TextGenVectorEnv(VectorEnv):
         self._fresh = np.zeros(num_envs, dtype=bool)  # NEXT_STEP: the row restarts on this step
         self._policy_log_probs: np.ndarray | None = None
         self._warned_no_policy = False
+        self._obs: dict[str, np.ndarray] = {}  # the last observation returned (never written to afterwards)
+        self._decode = _fast_decoder(self.tokenizer)
         self._needs_reset = True
 
     # ------------------------------------------------------------------------------------------ prompts
@@ -294,7 +298,8 @@ class TextGenVectorEnv(VectorEnv):
         self._fresh[rows] = False
         self._needs_reset = False
         infos = self._batch_infos([self._reset_info(i) if mask[i] else None for i in range(self.num_envs)])
-        return self._observe(), infos
+        self._obs = self._observe()
+        return self._obs, infos
 
     def step(
         self, actions: np.ndarray | Sequence[int] | torch.Tensor
@@ -309,9 +314,12 @@ class TextGenVectorEnv(VectorEnv):
             )
         policy_lp = self._take_policy_log_probs(actions)  # (N,) nan where unknown
         self._wait()
-        ref_logp = torch.log_softmax(self._decoder.logits / self.temperature, dim=-1)  # (N, V)
-        ref_lp = ref_logp.gather(1, torch.as_tensor(actions, device=ref_logp.device)[:, None])[:, 0]
-        ref_lp = ref_lp.double().cpu().numpy()  # (N,)
+        logits = self._decoder.logits  # (N, V)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        # log_softmax(logits)[a], without writing the (N, V) log-probs
+        chosen = logits.gather(1, torch.as_tensor(actions, device=logits.device)[:, None])[:, 0]
+        ref_lp = (chosen - torch.logsumexp(logits, dim=-1)).double().cpu().numpy()  # (N,)
 
         running = ~self._fresh
         known = running & ~np.isnan(policy_lp)
@@ -357,19 +365,21 @@ class TextGenVectorEnv(VectorEnv):
             scores[ended_rows] = got
             rewards[ended_rows] += got
 
-        # the info, one column per key (what _batch_infos makes of the per-row dicts, built directly)
-        fresh = ~running  # NEXT_STEP: these rows restarted; their action was ignored
+        # the info, one (key, values, present) column per key; what _batch_infos makes of per-row dicts
+        everyone = np.ones(self.num_envs, dtype=bool)
+        # NEXT_STEP: the fresh rows restarted at the last step, their action was ignored; their info is the
+        # _reset_info (prompt, empty text, prompt_truncated)
+        fresh = ~running
         columns = [
-            ("prompt", np.array(self._prompt_text + [None], dtype=object)[:-1], np.ones(self.num_envs, bool)),
-            ("text", np.array(texts + [None], dtype=object)[:-1], np.ones(self.num_envs, bool)),
+            ("prompt", _objects(self._prompt_text), everyone),
+            ("text", _objects(texts), everyone),
             ("ref_log_prob", ref_lp, running),
             ("kl_penalty", kl_penalty, running),
             ("policy_log_prob", policy_lp, known),
             ("kl", kl, known),
             ("score", scores, ended),
+            ("prompt_truncated", self._truncated_prompt.copy(), fresh),
         ]
-        truncated_prompt = ("prompt_truncated", self._truncated_prompt.copy(), fresh)
-        columns.insert(2 if fresh[0] else len(columns), truncated_prompt)
 
         self._fresh[:] = False
         obs = self._advance_observation(running, actions)
@@ -386,15 +396,16 @@ class TextGenVectorEnv(VectorEnv):
             extra["final_info"] = self._columns_to_infos([(k, v, m & ended) for k, v, m in columns])
             extra["_final_info"] = ended.copy()
             self._start_rows(ended_rows)
-            obs = {key: value.copy() for key, value in obs.items()}  # final_obs keeps views of the old one
+            obs = {key: value.copy() for key, value in obs.items()}  # final_obs holds views of the old arrays
             self._write_observation_rows(obs, ended_rows)
-            restarted = [
-                ("prompt", np.array(self._prompt_text + [None], dtype=object)[:-1], np.ones(self.num_envs, bool)),
-                ("text", np.where(ended, "", columns[1][1]).astype(object), np.ones(self.num_envs, bool)),
-                ("prompt_truncated", self._truncated_prompt.copy(), fresh | ended),
-            ]
-            columns = restarted[:2] + [(k, v, m & ~ended) for k, v, m in columns[2:] if k != "prompt_truncated"]
-            columns.insert(2 if ended[0] or fresh[0] else len(columns), restarted[2])
+            for row in ended_rows:
+                texts[row] = ""
+            restarted = {  # the restarted rows' info is their _reset_info
+                "prompt": (_objects(self._prompt_text), everyone),
+                "text": (_objects(texts), everyone),
+                "prompt_truncated": (self._truncated_prompt.copy(), fresh | ended),
+            }
+            columns = [(k, *restarted[k]) if k in restarted else (k, v, m & ~ended) for k, v, m in columns]
         self._obs = obs
         return obs, rewards, terminated, truncated, {**self._columns_to_infos(columns), **extra}
 
@@ -435,7 +446,7 @@ class TextGenVectorEnv(VectorEnv):
             return told
         values = np.full(self.num_envs, np.nan)
         if self.log_prob_cache is not None:
-            obs = self._observe()
+            obs = self._obs
             ids, mask = (
                 seq2seq_cache_arrays(obs)
                 if self.is_encoder_decoder
@@ -448,13 +459,11 @@ class TextGenVectorEnv(VectorEnv):
         return values
 
     def _completions(self, rows: np.ndarray, drop_stop: np.ndarray) -> list[str]:
-        """The decoded completion of each row in the mask ``rows`` (others: ""), one batched decode."""
-        generated = [
-            self._seq[i][self._prompt_len[i] : len(self._seq[i]) - int(drop_stop[i])]
-            for i in np.flatnonzero(rows)
-        ]
-        decoded = iter(self.tokenizer.batch_decode(generated, skip_special_tokens=True))
-        return [next(decoded) if r else "" for r in rows]
+        """The decoded completion of each row in the mask ``rows`` (others: "")."""
+        texts = [""] * self.num_envs
+        for i in np.flatnonzero(rows).tolist():
+            texts[i] = self._decode(self._seq[i][self._prompt_len[i] : len(self._seq[i]) - int(drop_stop[i])])
+        return texts
 
     def _reset_info(self, row: int) -> dict[str, Any]:
         return {
@@ -482,6 +491,51 @@ class TextGenVectorEnv(VectorEnv):
             infos[key], infos["_" + key] = array, present
         return infos
 
+    def _columns_to_infos(self, columns: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> dict[str, Any]:
+        """``(key, values (N,), present (N,) bool)`` columns -> the vector info: the same arrays and masks as
+        :meth:`_batch_infos` gives for the per-row dicts (zero or None where absent; keys present nowhere left
+        out)."""
+        infos: dict[str, Any] = {}
+        for key, values, present in columns:
+            if not present.any():
+                continue
+            if values.dtype == object:
+                array = np.full(self.num_envs, None, dtype=object)
+                array[present] = values[present]
+            else:
+                array = np.where(present, values, np.zeros((), dtype=values.dtype))
+            infos[key], infos["_" + key] = array, present.copy()
+        return infos
+
+    def _advance_observation(self, advanced: np.ndarray, actions: np.ndarray) -> dict[str, np.ndarray]:
+        """The observation after a step: the rows of ``advanced`` gained ``actions`` at their right end (the
+        previous observation shifted left by one column, in new arrays), the other rows are rebuilt."""
+        if self.is_encoder_decoder:
+            return self._observe()
+        ids, mask = self._obs["input_ids"], self._obs["attention_mask"]
+        ids = np.concatenate([ids[:, 1:], actions[:, None]], axis=1)
+        mask = np.concatenate([mask[:, 1:], np.ones_like(mask[:, :1])], axis=1)
+        obs = {"input_ids": ids, "attention_mask": mask}
+        if not advanced.all():
+            self._write_observation_rows(obs, np.flatnonzero(~advanced).tolist())
+        return obs
+
+    def _write_observation_rows(self, obs: dict[str, np.ndarray], rows: Sequence[int]) -> None:
+        """Rewrite ``rows`` of a causal observation from their token lists, in place."""
+        if self.is_encoder_decoder:
+            fresh = self._observe()
+            for key in obs:
+                obs[key][rows] = fresh[key][rows]
+            return
+        ids, mask = obs["input_ids"], obs["attention_mask"]
+        length = ids.shape[1]
+        for i in rows:
+            seq = self._seq[i]
+            ids[i], mask[i] = self.pad_token_id, 0
+            if seq:
+                ids[i, length - len(seq) :] = seq
+                mask[i, length - len(seq) :] = 1
+
     def _observe(self) -> dict[str, np.ndarray]:
         if self.is_encoder_decoder:  # the source; the decoder start token and the generated tokens
             start = [self._decoder.decoder_start_token_id]
@@ -500,6 +554,37 @@ class TextGenVectorEnv(VectorEnv):
                 ids[i, length - len(seq) :] = seq
                 mask[i, length - len(seq) :] = 1
         return {"input_ids": ids, "attention_mask": mask}
+
+
+def _fast_decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int]], str]:
+    """``ids -> tokenizer.decode(ids, skip_special_tokens=True)``, calling the Rust tokenizer directly when
+    ``decode`` would do nothing else (a ``tokenizers``-backed tokenizer without space clean-up): the info's
+    text is decoded at every step, and ``decode``'s Python layers cost more than the decoding itself."""
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase as Base
+
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # transformers 4: PreTrainedTokenizerFast
+        from transformers import PreTrainedTokenizerFast as TokenizersBackend
+
+    backend = getattr(tokenizer, "_tokenizer", None)
+    plain = (
+        isinstance(tokenizer, TokenizersBackend)
+        and type(tokenizer).decode is Base.decode
+        and type(tokenizer)._decode is TokenizersBackend._decode
+        and not tokenizer.clean_up_tokenization_spaces
+        and hasattr(backend, "decode")
+    )
+    if plain:
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _objects(values: Sequence[Any]) -> np.ndarray:
+    """A 1-D object array of ``values`` (never a 2-D one, whatever the values are)."""
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    return array
 
 
 def _row(obs: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:

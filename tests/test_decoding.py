@@ -92,3 +92,97 @@ def test_keep_hidden_matches_full_forward(tiny):
                 0, -1
             ]
         torch.testing.assert_close(dec.hidden[i], full, atol=1e-4, rtol=1e-4)
+
+
+def test_follow_arrays_takes_the_decisions_of_follow(tiny):
+    """The array fast path of the samplers: same steps, restarts and tokens as the token-list comparison."""
+    from lm_gym.sampling import follow, follow_arrays, observed_sequences
+
+    model, tokenizer = tiny
+    rng = np.random.default_rng(1)
+    n, width, pad = 5, 12, tokenizer.pad_token_id
+
+    def observe(seqs):
+        ids, mask = np.full((n, width), pad, dtype=np.int64), np.zeros((n, width), dtype=np.int64)
+        for i, seq in enumerate(seqs):
+            ids[i, width - len(seq) :], mask[i, width - len(seq) :] = seq, 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    calls = {"lists": [], "arrays": []}
+
+    def spy(kind, name, method):
+        def record(*args):
+            calls[kind].append((name, [a.tolist() if torch.is_tensor(a) else list(a) for a in args]))
+            return method(*args)
+
+        return record
+
+    decoders = {}
+    for kind in calls:
+        decoders[kind] = dec = BatchedDecoder(model, n, pad)
+        for name in ("append", "reset_rows"):
+            setattr(dec, name, spy(kind, name, getattr(dec, name)))
+    seqs = [rng.integers(0, 256, size=int(rng.integers(1, 6))).tolist() for _ in range(n)]
+    seqs[0] = rng.integers(0, 256, size=width - 1).tolist()  # fills the row after one step
+    actions = None
+    for step in range(14):
+        obs = observe(seqs)
+        follow(decoders["lists"], observed_sequences(obs), actions)
+        follow_arrays(decoders["arrays"], obs, actions)
+        assert calls["lists"] == calls["arrays"]
+        assert decoders["lists"].tokens == decoders["arrays"].tokens == seqs
+        torch.testing.assert_close(decoders["lists"].logits, decoders["arrays"].logits)
+        actions = torch.tensor(rng.integers(0, 256, size=n))
+        for i in range(n):
+            kind = rng.random() if i or step > 1 else (0.9, 0.1)[step]  # row 0: fill the row, then slide
+            if len(seqs[i]) == width and kind < 0.5:  # a sliding window: the first token fell off
+                seqs[i] = seqs[i][1:] + [int(actions[i])]
+            elif len(seqs[i]) == width or kind < 0.15:  # a new episode
+                seqs[i] = rng.integers(0, 256, size=int(rng.integers(1, 6))).tolist()
+            elif kind < 0.3:  # the row did not move (an ended row)
+                pass
+            elif kind < 0.4:  # another token than the action: a restart on that text
+                seqs[i] = seqs[i] + [(int(actions[i]) + 1) % 256]
+            else:
+                seqs[i] = seqs[i] + [int(actions[i])]
+        if step == 9:  # the decoder changed behind the memo's back: the lists decide
+            for dec in decoders.values():
+                dec.reset_rows([1], [seqs[1]])
+
+
+def test_decode_steps_with_the_4d_padding_mask_equal_the_2d_path(tiny):
+    """The one-token steps pass their (rows, 1, 1, C) boolean padding mask to SDPA directly: bit for bit what
+    transformers builds from the 2-D mask (with rows that skip steps, i.e. masked slots, and a restart)."""
+    model, tokenizer = tiny
+    rng = np.random.default_rng(2)
+    decoders = [BatchedDecoder(model, 3, tokenizer.pad_token_id) for _ in range(2)]
+    assert decoders[0]._padding_mask_4d
+    decoders[1]._padding_mask_4d = False
+    prompts = [rng.integers(0, 256, size=k).tolist() for k in (2, 7, 4)]
+    for dec in decoders:
+        dec.reset_rows(range(3), prompts)
+    for step in range(12):
+        tokens, active = torch.tensor(rng.integers(0, 256, size=3)), torch.tensor(rng.random(3) < 0.7)
+        for dec in decoders:
+            dec.append(tokens, active)
+            if step == 5:
+                dec.reset_rows([1], [[5, 6, 7, 8, 9, 10, 11, 12, 13]])
+        assert torch.equal(decoders[0].logits, decoders[1].logits)
+
+
+def test_categorical_draws_from_the_law_and_never_a_zero_probability_token():
+    from lm_gym.sampling import categorical
+
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.tensor([[0.5, 0.0, 0.25, 1e-3, 0.249, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 2.0]])
+    n = 100_000
+    draws = categorical(probs.repeat(n, 1), generator).view(n, 2)
+    share = torch.bincount(draws[:, 0], minlength=6).double() / n
+    torch.testing.assert_close(share, probs[0].double(), atol=0.006, rtol=0)  # ~4 standard errors
+    assert (share[[1, 5]] == 0).all() and (draws[:, 1] == 5).all()  # unnormalized rows are fine
+    again = categorical(probs.repeat(n, 1), torch.Generator().manual_seed(0)).view(n, 2)
+    assert torch.equal(draws, again)  # seeded
+    with pytest.raises(ValueError, match="nan"):
+        categorical(torch.tensor([[0.5, float("nan")]]))
+    with pytest.raises(ValueError, match="sums to 0"):
+        categorical(torch.zeros(1, 3))
