@@ -17,6 +17,7 @@ shards. A launch configured for either is refused with a message rather than sil
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -30,6 +31,11 @@ from lm_gym.models import default_device
 __all__ = ["ProcessGroup", "is_main_process", "process_device"]
 
 BUCKET_ELEMENTS = 2**24  # gradients are averaged in flat buckets of up to this many elements (64 MB fp32)
+
+
+def _destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _flag(name: str) -> bool:
@@ -73,6 +79,9 @@ class ProcessGroup:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            # Tear the group down before the interpreter does: Gloo's threads destroyed at exit while
+            # still joinable abort the process ("terminate called without an active exception").
+            atexit.register(_destroy_process_group)
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.world_size = dist.get_world_size() if self.distributed else 1
         self.rank = dist.get_rank() if self.distributed else 0
