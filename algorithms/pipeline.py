@@ -44,12 +44,13 @@ import numpy as np
 
 from algorithms.common.on_policy import OnPolicyAlgorithm
 from algorithms.policy import LMActorCriticPolicy
-from lm_gym.checkpoints import check_same_settings, latest_checkpoint, write_json_atomic
+from lm_gym.checkpoints import check_same_settings, latest_checkpoint, load_weights, write_json_atomic
 from lm_gym.distributed import ProcessGroup
 
 __all__ = ["PRESETS", "PipelineConfig", "run_pipeline"]
 
 STATE = "pipeline_state.json"  # what is done: persisted after every step, read back by a resumed run
+SAMPLES_SHOWN = 3  # held-out texts kept per evaluation point (the report shows the first and last point's)
 
 
 @dataclass
@@ -179,9 +180,8 @@ def run_pipeline(
     saved = _saved_state(out_dir, settings) if resume else None
     task = get_task(config.task)
     gold = task.make_reward()
-    include_prompt = getattr(
-        gold, "include_prompt", True
-    )  # the reward model reads what the gold scorer reads
+    # the reward model reads what the gold scorer reads (VADER: the completion alone)
+    include_prompt = getattr(gold, "include_prompt", True)
     panel = AnnotatorPanel(gold, seed=config.seed)
     model, tokenizer = load_causal_lm(config.model, seed=config.seed)
     policy = LMActorCriticPolicy(model, tokenizer, **config.policy_settings)
@@ -401,19 +401,20 @@ def _load_policy_weights(policy: LMActorCriticPolicy, run_dir: Path, iteration: 
     """Set the policy's trainable weights (the adapters, or every weight, and the critic) to those of the
     latest RL checkpoint in ``run_dir``, which must be at ``iteration``: the end of a finished round."""
     import torch
-    from safetensors.torch import load_file
 
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     state = json.loads((checkpoint / "state.json").read_text()) if checkpoint is not None else {}
     if state.get("iteration") != iteration:
         raise FileNotFoundError(f"no checkpoint of the finished RL at iteration {iteration} in {run_dir}")
     params = dict(policy.named_parameters())
+    weights = load_weights(
+        checkpoint / "policy.safetensors", policy.trainable_state_dict(), policy.device, "policy"
+    )
     with torch.no_grad():  # float32 values: rounded into low-precision weights as the optimizer step does
-        for name, value in load_file(checkpoint / "policy.safetensors", device=str(policy.device)).items():
+        for name, value in weights.items():
             params[name].copy_(value)
 
 
-SAMPLES_SHOWN = 3  # held-out texts kept per evaluation point (the report shows the first and last point's)
 COLLECT_BATCH = 64  # sequences sampled side by side (collect_preferences' default)
 
 

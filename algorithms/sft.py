@@ -42,8 +42,10 @@ from algorithms.common.on_policy import _check
 from lm_gym.checkpoints import (
     check_same_settings,
     latest_checkpoint,
+    load_training_state,
     restore_rng_state,
     rng_state,
+    save_training_state,
     write_checkpoint,
 )
 from lm_gym.distributed import ProcessGroup
@@ -539,27 +541,22 @@ class SFT:
         settings: dict[str, Any],
     ) -> None:
         """The state at the end of an epoch (every process calls it; the main process writes)."""
-        from safetensors.torch import save_file
-
         rng = rng_state(self.process_group)  # a collective: each process's dropout stream
         if not self.process_group.is_main_process:
             return
+        state = {
+            "step": step,
+            "history": history,
+            "metrics": {k: v for k, v in metrics.items() if k.endswith("_initial")},
+            "elapsed": elapsed,
+            "generator": generator.get_state().tolist(),
+            "settings": settings,
+            **rng,
+        }
+        params = {k: p for k, p in model.named_parameters() if p.requires_grad}
 
         def write(folder: Path) -> None:
-            weights = {k: p.detach().contiguous() for k, p in model.named_parameters() if p.requires_grad}
-            save_file(weights, folder / "model.safetensors")
-            torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-            torch.save(scheduler.state_dict(), folder / "scheduler.pt")
-            state = {
-                "step": step,
-                "history": history,
-                "metrics": {k: v for k, v in metrics.items() if k.endswith("_initial")},
-                "elapsed": elapsed,
-                "generator": generator.get_state().tolist(),
-                "settings": settings,
-                **rng,
-            }
-            (folder / "state.json").write_text(json.dumps(state, default=str))
+            save_training_state(folder, params, optimizer, scheduler, state)
 
         write_checkpoint(self.checkpoint_dir, f"step_{step:06d}", write, self.keep_checkpoints)
 
@@ -571,21 +568,8 @@ class SFT:
         scheduler: Any,
         generator: torch.Generator,
     ) -> None:
-        from safetensors.torch import load_file
-
-        weights = load_file(checkpoint / "model.safetensors", device=str(self.device))
         params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-        if set(weights) != set(params):
-            missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
-            raise ValueError(
-                f"checkpoint {checkpoint} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}"
-            )
-        with torch.no_grad():
-            for k, value in weights.items():
-                params[k].copy_(value)
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
-        state = json.loads((checkpoint / "state.json").read_text())
+        state = load_training_state(checkpoint, params, optimizer, scheduler, self.device)
         generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
         restore_rng_state(state, self.process_group, checkpoint)
 

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,11 @@ import torch
 __all__ = [
     "check_same_settings",
     "latest_checkpoint",
+    "load_training_state",
+    "load_weights",
     "restore_rng_state",
     "rng_state",
+    "save_training_state",
     "write_checkpoint",
     "write_json_atomic",
 ]
@@ -114,3 +117,57 @@ def check_same_settings(saved: Mapping[str, Any], current: Mapping[str, Any], wh
         old, new = normal(saved.get(key)), normal(current.get(key))
         if old != new:
             raise ValueError(f"{where} was run with {key}={old!r}, now {new!r}: {hint}")
+
+
+def load_weights(
+    file: str | Path, expected: Iterable[str], device: str | torch.device, what: str = "model"
+) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors checkpoint file, refused (one-line ``ValueError``) unless their names are
+    exactly ``expected``: a checkpoint of another model, or of LoRA for a full fine-tune, does not fit."""
+    from safetensors.torch import load_file
+
+    file = Path(file)
+    weights = load_file(file, device=str(device))
+    expected = set(expected)
+    if set(weights) != expected:
+        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise ValueError(
+            f"checkpoint {file.parent} does not fit this {what}: missing {missing[:3]}, unexpected {extra[:3]}"
+        )
+    return weights
+
+
+def save_training_state(
+    folder: Path,
+    params: Mapping[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: Mapping[str, Any],
+) -> None:
+    """Write a supervised loop's checkpoint into ``folder`` (a :func:`write_checkpoint` staging folder): the
+    trained ``params`` (safetensors), the optimizer's and the learning-rate scheduler's states (read back with
+    ``weights_only=True``) and ``state`` (JSON: counters, history, RNG states)."""
+    from safetensors.torch import save_file
+
+    save_file({k: p.detach().contiguous() for k, p in params.items()}, folder / "model.safetensors")
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+    (folder / "state.json").write_text(json.dumps(dict(state), default=str))
+
+
+def load_training_state(
+    checkpoint: Path,
+    params: Mapping[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    device: str | torch.device,
+) -> dict[str, Any]:
+    """Restore what :func:`save_training_state` wrote into ``params``, ``optimizer`` and ``scheduler``; return
+    the JSON ``state``."""
+    weights = load_weights(checkpoint / "model.safetensors", params, device)
+    with torch.no_grad():
+        for k, value in weights.items():
+            params[k].copy_(value)
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+    return json.loads((checkpoint / "state.json").read_text())

@@ -162,7 +162,7 @@ def follow_arrays(
     """
     ids, mask = _rows(obs["input_ids"]), _rows(obs["attention_mask"]) > 0
     known: list[bool | None] = [None] * len(ids)  # True: a step; False: unchanged; None: compare the lists
-    seen = getattr(decoder, "observed", None)
+    seen = decoder.observed
     if seen is not None and seen[0] == decoder.version and seen[1].shape == ids.shape:
         _, old_ids, old_mask = seen
         unchanged = (mask == old_mask).all(1) & ((ids == old_ids) | ~mask).all(1)
@@ -178,8 +178,7 @@ def follow_arrays(
         known = [True if s else (False if u else None) for s, u in zip(step.tolist(), unchanged.tolist())]
     seqs = [ids[i][mask[i]].tolist() if k is None else None for i, k in enumerate(known)]
     _follow(decoder, seqs, last_actions, known)
-    if hasattr(decoder, "observed"):
-        decoder.observed = (decoder.version, ids.copy(), mask.copy())
+    decoder.observed = (decoder.version, ids.copy(), mask.copy())
 
 
 def _follow(

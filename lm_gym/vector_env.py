@@ -297,7 +297,7 @@ class TextGenVectorEnv(VectorEnv):
         self._start_rows(rows, prompts)
         self._fresh[rows] = False
         self._needs_reset = False
-        infos = self._batch_infos([self._reset_info(i) if mask[i] else None for i in range(self.num_envs)])
+        infos = self._columns_to_infos(self._reset_columns(mask))
         self._obs = self._observe()
         return self._obs, infos
 
@@ -365,10 +365,10 @@ class TextGenVectorEnv(VectorEnv):
             scores[ended_rows] = got
             rewards[ended_rows] += got
 
-        # the info, one (key, values, present) column per key; what _batch_infos makes of per-row dicts
+        # the info, one (key, values, present) column per key (see _columns_to_infos)
         everyone = np.ones(self.num_envs, dtype=bool)
         # NEXT_STEP: the fresh rows restarted at the last step, their action was ignored; their info is the
-        # _reset_info (prompt, empty text, prompt_truncated)
+        # reset info (prompt, empty text, prompt_truncated: _reset_columns)
         fresh = ~running
         columns = [
             ("prompt", _objects(self._prompt_text), everyone),
@@ -400,7 +400,7 @@ class TextGenVectorEnv(VectorEnv):
             self._write_observation_rows(obs, ended_rows)
             for row in ended_rows:
                 texts[row] = ""
-            restarted = {  # the restarted rows' info is their _reset_info
+            restarted = {  # the restarted rows' info is their reset info (_reset_columns)
                 "prompt": (_objects(self._prompt_text), everyone),
                 "text": (_objects(texts), everyone),
                 "prompt_truncated": (self._truncated_prompt.copy(), fresh | ended),
@@ -465,36 +465,19 @@ class TextGenVectorEnv(VectorEnv):
             texts[i] = self._decode(self._seq[i][self._prompt_len[i] : len(self._seq[i]) - int(drop_stop[i])])
         return texts
 
-    def _reset_info(self, row: int) -> dict[str, Any]:
-        return {
-            "prompt": self._prompt_text[row],
-            "text": "",
-            "prompt_truncated": bool(self._truncated_prompt[row]),
-        }
-
-    def _batch_infos(self, row_infos: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
-        """Per-row info dicts -> Gymnasium's vector layout: ``info[key]`` an array, ``info["_" + key]`` its mask.
-
-        Same result as calling ``VectorEnv._add_info`` row by row (scalar values only), in one pass per key.
-        """
-        infos: dict[str, Any] = {}
-        for key in dict.fromkeys(k for info in row_infos if info for k in info):
-            present = np.array([info is not None and key in info for info in row_infos])
-            values = [info[key] for info in row_infos if info is not None and key in info]
-            kind = type(values[0])
-            array = (
-                np.zeros(self.num_envs, dtype=kind)
-                if kind in (int, float, bool) or issubclass(kind, np.number)
-                else np.full(self.num_envs, None, dtype=object)
-            )
-            array[present] = values if array.dtype != object else np.array(values + [None], dtype=object)[:-1]
-            infos[key], infos["_" + key] = array, present
-        return infos
+    def _reset_columns(self, rows: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """The info columns (see :meth:`_columns_to_infos`) of the rows of the mask ``rows`` that (re)start:
+        their prompt, an empty text and whether the prompt was truncated."""
+        return [
+            ("prompt", _objects(self._prompt_text), rows),
+            ("text", _objects([""] * self.num_envs), rows),
+            ("prompt_truncated", self._truncated_prompt.copy(), rows),
+        ]
 
     def _columns_to_infos(self, columns: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> dict[str, Any]:
-        """``(key, values (N,), present (N,) bool)`` columns -> the vector info: the same arrays and masks as
-        :meth:`_batch_infos` gives for the per-row dicts (zero or None where absent; keys present nowhere left
-        out)."""
+        """``(key, values (N,), present (N,) bool)`` columns -> Gymnasium's vector info layout, as
+        ``VectorEnv._add_info`` row by row would give: ``info[key]`` the values where present (zero or None
+        elsewhere), ``info["_" + key]`` the mask; keys present nowhere left out."""
         infos: dict[str, Any] = {}
         for key, values, present in columns:
             if not present.any():

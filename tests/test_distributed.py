@@ -300,13 +300,20 @@ def _collect_job() -> dict:
 JOBS = {"sft": _sft_job, "rm": _rm_job, "collect": _collect_job}
 
 
-def _assert_same_update(single: dict, rank0: dict, rank1: dict, initial: dict) -> None:
-    """Every process holds the same weights, those of one process on the whole batch."""
+def _assert_same_update(
+    single: dict, rank0: dict, rank1: dict, initial: dict, metrics: tuple[str, ...]
+) -> None:
+    """Every process holds the same weights, those of one process on the whole batch, and reports the same
+    ``metrics`` as that one process."""
     moved = max(float((single["params"][k] - initial[k]).abs().max()) for k in initial)
     assert moved > 1e-4  # the update is not trivial
     for name, value in single["params"].items():
         torch.testing.assert_close(rank0["params"][name], rank1["params"][name], rtol=0, atol=0)
         torch.testing.assert_close(rank0["params"][name], value, rtol=1e-4, atol=1e-5)  # max diff ~1e-6
+    for key in metrics:
+        assert (
+            rank0["metrics"][key] == rank1["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-5)
+        )
 
 
 def test_sft_two_process_update_equals_one_process_on_the_whole_batch(tmp_path):
@@ -315,11 +322,8 @@ def test_sft_two_process_update_equals_one_process_on_the_whole_batch(tmp_path):
     initial = {k: v.clone() for k, v in tiny_causal_lm(seed=0)[0].state_dict().items()}
     single = _sft_job()
     rank0, rank1 = _spawned("sft", tmp_path)
-    _assert_same_update(single, rank0, rank1, initial)
-    for key in ("train/loss", "train/grad_norm", "eval/loss_initial", "eval/loss", "train/steps"):
-        assert (
-            rank0["metrics"][key] == rank1["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-5)
-        )
+    metrics = ("train/loss", "train/grad_norm", "eval/loss_initial", "eval/loss", "train/steps")
+    _assert_same_update(single, rank0, rank1, initial, metrics)
 
 
 def test_reward_model_two_process_update_equals_one_process_on_the_whole_batch(tmp_path):
@@ -328,11 +332,8 @@ def test_reward_model_two_process_update_equals_one_process_on_the_whole_batch(t
     initial = _rm_job_initial()
     single = _rm_job()
     rank0, rank1 = _spawned("rm", tmp_path)
-    _assert_same_update(single, rank0, rank1, initial)
-    for key in ("train/loss", "train/accuracy", "eval/accuracy", "eval/pairs", "data/train_pairs"):
-        assert (
-            rank0["metrics"][key] == rank1["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-5)
-        )
+    metrics = ("train/loss", "train/accuracy", "eval/accuracy", "eval/pairs", "data/train_pairs")
+    _assert_same_update(single, rank0, rank1, initial, metrics)
 
 
 def test_reward_model_resumes_under_two_processes_as_the_uninterrupted_run(tmp_path):

@@ -22,7 +22,7 @@ from algorithms.common.distributed import ProcessGroup
 from algorithms.common.logger import Logger
 from algorithms.common.precision import MasterWeights, check_trainable_dtype
 from algorithms.policy import LMActorCriticPolicy, RolloutAgent
-from lm_gym.checkpoints import latest_checkpoint, restore_rng_state, rng_state, write_checkpoint
+from lm_gym.checkpoints import latest_checkpoint, load_weights, restore_rng_state, rng_state, write_checkpoint
 from lm_gym.decoding import torch_threads
 from lm_gym.env import TextGenVectorEnv
 from lm_gym.kl import AdaptiveKLController, FixedKLController
@@ -485,22 +485,19 @@ class OnPolicyAlgorithm:
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore a checkpoint folder, or the latest one of a run directory, to continue with ``learn``."""
-        from safetensors.torch import load_file
-
         path = Path(path)
         path = latest_checkpoint(path / "checkpoints") or path
         if not (path / "policy.safetensors").exists():
             raise FileNotFoundError(
                 f"no checkpoint at {path} (expected policy.safetensors, optimizer.pt, state.json)"
             )
-        weights = load_file(path / "policy.safetensors", device=str(self.policy.device))
         expected = self.policy.trainable_state_dict()
-        if set(weights) != set(expected):
-            missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-            raise ValueError(
-                f"checkpoint {path} does not fit this policy (LoRA vs full, or another model): "
-                f"missing {missing[:3]}, unexpected {extra[:3]}"
-            )
+        weights = load_weights(
+            path / "policy.safetensors",
+            expected,
+            self.policy.device,
+            "policy (LoRA vs full, or another model)",
+        )
         params = dict(self.policy.named_parameters())
         self._masters.load([(params[name], value) for name, value in weights.items()])
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))

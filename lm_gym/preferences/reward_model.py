@@ -56,8 +56,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lm_gym.checkpoints import (
     check_same_settings,
     latest_checkpoint,
+    load_training_state,
     restore_rng_state,
     rng_state,
+    save_training_state,
     write_checkpoint,
 )
 from lm_gym.distributed import ProcessGroup
@@ -513,18 +515,12 @@ def _save_checkpoint(
     progress: dict[str, Any],
 ) -> None:
     """The state at the end of an epoch (every process calls it; the main process writes)."""
-    from safetensors.torch import save_file
-
     rng = rng_state(group)  # a collective
     if not group.is_main_process:
         return
 
     def write(folder: Path) -> None:
-        weights = {k: p.detach().contiguous() for k, p in model.named_parameters()}
-        save_file(weights, folder / "model.safetensors")
-        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-        torch.save(schedule.state_dict(), folder / "scheduler.pt")
-        (folder / "state.json").write_text(json.dumps({**progress, **rng}, default=str))
+        save_training_state(folder, dict(model.named_parameters()), optimizer, schedule, {**progress, **rng})
 
     write_checkpoint(root, f"epoch_{progress['epoch']:06d}", write, keep)
 
@@ -536,21 +532,10 @@ def _load_checkpoint(
     schedule: Any,
     group: ProcessGroup,
 ) -> None:
-    from safetensors.torch import load_file
-
-    weights = load_file(checkpoint / "model.safetensors", device=str(_device(model)))
-    params = dict(model.named_parameters())
-    if set(weights) != set(params):
-        missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
-        raise ValueError(
-            f"checkpoint {checkpoint} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}"
-        )
-    with torch.no_grad():
-        for k, value in weights.items():
-            params[k].copy_(value)
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
-    schedule.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
-    restore_rng_state(json.loads((checkpoint / "state.json").read_text()), group, checkpoint)
+    state = load_training_state(
+        checkpoint, dict(model.named_parameters()), optimizer, schedule, _device(model)
+    )
+    restore_rng_state(state, group, checkpoint)
 
 
 def save_reward_model(

@@ -7,6 +7,7 @@ share of lowercase letters) a tiny random model learns in minutes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -79,11 +80,9 @@ def _sentiment() -> Task:
 
 
 def _sentiment_fluent() -> Task:
-    sentiment = _sentiment()
-    return Task(
+    return dataclasses.replace(
+        _sentiment(),
         name="sentiment-fluent",
-        train_prompts=sentiment.train_prompts,
-        eval_prompts=sentiment.eval_prompts,
         make_reward=functools.partial(VaderSentiment, penalize_repetition=True),
         description="the sentiment prompts; reward: VADER sentiment, pulled toward -1 by repeated bigrams "
         "(a gold scorer that repetition cannot game)",
@@ -91,11 +90,9 @@ def _sentiment_fluent() -> Task:
 
 
 def _letters() -> Task:
-    sentiment = _sentiment()
-    return Task(
+    return dataclasses.replace(
+        _sentiment(),
         name="letters",
-        train_prompts=sentiment.train_prompts,
-        eval_prompts=sentiment.eval_prompts,
         make_reward=LowercaseShare,
         description="toy task for tiny models: the sentiment prompts; reward: share of lowercase letters",
     )
