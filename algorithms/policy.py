@@ -368,7 +368,7 @@ class RolloutAgent:
     ):
         self.policy = policy
         self.generator = generator
-        self.shared = envs if envs is not None and getattr(envs, "policy_adapter", None) else None
+        self.shared = envs if envs is not None and getattr(envs, "shares_policy_pass", False) else None
         pad = policy.tokenizer.pad_token_id
         # a BatchedDecoder, or a Seq2SeqDecoder for an encoder-decoder (each source encoded once)
         self.decoder = None if self.shared else make_decoder(policy.model, num_rows, pad, keep_hidden=True)

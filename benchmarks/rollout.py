@@ -35,11 +35,12 @@ from lm_gym.models import load_causal_lm, load_sequence_classifier
 from lm_gym.rewards import HFRewardModel
 from lm_gym.sampling import CachedSampler, SharedForwardSampler
 from lm_gym.tasks import get_task
+from lm_gym.twin import TWIN_MAX_PARAMETERS
 
 
 def ours(envs: TextGenVectorEnv, policy, prompts: list[str], new_tokens: int, seed: int) -> float:
     generator = torch.Generator(device=envs.reference.device).manual_seed(seed)  # where the sampling runs
-    if envs.policy_adapter:  # LoRA: the env's doubled batch computes the policy's logits too
+    if envs.shares_policy_pass:  # the env's pass of 2N rows computes the policy's logits too
         sampler = SharedForwardSampler(envs, generator=generator)
         threads = torch.get_num_threads()
     else:  # two weight sets: the env's reference runs in its thread while the policy runs in this one
@@ -139,9 +140,16 @@ def main() -> None:
     )
 
     # Full fine-tuning: policy and reference are two copies of the weights.
-    envs = TextGenVectorEnv(args.batch, model=reference, **common)
+    # A small model runs both weight sets in one twin pass; a large one overlaps two passes in two threads.
+    small = sum(p.numel() for p in reference.parameters()) < TWIN_MAX_PARAMETERS
+    envs = TextGenVectorEnv(args.batch, model=reference, policy_model=policy if small else None, **common)
+    how = (
+        "one twin pass of both weight sets"
+        if small
+        else f"async reference {'on' if envs._executor else 'off'}"
+    )
     full = compare(
-        f"full fine-tune (two weight copies; async reference {'on' if envs._executor else 'off'})",
+        f"full fine-tune (two weight copies; {how})",
         lambda r: ours(envs, policy, prompts, args.new_tokens, seed=r),
         lambda r: baseline(policy, tokenizer, reward, prompts, args.new_tokens, seed=r, reference=reference),
         args.repeats,

@@ -21,6 +21,8 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
+from lm_gym.twin import twin_model as make_twin
+
 __all__ = ["BatchedDecoder", "left_pad", "torch_threads"]
 
 
@@ -55,10 +57,10 @@ def left_pad(
 class RowDecoder:
     """What the KV-cached decoders share (:class:`BatchedDecoder`, :class:`~lm_gym.seq2seq.Seq2SeqDecoder`):
     N rows, optionally each with a LoRA twin row, and the views of their last logits and hidden states.
-    Subclasses set ``num_rows``, ``twin_adapter``, ``keep_hidden``, ``model``, ``_logits`` and ``_hidden``."""
+    Subclasses set ``num_rows``, ``twins``, ``keep_hidden``, ``model``, ``_logits`` and ``_hidden``."""
 
     num_rows: int
-    twin_adapter: str | None
+    twins: bool  # every row has a twin row (the policy's; the N rows are the reference's)
     keep_hidden: bool
     model: torch.nn.Module
     _logits: torch.Tensor | None
@@ -66,30 +68,30 @@ class RowDecoder:
 
     @property
     def logits(self) -> torch.Tensor:
-        """(N, V) next-token logits of each row (with ``twin_adapter``: the adapters-off rows)."""
+        """(N, V) next-token logits of each row (with twins: the reference's rows)."""
         return self._logits[: self.num_rows]
 
     @property
     def twin_logits(self) -> torch.Tensor:
-        """(N, V) next-token logits of the twin rows, run with the adapter ``twin_adapter`` on."""
-        if not self.twin_adapter:
-            raise RuntimeError("this decoder has no twin rows (twin_adapter=None)")
+        """(N, V) next-token logits of the twin rows (the policy's: the LoRA adapter on, or the twin model)."""
+        if not self.twins:
+            raise RuntimeError("this decoder has no twin rows (neither twin_adapter nor twin_model)")
         return self._logits[self.num_rows :]
 
     @property
     def hidden(self) -> torch.Tensor:
         """(N, H) last (decoder) layer's hidden state at each row's last token (the twins' with
-        ``twin_adapter``)."""
+        twins)."""
         if not self.keep_hidden:
             raise RuntimeError("this decoder does not keep hidden states (keep_hidden=False)")
-        return self._hidden[self.num_rows :] if self.twin_adapter else self._hidden
+        return self._hidden[self.num_rows :] if self.twins else self._hidden
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def _physical(self, rows: list[int]) -> list[int]:
-        return rows + [r + self.num_rows for r in rows] if self.twin_adapter else rows
+        return rows + [r + self.num_rows for r in rows] if self.twins else rows
 
 
 class BatchedDecoder(RowDecoder):
@@ -102,13 +104,16 @@ class BatchedDecoder(RowDecoder):
 
     With ``twin_adapter``, ``model`` is a peft model and every row has a twin: the N rows run with the
     adapters off (the frozen base, i.e. the reference of a LoRA policy) and N twin rows with the adapter
-    ``twin_adapter`` on (the policy), in one forward pass of 2N rows through the shared base weights.
+    ``twin_adapter`` on (the policy), in one forward pass of 2N rows through the shared base weights. With
+    ``twin_model`` (full fine-tuning: the policy is a second model of the same architecture) the twin rows
+    run through the policy's weights, again in one pass of 2N rows (:func:`lm_gym.twin.twin_model`).
 
     Args:
         model: a Hugging Face causal LM (kept in eval mode by the caller), or a peft model.
         num_rows: N, the number of sequences.
         pad_token_id: the id written in padded positions (never attended to).
         twin_adapter: name of the LoRA adapter of the twin rows, or None for no twins.
+        twin_model: the twin rows' own model (same architecture as ``model``), or None.
         keep_hidden: also keep each row's last hidden state (:attr:`hidden`), e.g. for a value head.
     """
 
@@ -119,8 +124,11 @@ class BatchedDecoder(RowDecoder):
         pad_token_id: int,
         *,
         twin_adapter: str | None = None,
+        twin_model: torch.nn.Module | None = None,
         keep_hidden: bool = False,
     ) -> None:
+        if twin_adapter and twin_model is not None:
+            raise ValueError("BatchedDecoder: twin rows run either a LoRA adapter or a twin model, not both")
         self.model = model
         self.keep_hidden = keep_hidden
         self._hidden: torch.Tensor | None = None  # (rows, H)
@@ -128,7 +136,10 @@ class BatchedDecoder(RowDecoder):
         self.num_rows = num_rows
         self.pad_token_id = pad_token_id
         self.twin_adapter = twin_adapter
-        rows = 2 * num_rows if twin_adapter else num_rows  # physical rows: twins follow the N originals
+        self.twins = bool(twin_adapter) or twin_model is not None
+        # the module each pass runs: the model, or both models at once (lm_gym.twin)
+        self._pass = make_twin(model, twin_model) if twin_model is not None else model
+        rows = 2 * num_rows if self.twins else num_rows  # physical rows: twins follow the N originals
         self.tokens: list[list[int]] = [[] for _ in range(rows)]
         self.version = 0  # counts the changes of ``tokens`` (reset_rows, append)
         # (version, input_ids, attention_mask as bool) of the observation lm_gym.sampling.follow_arrays
@@ -168,7 +179,7 @@ class BatchedDecoder(RowDecoder):
                 if every_row:
                     self._all_twins = twin_mask
         with _masked_lora(self._lora_b, twin_mask):
-            out = self.model(
+            out = self._pass(
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=positions,
@@ -184,7 +195,7 @@ class BatchedDecoder(RowDecoder):
     @torch.inference_mode()
     def reset_rows(self, rows: Sequence[int], prompts: Sequence[Sequence[int]]) -> None:
         """Start ``rows`` afresh on ``prompts`` (non-empty token lists), leaving the other rows as they are."""
-        rows, prompts = self._physical(list(rows)), list(prompts) * (2 if self.twin_adapter else 1)
+        rows, prompts = self._physical(list(rows)), list(prompts) * (2 if self.twins else 1)
         if not rows:
             return
         self.version += 1
@@ -224,7 +235,7 @@ class BatchedDecoder(RowDecoder):
         tokens = tokens.to(device)
         if not everyone:
             tokens = torch.where(active, tokens, self.pad_token_id)
-        if self.twin_adapter:
+        if self.twins:
             tokens, active = tokens.repeat(2), active.repeat(2)
         positions = torch.tensor([len(t) for t in self.tokens], device=device)[:, None]  # of the new tokens
         mask = torch.cat([self.mask, active.long()[:, None]], dim=1)  # (rows, C+1)

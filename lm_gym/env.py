@@ -129,9 +129,13 @@ class TextGenEnv(gym.Env):
             *is* the reference, and the env runs reference and policy (this adapter on) as one doubled
             batch per step, exposing the policy's logits as ``policy_logits`` (vector env). One forward
             through the shared weights instead of two models: no second copy of the LM in memory.
+        policy_model: for a fully fine-tuned policy: the policy's own causal LM (the class and shapes of
+            ``model``, on its device). The env runs reference and policy as one batch of 2N rows per step
+            through both weight sets (:func:`lm_gym.twin.twin_model`), again exposing ``policy_logits``: for
+            a small model a step costs about one forward pass instead of two. Decoder-only models.
         async_reference: run the reference's next forward in a background thread, overlapped with the
             agent's own forward pass. Default: on for models of 20M parameters or more without
-            ``policy_adapter``. The results agree with the synchronous path up to float rounding
+            ``policy_adapter`` or ``policy_model``. The results agree with the synchronous path up to float rounding
             (the thread count changes the order of sums); each setting is reproducible bit for bit.
         reference_threads: torch threads of that background thread (default half the cores, at least 1);
             the vector env's ``agent_threads`` then says how many the agent should use meanwhile (see

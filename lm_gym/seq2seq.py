@@ -107,6 +107,7 @@ class Seq2SeqDecoder(RowDecoder):
         self.pad_token_id = pad_token_id
         self.decoder_start_token_id = int(start)
         self.twin_adapter = twin_adapter
+        self.twins = bool(twin_adapter)
         self.keep_hidden = keep_hidden
         rows = 2 * num_rows if twin_adapter else num_rows  # physical rows: twins follow the N originals
         self.sources: list[list[int]] = [[] for _ in range(rows)]

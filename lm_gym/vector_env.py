@@ -23,6 +23,7 @@ from lm_gym.rewards import RewardFunction, make_reward
 from lm_gym.seq2seq import Seq2SeqDecoder, is_encoder_decoder, seq2seq_cache_arrays, seq2seq_observation
 from lm_gym.spaces import seq2seq_observation_space, token_observation_space
 from lm_gym.tasks import Task, get_task
+from lm_gym.twin import TWIN_MAX_PARAMETERS
 
 __all__ = ["DEFAULT_MODEL", "TextGenVectorEnv"]
 
@@ -67,6 +68,7 @@ class TextGenVectorEnv(VectorEnv):
         trust_remote_code: bool = False,
         log_prob_cache: PolicyLogProbCache | None = None,
         policy_adapter: str | None = None,
+        policy_model: PreTrainedModel | None = None,
         async_reference: bool | None = None,
         reference_threads: int | None = None,
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
@@ -145,20 +147,38 @@ class TextGenVectorEnv(VectorEnv):
                 f"policy_adapter={policy_adapter!r} needs model= to be a peft model with that LoRA adapter; "
                 f"adapters found: {sorted(getattr(self.reference, 'peft_config', {}))}"
             )
+        if policy_model is not None and (policy_adapter is not None or self.is_encoder_decoder):
+            raise ValueError(
+                "policy_model is for a fully fine-tuned decoder-only policy; a LoRA policy shares its forward "
+                "pass through policy_adapter, and an encoder-decoder's policy runs its own decoder"
+            )
         self.policy_adapter = policy_adapter
-        self._decoder = (Seq2SeqDecoder if self.is_encoder_decoder else BatchedDecoder)(
-            self.reference,
-            num_envs,
-            self.pad_token_id,
-            twin_adapter=policy_adapter,
-            keep_hidden=bool(policy_adapter),
-        )
+        self.policy_model = policy_model
+        # the env computes the policy's logits too (LoRA twin rows, or the twin pass over both models)
+        self.shares_policy_pass = policy_adapter is not None or policy_model is not None
+        if self.is_encoder_decoder:
+            self._decoder = Seq2SeqDecoder(
+                self.reference,
+                num_envs,
+                self.pad_token_id,
+                twin_adapter=policy_adapter,
+                keep_hidden=bool(policy_adapter),
+            )
+        else:
+            self._decoder = BatchedDecoder(
+                self.reference,
+                num_envs,
+                self.pad_token_id,
+                twin_adapter=policy_adapter,
+                twin_model=policy_model,
+                keep_hidden=self.shares_policy_pass,
+            )
         if async_reference is None:
             # Overlap pays when a forward pass is mostly matrix kernels (which release the GIL); for a tiny
             # model it is mostly Python, and two threads only contend for the GIL. With a shared forward the
             # agent needs this step's result at once: nothing to overlap.
             n_params = sum(p.numel() for p in self.reference.parameters())
-            async_reference = policy_adapter is None and n_params >= 20_000_000
+            async_reference = not self.shares_policy_pass and n_params >= TWIN_MAX_PARAMETERS
         threads = reference_threads or max(1, torch.get_num_threads() // 2)
         # The agent's share of the cores while the reference runs beside it (oversubscribed OpenMP threads
         # spin against each other: measured slower than running the two forwards one after the other).
@@ -248,22 +268,24 @@ class TextGenVectorEnv(VectorEnv):
 
     @property
     def policy_logits(self) -> torch.Tensor:
-        """(N, V) the LoRA policy's next-token logits at the current observations (needs ``policy_adapter``).
+        """(N, V) the policy's next-token logits at the current observations (needs ``policy_adapter`` or
+        ``policy_model``).
 
-        Computed in the same forward pass as the reference's (twin rows with the adapter on), so an agent
-        that samples from them runs no forward pass of its own: see
+        Computed in the same forward pass as the reference's (twin rows with the adapter on, or through the
+        policy's weights), so an agent that samples from them runs no forward pass of its own: see
         :class:`lm_gym.sampling.SharedForwardSampler`.
         """
-        if self.policy_adapter is None:
+        if not self.shares_policy_pass:
             raise RuntimeError(
-                "policy_logits needs the env to be built with policy_adapter=<LoRA adapter name>"
+                "policy_logits needs the env to be built with policy_adapter=<LoRA adapter name> or "
+                "policy_model=<the policy's model>"
             )
         self._wait()
         return self._decoder.twin_logits
 
     @property
     def policy_hidden(self) -> torch.Tensor:
-        """(N, H) the LoRA policy's last-layer hidden state at the current observations (for a value head)."""
+        """(N, H) the policy's last-layer hidden state at the current observations (for a value head)."""
         _ = self.policy_logits
         return self._decoder.hidden
 

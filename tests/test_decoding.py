@@ -186,3 +186,79 @@ def test_categorical_draws_from_the_law_and_never_a_zero_probability_token():
         categorical(torch.tensor([[0.5, float("nan")]]))
     with pytest.raises(ValueError, match="sums to 0"):
         categorical(torch.zeros(1, 3))
+
+
+def _perturbed(model, seed=1, scale=0.05):
+    other = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return other
+
+
+def test_twin_model_rows_run_reference_and_full_policy_in_one_pass(tiny):
+    model, tokenizer = tiny
+    reference, policy = copy.deepcopy(model), _perturbed(model)
+    dec = BatchedDecoder(reference, 2, tokenizer.pad_token_id, twin_model=policy, keep_hidden=True)
+    seqs = [[72, 101, 108], [65, 32, 98, 105, 103]]
+    dec.reset_rows([0, 1], seqs)
+    for step in range(5):
+        for i in range(2):
+            torch.testing.assert_close(dec.logits[i], full_logits(reference, seqs[i]), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(dec.twin_logits[i], full_logits(policy, seqs[i]), atol=1e-4, rtol=1e-4)
+        tokens = torch.tensor([40 + step, 50 + step])
+        dec.append(tokens, torch.tensor([True, step != 2]))
+        for i in range(2):
+            if i == 0 or step != 2:
+                seqs[i].append(int(tokens[i]))
+        if step == 3:
+            dec.reset_rows([1], [[99, 100]])
+            seqs[1] = [99, 100]
+    with torch.no_grad():
+        hidden = policy(input_ids=torch.tensor([seqs[0]]), output_hidden_states=True).hidden_states[-1][0, -1]
+    torch.testing.assert_close(dec.hidden[0], hidden, atol=1e-4, rtol=1e-4)  # the policy's, for a value head
+    assert (dec.logits - dec.twin_logits).abs().max() > 1e-3
+
+
+def test_twin_model_reads_the_policy_weights_as_they_are_now(tiny):
+    from lm_gym.twin import twin_model
+
+    model, _ = tiny
+    reference, policy = copy.deepcopy(model), _perturbed(model)
+    twin = twin_model(reference, policy)
+    assert list(twin.parameters()) == []  # it owns no weights: both models keep theirs
+    ids = torch.tensor([[5, 17, 42, 99, 3], [7, 7, 8, 200, 1]])
+
+    def check():
+        with torch.no_grad():
+            out = twin(input_ids=torch.cat([ids, ids])).logits
+            torch.testing.assert_close(out[:2], reference(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out[2:], policy(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+    check()
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.5)
+    policy.requires_grad_(True)
+    policy(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()  # in place
+    check()
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.data.copy_(p.data * 1.1)  # behind autograd's back (no version bump)
+    check()
+    for p in policy.parameters():
+        p.data = p.data.clone() * 0.9  # re-pointed elsewhere (as NLPO's weight swap does)
+    check()
+
+
+def test_twin_model_refuses_models_it_cannot_pair(tiny):
+    from lm_gym.twin import twin_model
+
+    model, _ = tiny
+    with pytest.raises(ValueError, match="one model"):
+        twin_model(model, model)
+    config = copy.deepcopy(model.config)
+    config.intermediate_size *= 2
+    wider = type(model)(config)
+    with pytest.raises(ValueError, match="differ in shape"):
+        twin_model(copy.deepcopy(model), wider)

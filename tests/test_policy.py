@@ -12,8 +12,9 @@ from algorithms.policy import LMActorCriticPolicy
 from lm_gym.env import TextGenVectorEnv
 
 
-def rollout(policy, toy_task, steps=6, n=3, seed=0):
-    """Run the policy's rollout agent in the env; return the filled buffer."""
+def rollout(policy, toy_task, steps=6, n=3, seed=0, twin=False):
+    """Run the policy's rollout agent in the env; return the filled buffer. With ``twin`` the env runs the
+    fully fine-tuned policy and its reference in one pass (policy_model) and the agent reads its logits."""
     reference = policy.model if policy.adapter else policy.reference_copy()
     envs = TextGenVectorEnv(
         n,
@@ -24,6 +25,7 @@ def rollout(policy, toy_task, steps=6, n=3, seed=0):
         max_prompt_tokens=80,
         temperature=policy.temperature,
         policy_adapter=policy.adapter,
+        policy_model=policy.model if twin else None,
         autoreset_mode="SameStep",
     )
     agent = policy.rollout_agent(n, torch.Generator().manual_seed(seed), envs)
@@ -46,13 +48,16 @@ def rollout(policy, toy_task, steps=6, n=3, seed=0):
         {"temperature": 0.7, "top_k": 20, "top_p": 0.9},
         {"lora_r": 4, "top_p": 0.8},
         {"separate_critic": True, "top_k": 50},
+        {"twin": True, "top_p": 0.9},
     ],
 )
 def test_rollout_log_probs_and_values_equal_evaluate_actions(tiny, toy_task, kwargs):
     model, tokenizer = tiny
+    kwargs = dict(kwargs)
+    twin = kwargs.pop("twin", False)
     policy = LMActorCriticPolicy(copy.deepcopy(model), tokenizer, **kwargs)
     torch.nn.init.normal_(policy.value_head.weight, std=0.1)  # a non-trivial critic
-    buffer = rollout(policy, toy_task)
+    buffer = rollout(policy, toy_task, twin=twin)
     buffer.advantages = buffer.returns = np.zeros_like(buffer.rewards)
     batch = next(buffer.minibatches(100, np.random.default_rng(0), policy.device, tokenizer.pad_token_id))
     with torch.no_grad():

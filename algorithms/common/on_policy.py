@@ -27,7 +27,9 @@ from lm_gym.decoding import torch_threads
 from lm_gym.env import TextGenVectorEnv
 from lm_gym.kl import AdaptiveKLController, FixedKLController
 from lm_gym.rewards import RewardFunction
+from lm_gym.seq2seq import is_encoder_decoder
 from lm_gym.tasks import Task
+from lm_gym.twin import TWIN_MAX_PARAMETERS
 
 __all__ = ["AgentStep", "NonFiniteLossError", "OnPolicyAlgorithm"]
 
@@ -196,6 +198,13 @@ class OnPolicyAlgorithm:
             raise ValueError(
                 "reference: with LoRA the reference is the model with its adapters off; pass none"
             )
+        # A small decoder-only policy and its reference copy run as one twin pass per step (lm_gym.twin).
+        twin = (
+            reference is None
+            and not policy.adapter
+            and not is_encoder_decoder(policy.model)
+            and sum(p.numel() for p in policy.model.parameters()) < TWIN_MAX_PARAMETERS
+        )
         if reference is None:
             reference = policy.model if policy.adapter else policy.reference_copy()
         self.envs = TextGenVectorEnv(
@@ -211,6 +220,7 @@ class OnPolicyAlgorithm:
             temperature=policy.temperature,
             stop_token_ids=stop_token_ids,
             policy_adapter=policy.adapter,
+            policy_model=policy.model if twin else None,
             autoreset_mode=AutoresetMode.SAME_STEP,
             device=policy.device,  # for a reward model given by name
             dtype=policy.dtype,
