@@ -80,12 +80,12 @@ class PipelineConfig:
     task: str = "sentiment"
     rounds: int = 1
     collect_prompts: int = 400
-    k: int = 8
+    k: int = 16
     collect_max_new_tokens: int = 16
     rm_model: str = "minilm-l6"
-    rm_epochs: int = 4
+    rm_epochs: int = 3
     rm_learning_rate: float = 1e-4
-    rm_batch_size: int = 32
+    rm_batch_size: int = 120
     iterations: int = 10
     eval_every: int = 2
     eval_prompts: int = 32

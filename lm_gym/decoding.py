@@ -229,16 +229,17 @@ class BatchedDecoder(RowDecoder):
     def append(self, tokens: torch.Tensor, active: torch.Tensor) -> None:
         """Append ``tokens[i]`` (N,) to every row where ``active[i]``; other rows only get a masked slot."""
         self.version += 1
-        device = self.device
+        device = self.mask.device
         active = active.to(device)
         everyone = bool(active.all())
         tokens = tokens.to(device)
         if not everyone:
             tokens = torch.where(active, tokens, self.pad_token_id)
         if self.twins:
-            tokens, active = tokens.repeat(2), active.repeat(2)
-        positions = torch.tensor([len(t) for t in self.tokens], device=device)[:, None]  # of the new tokens
-        mask = torch.cat([self.mask, active.long()[:, None]], dim=1)  # (rows, C+1)
+            tokens, active = torch.cat([tokens, tokens]), torch.cat([active, active])
+        # the new tokens' positions: each row's count of tokens so far, which its mask holds
+        positions = self.mask.sum(1, keepdim=True)  # (rows, 1)
+        mask = torch.cat([self.mask, active[:, None].to(self.mask.dtype)], dim=1)  # (rows, C+1)
         # one new token per row: its attention mask is the padding mask, (rows, 1, 1, C+1), which transformers
         # would otherwise rebuild from the 2-D mask at every step
         attention = mask.bool()[:, None, None, :] if self._padding_mask_4d else mask

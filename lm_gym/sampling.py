@@ -14,6 +14,8 @@ prefilled from its observation.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from transformers import (
@@ -130,7 +132,11 @@ class SharedForwardSampler:
     def act(self, obs: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Like :meth:`CachedSampler.act`; ``obs`` must be the env's current observation."""
         logits = self.envs.policy_logits  # (N, V)
-        last = torch.as_tensor(np.asarray(obs["input_ids"])[:, -1:], device=logits.device)  # (N, 1)
+        last = (  # the warpers' input_ids argument (unused by temperature, top-k and top-p)
+            torch.as_tensor(np.asarray(obs["input_ids"])[:, -1:], device=logits.device)
+            if self.warpers
+            else None
+        )  # (N, 1)
         return sample(logits, last, self.warpers, self.generator, entropy=False)[:2]
 
 
@@ -231,8 +237,11 @@ def categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -
     """
     cdf = probs.cumsum(-1, dtype=torch.float64)  # (N, V)
     total = cdf[:, -1:]  # (N, 1)
-    if not bool(torch.isfinite(total).all() and (total > 0).all()):
+    smallest = float(total.min())  # nan when any total is
+    if not 0.0 < smallest < math.inf:
         raise ValueError("probabilities contain inf or nan, or a row sums to 0")
-    u = torch.rand(total.shape, generator=generator, dtype=torch.float64, device=probs.device) * total
-    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total: inside the CDF
+    # u uniform in [0, total): rand < 1, and the factor 1 - 2^-52 keeps the rounded product below total,
+    # so u falls inside the CDF and past no trailing zero-probability token
+    u = torch.rand(total.shape, generator=generator, dtype=torch.float64, device=probs.device)  # (N, 1)
+    u = u.mul_(total * (1.0 - 2.0**-52))
     return torch.searchsorted(cdf, u, right=True)[:, 0]

@@ -62,12 +62,15 @@ class _Pair:
         self.a, self.b = a, b
         self.both = torch.stack([a.detach(), b.detach()])  # (2, ...)
         a.data, b.data = self.both[0], self.both[1]
-        self._pointers = (a.data_ptr(), b.data_ptr())
+        self.both_t = self.both.transpose(1, 2) if self.both.dim() == 3 else None  # (2, in, out) view
+        self._a, self._b = a.data_ptr(), b.data_ptr()
+
+    def shared(self) -> bool:
+        """Whether both parameters still live in ``both``."""
+        return self.a.data_ptr() == self._a and self.b.data_ptr() == self._b
 
     def stacked(self) -> torch.Tensor:
-        if (self.a.data_ptr(), self.b.data_ptr()) == self._pointers:
-            return self.both
-        return torch.stack([self.a, self.b])
+        return self.both if self.shared() else torch.stack([self.a, self.b])
 
 
 class _TwinLinear(_TwinLeaf):
@@ -77,25 +80,34 @@ class _TwinLinear(_TwinLeaf):
         self.bias = None if a.bias is None else _pair(a.bias, b.bias, pairs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (2N, ..., in) -> (2N, ..., out)
-        weight = self.weight.stacked()  # (2, out, in)
-        y = torch.matmul(x.reshape(2, -1, x.shape[-1]), weight.transpose(1, 2))  # (2, N*..., out)
-        if self.bias is not None:
-            y = y + self.bias.stacked()[:, None]
-        return y.reshape(*x.shape[:-1], weight.shape[1])
+        pair = self.weight
+        weight_t = (
+            pair.both_t if pair.shared() else torch.stack([pair.a, pair.b]).transpose(1, 2)
+        )  # (2, in, out)
+        x2 = x.reshape(2, -1, x.shape[-1])  # (2, N*..., in)
+        if self.bias is None:
+            y = torch.bmm(x2, weight_t)
+        else:
+            y = torch.baddbmm(self.bias.stacked()[:, None], x2, weight_t)
+        return y.reshape(*x.shape[:-1], weight_t.shape[2])  # (2N, ..., out)
 
 
 class _TwinEmbedding(_TwinLeaf):
     def __init__(self, a: nn.Embedding, b: nn.Embedding, pairs: dict) -> None:
         super().__init__(a, b)
         self.weight = _pair(a.weight, b.weight, pairs)
+        self._offset: tuple | None = None  # (ids shape and device, the row offsets (2N, 1...))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (2N, T) -> (2N, T, H)
         table = self.weight.stacked()  # (2, V, H)
-        n, vocab = ids.shape[0] // 2, table.shape[1]
-        offset = torch.zeros((ids.shape[0],) + (1,) * (ids.dim() - 1), dtype=ids.dtype, device=ids.device)
-        offset[n:] = vocab  # the policy's rows look up the second table
+        vocab = table.shape[1]
+        key = (ids.shape, ids.device)
+        if self._offset is None or self._offset[0] != key:
+            offset = torch.zeros((ids.shape[0],) + (1,) * (ids.dim() - 1), dtype=ids.dtype, device=ids.device)
+            offset[ids.shape[0] // 2 :] = vocab  # the policy's rows look up the second table
+            self._offset = (key, offset)
         # (max_norm is refused; padding_idx matters for gradients only)
-        return F.embedding(ids + offset, table.reshape(2 * vocab, -1))
+        return F.embedding(ids + self._offset[1], table.reshape(2 * vocab, -1))
 
 
 class _TwinScale(_TwinLeaf):

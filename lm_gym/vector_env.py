@@ -142,15 +142,15 @@ class TextGenVectorEnv(VectorEnv):
         self.action_space = batch_space(self.single_action_space, num_envs)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
 
-        if policy_adapter is not None and policy_adapter not in getattr(self.reference, "peft_config", {}):
-            raise ValueError(
-                f"policy_adapter={policy_adapter!r} needs model= to be a peft model with that LoRA adapter; "
-                f"adapters found: {sorted(getattr(self.reference, 'peft_config', {}))}"
-            )
         if policy_model is not None and (policy_adapter is not None or self.is_encoder_decoder):
             raise ValueError(
                 "policy_model is for a fully fine-tuned decoder-only policy; a LoRA policy shares its forward "
                 "pass through policy_adapter, and an encoder-decoder's policy runs its own decoder"
+            )
+        if policy_adapter is not None and policy_adapter not in getattr(self.reference, "peft_config", {}):
+            raise ValueError(
+                f"policy_adapter={policy_adapter!r} needs model= to be a peft model with that LoRA adapter; "
+                f"adapters found: {sorted(getattr(self.reference, 'peft_config', {}))}"
             )
         self.policy_adapter = policy_adapter
         self.policy_model = policy_model
@@ -200,6 +200,7 @@ class TextGenVectorEnv(VectorEnv):
         self._prompt_text = [""] * num_envs
         self._prompt_len = np.zeros(num_envs, dtype=np.int64)
         self._seq: list[list[int]] = [[] for _ in range(num_envs)]  # prompt + generated tokens, per row
+        self._generated: list[list[int]] = [[] for _ in range(num_envs)]  # the generated tokens alone
         self._truncated_prompt = np.zeros(num_envs, dtype=bool)
         self._steps = np.zeros(num_envs, dtype=np.int64)
         self._ended = np.zeros(num_envs, dtype=bool)  # the row's episode is over (DISABLED mode)
@@ -233,6 +234,7 @@ class TextGenVectorEnv(VectorEnv):
             self._prompt_text[row] = self.tokenizer.decode(tokens) if cut else text
             self._prompt_len[row] = len(tokens)
             self._seq[row] = list(tokens)
+            self._generated[row] = []
             self._truncated_prompt[row] = cut
             self._steps[row] = 0
             self._ended[row] = False
@@ -261,7 +263,7 @@ class TextGenVectorEnv(VectorEnv):
     # ------------------------------------------------------------------------------------------ API
     def set_policy_log_probs(self, log_probs: np.ndarray | torch.Tensor | Sequence[float]) -> None:
         """Tell the env ``log pi(a_i|s_i)`` (N,) of the actions passed to the next ``step`` (used once)."""
-        values = np.asarray(torch.as_tensor(log_probs).detach().cpu(), dtype=np.float64).reshape(-1)
+        values = torch.as_tensor(log_probs).detach().cpu().numpy().astype(np.float64).reshape(-1)  # a copy
         if values.shape != (self.num_envs,):
             raise ValueError(f"set_policy_log_probs expects {self.num_envs} values; got shape {values.shape}")
         self._policy_log_probs = values
@@ -340,7 +342,8 @@ class TextGenVectorEnv(VectorEnv):
         if self.temperature != 1.0:
             logits = logits / self.temperature
         # log_softmax(logits)[a], without writing the (N, V) log-probs
-        chosen = logits.gather(1, torch.as_tensor(actions, device=logits.device)[:, None])[:, 0]
+        action_ids = torch.from_numpy(actions).to(logits.device)  # (N,)
+        chosen = logits.gather(1, action_ids[:, None])[:, 0]
         ref_lp = (chosen - torch.logsumexp(logits, dim=-1)).double().cpu().numpy()  # (N,)
 
         running = ~self._fresh
@@ -351,7 +354,7 @@ class TextGenVectorEnv(VectorEnv):
                 "set_policy_log_prob(s) or a PolicyLogProbCache (see lm_gym.logprobs)"
             )
             self._warned_no_policy = True
-        kl = np.where(known, kl_estimate(np.nan_to_num(policy_lp), ref_lp, self.kl_estimator), 0.0)
+        kl = np.where(known, kl_estimate(np.where(known, policy_lp, 0.0), ref_lp, self.kl_estimator), 0.0)
         kl_penalty = -self.kl_coef * kl + 0.0  # + 0.0: no -0.0 when there is no KL term
         rewards = np.where(running, kl_penalty, 0.0)
 
@@ -360,7 +363,9 @@ class TextGenVectorEnv(VectorEnv):
         action_list = actions.tolist()
         for i in running_rows:
             self._seq[i].append(action_list[i])
-        terminated = running & np.isin(actions, self.stop_token_ids)
+            self._generated[i].append(action_list[i])
+        stops = self.stop_token_ids
+        terminated = running & (actions == stops[0] if len(stops) == 1 else np.isin(actions, stops))
         truncated = running & ~terminated & (self._steps >= self.max_new_tokens)
         ended = terminated | truncated
         continuing = running & ~ended
@@ -369,7 +374,7 @@ class TextGenVectorEnv(VectorEnv):
         # Advance the reference on the rows that go on; with async_reference this runs in the background
         # while the reward model scores the ended rows and the agent computes its next action.
         if continuing.any():
-            self._submit(self._decoder.append, torch.as_tensor(actions), torch.as_tensor(continuing))
+            self._submit(self._decoder.append, torch.from_numpy(actions), torch.from_numpy(continuing))
 
         texts = self._completions(running, terminated)
         scores = np.zeros(self.num_envs)
@@ -454,8 +459,8 @@ class TextGenVectorEnv(VectorEnv):
             )
         if not np.issubdtype(actions.dtype, np.integer):
             raise ValueError(f"actions must be integer token ids in [0, {vocab}); got dtype {actions.dtype}")
-        bad = np.flatnonzero((actions < 0) | (actions >= vocab))
-        if len(bad):
+        if actions.min() < 0 or actions.max() >= vocab:
+            bad = np.flatnonzero((actions < 0) | (actions >= vocab))
             raise ValueError(
                 f"actions must be token ids in [0, {vocab}); got {actions[bad].tolist()} at envs {bad.tolist()}"
             )
@@ -482,10 +487,11 @@ class TextGenVectorEnv(VectorEnv):
 
     def _completions(self, rows: np.ndarray, drop_stop: np.ndarray) -> list[str]:
         """The decoded completion of each row in the mask ``rows`` (others: "")."""
-        texts = [""] * self.num_envs
-        for i in np.flatnonzero(rows).tolist():
-            texts[i] = self._decode(self._seq[i][self._prompt_len[i] : len(self._seq[i]) - int(drop_stop[i])])
-        return texts
+        decode, generated = self._decode, self._generated
+        return [
+            (decode(generated[i][:-1] if drop else generated[i]) if on else "")
+            for i, (on, drop) in enumerate(zip(rows.tolist(), drop_stop.tolist()))
+        ]
 
     def _reset_columns(self, rows: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """The info columns (see :meth:`_columns_to_infos`) of the rows of the mask ``rows`` that (re)start:
@@ -504,7 +510,9 @@ class TextGenVectorEnv(VectorEnv):
         for key, values, present in columns:
             if not present.any():
                 continue
-            if values.dtype == object:
+            if present.all():
+                array = values  # every column is a new array at each step: nothing to copy
+            elif values.dtype == object:
                 array = np.full(self.num_envs, None, dtype=object)
                 array[present] = values[present]
             else:

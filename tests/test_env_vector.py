@@ -125,3 +125,45 @@ def test_vector_bad_input(kwargs):
         envs.set_policy_log_probs([0.0])
     with pytest.raises(ValueError, match="one seed per env"):
         envs.reset(seed=[1, 2, 3])
+
+
+def test_policy_model_runs_the_full_policy_in_the_env_pass(kwargs, tiny):
+    """policy_model=: the env's twin pass gives the policy's own logits, and the same rewards as a separate
+    policy forward (CachedSampler) reporting its log-probs."""
+    import copy
+
+    import torch
+
+    from lm_gym.sampling import CachedSampler, SharedForwardSampler
+
+    model, tokenizer = tiny
+    policy = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    kw = {**kwargs, "model": copy.deepcopy(model), "max_new_tokens": 6}
+    shared = TextGenVectorEnv(3, policy_model=policy, autoreset_mode="SameStep", **kw)
+    alone = TextGenVectorEnv(3, autoreset_mode="SameStep", **kw)
+    own = CachedSampler(policy, 3, alone.pad_token_id)
+    twin = SharedForwardSampler(shared)
+    obs_a, _ = alone.reset(seed=5)
+    obs_s, _ = shared.reset(seed=5)
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        np.testing.assert_array_equal(obs_a["input_ids"], obs_s["input_ids"])
+        own.act(obs_a)  # the policy's own forward (a prefill where the action was not its own)
+        torch.testing.assert_close(shared.policy_logits, own.decoder.logits, atol=1e-4, rtol=1e-4)
+        actions = torch.as_tensor(rng.integers(32, 127, size=3))
+        logits = shared.policy_logits
+        log_probs = torch.log_softmax(logits, -1).gather(1, actions[:, None])[:, 0]
+        assert twin.act(obs_s)[0].shape == (3,)  # samples from the same logits
+        alone.set_policy_log_probs(
+            torch.log_softmax(own.decoder.logits, -1).gather(1, actions[:, None])[:, 0]
+        )
+        shared.set_policy_log_probs(log_probs)
+        obs_a, rew_a, *_ = alone.step(actions)
+        obs_s, rew_s, *_ = shared.step(actions)
+        np.testing.assert_allclose(rew_s, rew_a, atol=1e-5)
+    assert shared.policy_hidden.shape == (3, model.config.hidden_size)  # for a value head
+    with pytest.raises(ValueError, match="policy_model is for a fully fine-tuned decoder-only policy"):
+        TextGenVectorEnv(2, policy_model=policy, policy_adapter="default", **kw)

@@ -294,9 +294,9 @@ def train_reward_model(
     *,
     model: str | PreTrainedModel = "minilm-l6",
     tokenizer: PreTrainedTokenizerBase | None = None,
-    epochs: int = 4,
+    epochs: int = 3,
     learning_rate: float = 1e-4,
-    batch_size: int = 32,
+    batch_size: int = 120,
     margin: float = 0.0,
     center_coef: float = 0.0,
     eval_fraction: float = 0.1,
@@ -326,7 +326,9 @@ def train_reward_model(
         tokenizer: required with a loaded model.
         epochs: passes over the training pairs.
         learning_rate: AdamW's peak learning rate (linear warm-up, then linear decay to 0).
-        batch_size: pairs per optimizer step.
+        batch_size: pairs per optimizer step. The default, 120, is the K(K-1)/2 comparisons of one prompt
+            ranked over K = 16 completions (``lm-gym collect``'s default): a step takes one prompt's
+            comparisons together, as InstructGPT's batching does.
         margin: margin of the records that have none of their own (0 = plain Bradley-Terry).
         center_coef: coefficient of the reward-centering term (0 = off; 0.01 in Eisenstein et al. 2023).
         eval_fraction: share of the prompts held out for evaluation.
