@@ -487,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, kind, name, text in (
         ("--epochs", int, "epochs", "passes over the training pairs"),
         ("--lr", float, "learning_rate", "AdamW peak learning rate"),
-        ("--batch-size", int, "batch_size", "pairs per step"),
+        ("--batch-size", int, "batch_size", "pairs per step (None: one prompt's K(K-1)/2 pairs per step)"),
         ("--margin", float, "margin", "Bradley-Terry margin of records without their own"),
         ("--center-coef", float, "center_coef", "reward-centering coefficient (Eisenstein et al.: 0.01)"),
         ("--eval-fraction", float, "eval_fraction", "share of prompts held out"),
@@ -537,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(PipelineConfig):
         if f.name in ("rl_settings", "policy_settings"):
             continue
-        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}[str(f.type)]
+        kinds = {"int": int, "float": float, "str": str, "int | None": int}
+        kind = f.type if isinstance(f.type, type) else kinds[str(f.type)]
         p.add_argument(
             "--" + f.name.replace("_", "-"),
             type=kind,

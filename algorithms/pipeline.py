@@ -67,7 +67,7 @@ class PipelineConfig:
         rm_model: the reward model's backbone (a name, folder or Hub id).
         rm_epochs: reward-model epochs.
         rm_learning_rate: reward-model learning rate.
-        rm_batch_size: comparisons per reward-model step.
+        rm_batch_size: comparisons per reward-model step (None: one prompt's K(K-1)/2 per step).
         iterations: RL iterations per round.
         eval_every: RL iterations between evaluations (the points of the over-optimization plot).
         eval_prompts: held-out prompts per evaluation and per Elo game round.
@@ -85,7 +85,7 @@ class PipelineConfig:
     rm_model: str = "minilm-l6"
     rm_epochs: int = 3
     rm_learning_rate: float = 1e-4
-    rm_batch_size: int = 120
+    rm_batch_size: int | None = None
     iterations: int = 10
     eval_every: int = 2
     eval_prompts: int = 32
@@ -96,6 +96,8 @@ class PipelineConfig:
     def check(self) -> None:
         for name in ("rounds", "collect_prompts", "rm_epochs", "rm_batch_size", "iterations", "eval_every"):
             value = getattr(self, name)
+            if name == "rm_batch_size" and value is None:
+                continue
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
         if not (isinstance(self.k, int) and self.k >= 2):

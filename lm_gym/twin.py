@@ -60,7 +60,8 @@ class _Pair:
 
     def __init__(self, a: nn.Parameter, b: nn.Parameter) -> None:
         self.a, self.b = a, b
-        self.both = torch.stack([a.detach(), b.detach()])  # (2, ...)
+        with torch.inference_mode(False), torch.no_grad():  # ordinary tensors: the policy trains on them
+            self.both = torch.stack([a.detach(), b.detach()])  # (2, ...)
         a.data, b.data = self.both[0], self.both[1]
         self.both_t = self.both.transpose(1, 2) if self.both.dim() == 3 else None  # (2, in, out) view
         self._a, self._b = a.data_ptr(), b.data_ptr()
@@ -76,30 +77,30 @@ class _Pair:
 class _TwinLinear(_TwinLeaf):
     def __init__(self, a: nn.Linear, b: nn.Linear, pairs: dict) -> None:
         super().__init__(a, b)
-        self.weight = _pair(a.weight, b.weight, pairs)
-        self.bias = None if a.bias is None else _pair(a.bias, b.bias, pairs)
+        self.weights = _pair(a.weight, b.weight, pairs)  # not ``weight``: no tensor of that name here
+        self.biases = None if a.bias is None else _pair(a.bias, b.bias, pairs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (2N, ..., in) -> (2N, ..., out)
-        pair = self.weight
+        pair = self.weights
         weight_t = (
             pair.both_t if pair.shared() else torch.stack([pair.a, pair.b]).transpose(1, 2)
         )  # (2, in, out)
         x2 = x.reshape(2, -1, x.shape[-1])  # (2, N*..., in)
-        if self.bias is None:
+        if self.biases is None:
             y = torch.bmm(x2, weight_t)
         else:
-            y = torch.baddbmm(self.bias.stacked()[:, None], x2, weight_t)
+            y = torch.baddbmm(self.biases.stacked()[:, None], x2, weight_t)
         return y.reshape(*x.shape[:-1], weight_t.shape[2])  # (2N, ..., out)
 
 
 class _TwinEmbedding(_TwinLeaf):
     def __init__(self, a: nn.Embedding, b: nn.Embedding, pairs: dict) -> None:
         super().__init__(a, b)
-        self.weight = _pair(a.weight, b.weight, pairs)
+        self.weights = _pair(a.weight, b.weight, pairs)
         self._offset: tuple | None = None  # (ids shape and device, the row offsets (2N, 1...))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (2N, T) -> (2N, T, H)
-        table = self.weight.stacked()  # (2, V, H)
+        table = self.weights.stacked()  # (2, V, H)
         vocab = table.shape[1]
         key = (ids.shape, ids.device)
         if self._offset is None or self._offset[0] != key:
@@ -116,13 +117,13 @@ class _TwinScale(_TwinLeaf):
 
     def __init__(self, a: nn.Module, b: nn.Module, pairs: dict) -> None:
         super().__init__(a, b)
-        self.weight = _pair(a.weight, b.weight, pairs)
+        self.weights = _pair(a.weight, b.weight, pairs)
         both = copy.copy(a)  # a's code and settings; its weight swapped for the stacked one per call
         both._parameters = dict(a._parameters)
         object.__setattr__(self, "both", both)  # not a submodule: the twin owns no parameters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (2N, ..., H) -> (2N, ..., H)
-        self.both._parameters["weight"] = self.weight.stacked()[:, None]  # (2, 1, H)
+        self.both._parameters["weight"] = self.weights.stacked()[:, None]  # (2, 1, H)
         return self.both(x.reshape(2, -1, x.shape[-1])).reshape(x.shape)
 
 

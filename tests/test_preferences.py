@@ -449,3 +449,23 @@ def test_cli_collect_and_train_rm_on_tiny(tmp_path, capsys):
     train_rm = ["train-rm", "--data", str(prefs), "--model", str(backbone), "--out", str(out)]
     with pytest.raises(SystemExit, match=r"lm-gym train-rm: error: .* was run with epochs=1, now 2: "):
         main([*train_rm, "--epochs", "2", "--eval-fraction", "0.25", "--resume"])
+
+
+def test_default_batches_hold_one_prompts_pairs():
+    """batch_size=None: each step is one prompt's comparisons (InstructGPT), whatever K; records sharing one
+    prompt (HH-RLHF) fall back to shuffled batches of SHARED_PROMPT_BATCH pairs."""
+    from lm_gym.preferences.reward_model import SHARED_PROMPT_BATCH, _batches
+
+    sizes = {"a": 3, "b": 6, "c": 1}
+    records = [PreferenceRecord(p, f" x{i}", f" y{i}") for p, n in sizes.items() for i in range(n)]
+    batches = _batches(records, None, np.random.default_rng(0))
+    assert sorted(len(b) for b in batches) == [1, 3, 6]
+    assert all(len({r.prompt for r in b}) == 1 for b in batches)
+    assert sorted((r.prompt, r.chosen) for b in batches for r in b) == sorted(
+        (r.prompt, r.chosen) for r in records
+    )
+    shared = [PreferenceRecord("", f" x{i}", f" y{i}") for i in range(70)]
+    assert [len(b) for b in _batches(shared, None, np.random.default_rng(0))] == [SHARED_PROMPT_BATCH] * 2 + [
+        6
+    ]
+    assert [len(b) for b in _batches(records, 4, np.random.default_rng(0))] == [4, 4, 2]

@@ -246,22 +246,29 @@ def evaluate_reward_model(
     return metrics
 
 
+# pairs per step when the records share one prompt (HH-RLHF keeps it inside the texts) and batch_size is None
+SHARED_PROMPT_BATCH = 32
+
+
 def _batches(
-    records: Sequence[PreferenceRecord], batch_size: int, rng: np.random.Generator
+    records: Sequence[PreferenceRecord], batch_size: int | None, rng: np.random.Generator
 ) -> list[list[PreferenceRecord]]:
-    """Shuffled batches in which the pairs of one prompt stay together (split only across a boundary)."""
+    """Shuffled batches in which the pairs of one prompt stay together (split only across a boundary); with
+    ``batch_size=None`` each batch is one prompt's pairs."""
     groups: dict[str, list[PreferenceRecord]] = {}
     for r in records:
         groups.setdefault(r.prompt, []).append(r)
     group_list = list(groups.values())
     if len(group_list) == 1:  # one shared (empty) prompt: plain shuffled pairs
         group_list = [[r] for r in group_list[0]]
-    flat = [
-        group[i]
+        batch_size = batch_size or SHARED_PROMPT_BATCH
+    shuffled = [
+        [group_list[g][i] for i in rng.permutation(len(group_list[g]))]
         for g in rng.permutation(len(group_list))
-        for group in [group_list[g]]
-        for i in rng.permutation(len(group))
     ]
+    if batch_size is None:
+        return shuffled
+    flat = [r for group in shuffled for r in group]
     return [flat[i : i + batch_size] for i in range(0, len(flat), batch_size)]
 
 
@@ -296,7 +303,7 @@ def train_reward_model(
     tokenizer: PreTrainedTokenizerBase | None = None,
     epochs: int = 3,
     learning_rate: float = 1e-4,
-    batch_size: int = 120,
+    batch_size: int | None = None,
     margin: float = 0.0,
     center_coef: float = 0.0,
     eval_fraction: float = 0.1,
@@ -326,9 +333,9 @@ def train_reward_model(
         tokenizer: required with a loaded model.
         epochs: passes over the training pairs.
         learning_rate: AdamW's peak learning rate (linear warm-up, then linear decay to 0).
-        batch_size: pairs per optimizer step. The default, 120, is the K(K-1)/2 comparisons of one prompt
-            ranked over K = 16 completions (``lm-gym collect``'s default): a step takes one prompt's
-            comparisons together, as InstructGPT's batching does.
+        batch_size: pairs per optimizer step; None (the default): one prompt's pairs per step, i.e. the
+            K(K-1)/2 comparisons of one ranking of K completions (InstructGPT's batching, which takes all of
+            a prompt's comparisons as one element; its K distinct texts are run once each).
         margin: margin of the records that have none of their own (0 = plain Bradley-Terry).
         center_coef: coefficient of the reward-centering term (0 = off; 0.01 in Eisenstein et al. 2023).
         eval_fraction: share of the prompts held out for evaluation.
@@ -355,9 +362,10 @@ def train_reward_model(
         keep_checkpoints: how many of the latest checkpoints to keep (None = all).
         log: where progress lines go (None: silent).
     """
-    if epochs < 1 or batch_size < 1:
+    if epochs < 1 or (batch_size is not None and batch_size < 1):
         raise ValueError(
-            f"train_reward_model: epochs and batch_size must be >= 1; got {epochs}, {batch_size}"
+            f"train_reward_model: epochs and batch_size must be >= 1 (batch_size None: one prompt's pairs); "
+            f"got {epochs}, {batch_size}"
         )
     if not learning_rate > 0:
         raise ValueError(f"train_reward_model: learning_rate must be > 0; got {learning_rate}")
@@ -413,7 +421,7 @@ def train_reward_model(
     # r_c - r_r should not be the difference of two independently dropped-out networks.
     model.eval()
     rng = np.random.default_rng(seed)
-    steps = epochs * -(-len(train_records) // batch_size)
+    steps = epochs * len(_batches(train_records, batch_size, np.random.default_rng(0)))
     warmup = int(steps * warmup_ratio)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
