@@ -453,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--split", default="train", choices=["train", "eval", "all"], help="which prompts")
     p.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts (default all)")
-    p.add_argument("--k", type=int, default=16, help="completions per prompt; a ranking gives k(k-1)/2 pairs")
+    p.add_argument("--k", type=int, default=24, help="completions per prompt; a ranking gives k(k-1)/2 pairs")
     p.add_argument("--max-new-tokens", type=int, default=16, help="completion length limit")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--batch-size", type=int, default=64, help="sequences generated side by side")

@@ -80,7 +80,7 @@ class PipelineConfig:
     task: str = "sentiment"
     rounds: int = 1
     collect_prompts: int = 400
-    k: int = 16
+    k: int = 24
     collect_max_new_tokens: int = 16
     rm_model: str = "minilm-l6"
     rm_epochs: int = 3
