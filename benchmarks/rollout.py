@@ -4,8 +4,11 @@ Both sides produce the same thing for a batch of prompts: sampled continuations 
 tokens, the policy's and the reference's log-prob of every sampled token (so the KL), and a reward-model
 score of every text.
 
-* ours: ``TextGenVectorEnv`` (reference KV-cached, one batched step per token, overlapped with the
-  agent) driven by a ``CachedSampler`` policy that reports its log-probs to the env.
+* ours: ``TextGenVectorEnv`` (reference KV-cached, one batched step per token) with the path the RL core
+  takes: for a model under 20M parameters the env runs reference and policy as one twin pass
+  (``policy_model``) and a ``SharedForwardSampler`` samples from it; above, a ``CachedSampler`` runs the
+  policy while the env's reference step runs in a background thread; with LoRA, one doubled batch
+  (``policy_adapter``). The sampler reports its log-probs to the env.
 * baseline: ``policy.generate`` (returning the sampling scores for the policy log-probs), then one
   teacher-forced reference forward over prompt + completion, then one reward-model pass.
 
@@ -13,7 +16,7 @@ Policy and reference are two separate copies of the same weights, as at the star
 Each side runs ``--repeats`` times, alternating; the best time of each is kept. Last line: the ratio of
 tokens/s (ours / baseline); above 1.0 means the env is faster.
 
-    python benchmarks/rollout.py --model tiny
+    python benchmarks/rollout.py --model tiny --repeats 5
     python benchmarks/rollout.py --model smollm2-135m --batch 16 --new-tokens 48
 """
 
