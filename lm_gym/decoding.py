@@ -56,7 +56,7 @@ def left_pad(
 
 class RowDecoder:
     """What the KV-cached decoders share (:class:`BatchedDecoder`, :class:`~lm_gym.seq2seq.Seq2SeqDecoder`):
-    N rows, optionally each with a LoRA twin row, and the views of their last logits and hidden states.
+    N rows, optionally each with a twin row (the policy's), and the views of their last logits and hidden states.
     Subclasses set ``num_rows``, ``twins``, ``keep_hidden``, ``model``, ``_logits`` and ``_hidden``."""
 
     num_rows: int
