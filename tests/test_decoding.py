@@ -43,6 +43,27 @@ def test_incremental_logits_match_full_forward_across_resets(tiny):
     assert not torch.isnan(dec.logits).any()
 
 
+def drive_twin_rows(dec, reference_logits, policy_logits):
+    """Step two rows (one skipping a step, one restarted) through a decoder with twin rows, checking at every
+    step its rows against ``reference_logits(seq)`` and its twin rows against ``policy_logits(seq)``; returns
+    the final token lists."""
+    seqs = [[72, 101, 108], [65, 32, 98, 105, 103]]
+    dec.reset_rows([0, 1], seqs)
+    for step in range(5):
+        for i in range(2):
+            torch.testing.assert_close(dec.logits[i], reference_logits(seqs[i]), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(dec.twin_logits[i], policy_logits(seqs[i]), atol=1e-4, rtol=1e-4)
+        tokens = torch.tensor([40 + step, 50 + step])
+        dec.append(tokens, torch.tensor([True, step != 2]))
+        for i in range(2):
+            if i == 0 or step != 2:
+                seqs[i].append(int(tokens[i]))
+        if step == 3:
+            dec.reset_rows([1], [[99, 100]])
+            seqs[1] = [99, 100]
+    return seqs
+
+
 def test_twin_rows_need_plain_lora(tiny):
     from peft import LoraConfig, get_peft_model
 
@@ -59,21 +80,12 @@ def test_twin_rows_run_reference_and_lora_policy_in_one_batch(tiny):
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
     policy = get_peft_model(copy.deepcopy(model), lora).eval()
     dec = BatchedDecoder(policy, 2, tokenizer.pad_token_id, twin_adapter="default")
-    seqs = [[72, 101, 108], [65, 32, 98, 105, 103]]
-    dec.reset_rows([0, 1], seqs)
-    for step in range(5):
-        for i in range(2):
-            with policy.disable_adapter():
-                torch.testing.assert_close(dec.logits[i], full_logits(policy, seqs[i]), atol=1e-4, rtol=1e-4)
-            torch.testing.assert_close(dec.twin_logits[i], full_logits(policy, seqs[i]), atol=1e-4, rtol=1e-4)
-        tokens = torch.tensor([40 + step, 50 + step])
-        dec.append(tokens, torch.tensor([True, step != 2]))
-        for i in range(2):
-            if i == 0 or step != 2:
-                seqs[i].append(int(tokens[i]))
-        if step == 3:
-            dec.reset_rows([1], [[99, 100]])
-            seqs[1] = [99, 100]
+
+    def reference_logits(seq):
+        with policy.disable_adapter():
+            return full_logits(policy, seq)
+
+    drive_twin_rows(dec, reference_logits, lambda seq: full_logits(policy, seq))
     assert (dec.logits - dec.twin_logits).abs().max() > 1e-3  # the adapter does change the policy
 
 
@@ -201,20 +213,7 @@ def test_twin_model_rows_run_reference_and_full_policy_in_one_pass(tiny):
     model, tokenizer = tiny
     reference, policy = copy.deepcopy(model), _perturbed(model)
     dec = BatchedDecoder(reference, 2, tokenizer.pad_token_id, twin_model=policy, keep_hidden=True)
-    seqs = [[72, 101, 108], [65, 32, 98, 105, 103]]
-    dec.reset_rows([0, 1], seqs)
-    for step in range(5):
-        for i in range(2):
-            torch.testing.assert_close(dec.logits[i], full_logits(reference, seqs[i]), atol=1e-4, rtol=1e-4)
-            torch.testing.assert_close(dec.twin_logits[i], full_logits(policy, seqs[i]), atol=1e-4, rtol=1e-4)
-        tokens = torch.tensor([40 + step, 50 + step])
-        dec.append(tokens, torch.tensor([True, step != 2]))
-        for i in range(2):
-            if i == 0 or step != 2:
-                seqs[i].append(int(tokens[i]))
-        if step == 3:
-            dec.reset_rows([1], [[99, 100]])
-            seqs[1] = [99, 100]
+    seqs = drive_twin_rows(dec, lambda seq: full_logits(reference, seq), lambda seq: full_logits(policy, seq))
     with torch.no_grad():
         hidden = policy(input_ids=torch.tensor([seqs[0]]), output_hidden_states=True).hidden_states[-1][0, -1]
     torch.testing.assert_close(dec.hidden[0], hidden, atol=1e-4, rtol=1e-4)  # the policy's, for a value head
