@@ -63,7 +63,6 @@ class _Pair:
         with torch.inference_mode(False), torch.no_grad():  # ordinary tensors: the policy trains on them
             self.both = torch.stack([a.detach(), b.detach()])  # (2, ...)
         a.data, b.data = self.both[0], self.both[1]
-        self.both_t = self.both.transpose(1, 2) if self.both.dim() == 3 else None  # (2, in, out) view
         self._a, self._b = a.data_ptr(), b.data_ptr()
 
     def shared(self) -> bool:
@@ -81,10 +80,7 @@ class _TwinLinear(_TwinLeaf):
         self.biases = None if a.bias is None else _pair(a.bias, b.bias, pairs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (2N, ..., in) -> (2N, ..., out)
-        pair = self.weights
-        weight_t = (
-            pair.both_t if pair.shared() else torch.stack([pair.a, pair.b]).transpose(1, 2)
-        )  # (2, in, out)
+        weight_t = self.weights.stacked().transpose(1, 2)  # (2, in, out), a view
         x2 = x.reshape(2, -1, x.shape[-1])  # (2, N*..., in)
         if self.biases is None:
             y = torch.bmm(x2, weight_t)
