@@ -200,7 +200,6 @@ class TextGenVectorEnv(VectorEnv):
         self._prompt_text = [""] * num_envs
         self._prompt_len = np.zeros(num_envs, dtype=np.int64)
         self._seq: list[list[int]] = [[] for _ in range(num_envs)]  # prompt + generated tokens, per row
-        self._generated: list[list[int]] = [[] for _ in range(num_envs)]  # the generated tokens alone
         self._truncated_prompt = np.zeros(num_envs, dtype=bool)
         self._steps = np.zeros(num_envs, dtype=np.int64)
         self._ended = np.zeros(num_envs, dtype=bool)  # the row's episode is over (DISABLED mode)
@@ -234,7 +233,6 @@ class TextGenVectorEnv(VectorEnv):
             self._prompt_text[row] = self.tokenizer.decode(tokens) if cut else text
             self._prompt_len[row] = len(tokens)
             self._seq[row] = list(tokens)
-            self._generated[row] = []
             self._truncated_prompt[row] = cut
             self._steps[row] = 0
             self._ended[row] = False
@@ -363,7 +361,6 @@ class TextGenVectorEnv(VectorEnv):
         action_list = actions.tolist()
         for i in running_rows:
             self._seq[i].append(action_list[i])
-            self._generated[i].append(action_list[i])
         stops = self.stop_token_ids
         terminated = running & (actions == stops[0] if len(stops) == 1 else np.isin(actions, stops))
         truncated = running & ~terminated & (self._steps >= self.max_new_tokens)
@@ -487,10 +484,12 @@ class TextGenVectorEnv(VectorEnv):
 
     def _completions(self, rows: np.ndarray, drop_stop: np.ndarray) -> list[str]:
         """The decoded completion of each row in the mask ``rows`` (others: "")."""
-        decode, generated = self._decode, self._generated
+        decode, seqs = self._decode, self._seq
         return [
-            (decode(generated[i][:-1] if drop else generated[i]) if on else "")
-            for i, (on, drop) in enumerate(zip(rows.tolist(), drop_stop.tolist()))
+            decode(seqs[i][start : len(seqs[i]) - drop]) if on else ""
+            for i, (on, drop, start) in enumerate(
+                zip(rows.tolist(), drop_stop.tolist(), self._prompt_len.tolist())
+            )
         ]
 
     def _reset_columns(self, rows: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -560,13 +559,12 @@ class TextGenVectorEnv(VectorEnv):
                 self.max_new_tokens + 1,
             )
         length = self.max_prompt_tokens + self.max_new_tokens
-        ids = np.full((self.num_envs, length), self.pad_token_id, dtype=np.int64)
-        mask = np.zeros((self.num_envs, length), dtype=np.int64)
-        for i, seq in enumerate(self._seq):
-            if seq:
-                ids[i, length - len(seq) :] = seq
-                mask[i, length - len(seq) :] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        obs = {
+            "input_ids": np.empty((self.num_envs, length), dtype=np.int64),
+            "attention_mask": np.empty((self.num_envs, length), dtype=np.int64),
+        }
+        self._write_observation_rows(obs, range(self.num_envs))
+        return obs
 
 
 def _fast_decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int]], str]:
