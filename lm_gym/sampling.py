@@ -34,6 +34,7 @@ __all__ = [
     "categorical",
     "follow",
     "follow_arrays",
+    "last_tokens",
     "observed_sequences",
     "sample",
     "sampling_warpers",
@@ -96,8 +97,9 @@ class CachedSampler:
             log_probs: (N,) float32, ``log pi(action)`` under the warped distribution that was sampled.
         """
         follow_arrays(self.decoder, obs, self._last_actions)
-        last = torch.as_tensor(_rows(obs["input_ids"])[:, -1:], device=self.decoder.device)  # (N, 1)
-        actions, log_probs, _ = sample(self.decoder.logits, last, self.warpers, self.generator, entropy=False)
+        logits = self.decoder.logits  # (N, V)
+        last = last_tokens(obs, logits.device) if self.warpers else None  # (N, 1): the warpers' input_ids
+        actions, log_probs, _ = sample(logits, last, self.warpers, self.generator, entropy=False)
         self._last_actions = actions
         return actions, log_probs
 
@@ -132,17 +134,20 @@ class SharedForwardSampler:
     def act(self, obs: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Like :meth:`CachedSampler.act`; ``obs`` must be the env's current observation."""
         logits = self.envs.policy_logits  # (N, V)
-        last = (  # the warpers' input_ids argument (unused by temperature, top-k and top-p)
-            torch.as_tensor(np.asarray(obs["input_ids"])[:, -1:], device=logits.device)
-            if self.warpers
-            else None
-        )  # (N, 1)
+        last = last_tokens(obs, logits.device) if self.warpers else None  # (N, 1): the warpers' input_ids
         return sample(logits, last, self.warpers, self.generator, entropy=False)[:2]
 
 
 def _rows(array: np.ndarray) -> np.ndarray:
     array = np.asarray(array)
     return array[None] if array.ndim == 1 else array
+
+
+def last_tokens(obs: dict[str, np.ndarray], device: torch.device | None = None) -> torch.Tensor:
+    """(N, 1) the last token of each row's text (the decoder prefix's for a seq2seq observation) of a
+    (batched or single) observation, the ``input_ids`` that logits processors see."""
+    ids = obs["decoder_input_ids"] if "decoder_input_ids" in obs else obs["input_ids"]
+    return torch.as_tensor(_rows(ids)[:, -1:], device=device)
 
 
 def observed_sequences(obs: dict[str, np.ndarray]) -> list[list[int]]:

@@ -28,7 +28,7 @@ from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from lm_gym.decoding import BatchedDecoder, RowDecoder, _masked_lora, _pad_left, _twin_lora_b, left_pad
-from lm_gym.sampling import follow_arrays
+from lm_gym.sampling import follow_arrays, last_tokens
 
 __all__ = [
     "Seq2SeqDecoder",
@@ -363,10 +363,3 @@ def follow_observation(
         follow_seq2seq(decoder, obs, last_actions)
     else:
         follow_arrays(decoder, obs, last_actions)
-
-
-def last_tokens(obs: dict[str, np.ndarray], device: torch.device | None = None) -> torch.Tensor:
-    """(N, 1) the last token of each row's text (the decoder prefix's for a seq2seq observation), the
-    ``input_ids`` that logits processors see."""
-    ids = obs["decoder_input_ids"] if "decoder_input_ids" in obs else obs["input_ids"]
-    return torch.as_tensor(np.asarray(ids)[:, -1:], device=device)
