@@ -27,7 +27,16 @@ import torch
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from lm_gym.decoding import BatchedDecoder, RowDecoder, _masked_lora, _pad_left, _twin_lora_b, left_pad
+from lm_gym.decoding import (
+    AppendLayer,
+    BatchedDecoder,
+    RowDecoder,
+    _masked_lora,
+    _pad_left,
+    _twin_lora_b,
+    append_cache,
+    left_pad,
+)
 from lm_gym.sampling import follow_arrays, last_tokens
 
 __all__ = [
@@ -141,7 +150,7 @@ class Seq2SeqDecoder(RowDecoder):
         """Encode ``sources`` and run the decoder over ``prefixes`` for the physical ``rows``, in a new cache."""
         src, src_mask = right_pad(sources, self.pad_token_id, self.device)  # (R, S)
         dec, dec_mask = left_pad(prefixes, self.pad_token_id, self.device)  # (R, T)
-        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        cache = EncoderDecoderCache(append_cache(), DynamicCache())  # the decoder's self-attention appends
         logits, hidden, out = self._run(
             rows,
             input_ids=src,
@@ -241,7 +250,7 @@ class Seq2SeqDecoder(RowDecoder):
 
     def _surgery_ok(self) -> bool:
         layers = [*self.cache.self_attention_cache.layers, *self.cache.cross_attention_cache.layers]
-        return all(type(layer) is DynamicLayer for layer in layers)
+        return all(type(layer) in (DynamicLayer, AppendLayer) for layer in layers)
 
     @torch.inference_mode()
     def _rebuild(self) -> None:

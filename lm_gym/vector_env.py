@@ -339,10 +339,11 @@ class TextGenVectorEnv(VectorEnv):
         logits = self._decoder.logits  # (N, V)
         if self.temperature != 1.0:
             logits = logits / self.temperature
-        # log_softmax(logits)[a], without writing the (N, V) log-probs
+        # log_softmax then gather: one fused kernel, measured faster on CPU than chosen - logsumexp (whose
+        # max, subtract, exp, sum and log run one by one) from V = 257 to V = 49,152
         action_ids = torch.from_numpy(actions).to(logits.device)  # (N,)
-        chosen = logits.gather(1, action_ids[:, None])[:, 0]
-        ref_lp = (chosen - torch.logsumexp(logits, dim=-1)).double().cpu().numpy()  # (N,)
+        ref_lp = torch.log_softmax(logits, dim=-1).gather(1, action_ids[:, None])[:, 0]
+        ref_lp = ref_lp.double().cpu().numpy()  # (N,)
 
         running = ~self._fresh
         known = running & ~np.isnan(policy_lp)
@@ -362,7 +363,9 @@ class TextGenVectorEnv(VectorEnv):
         for i in running_rows:
             self._seq[i].append(action_list[i])
         stops = self.stop_token_ids
-        terminated = running & (actions == stops[0] if len(stops) == 1 else np.isin(actions, stops))
+        # (np.isin costs ~20 us per step, even for an empty list)
+        stopped = actions == stops[0] if len(stops) == 1 else np.isin(actions, stops) if len(stops) else False
+        terminated = running & stopped
         truncated = running & ~terminated & (self._steps >= self.max_new_tokens)
         ended = terminated | truncated
         continuing = running & ~ended

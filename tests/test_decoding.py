@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from lm_gym.decoding import BatchedDecoder
+from transformers.cache_utils import DynamicLayer
+
+from lm_gym.decoding import AppendLayer, BatchedDecoder
 
 
 def full_logits(model, tokens):
@@ -41,6 +43,28 @@ def test_incremental_logits_match_full_forward_across_resets(tiny):
         assert dec.mask.shape[1] <= max(len(s) for s in seqs) + 30  # trimmed, not growing without bound
         assert dec.mask.any(dim=0)[0]  # no all-padding column on the left
     assert not torch.isnan(dec.logits).any()
+
+
+def test_append_layer_equals_concatenation_and_appends_in_place():
+    torch.manual_seed(0)
+    layer, plain = AppendLayer(), DynamicLayer()
+    storages = []
+    for step in range(100):
+        keys, values = torch.randn(2, 3, 5 if step == 0 else 1, 4), torch.randn(2, 3, 5 if step == 0 else 1, 4)
+        got, want = layer.update(keys, values), plain.update(keys, values)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        storages.append(layer.keys.untyped_storage().data_ptr())
+        if step == 10:  # the owner trims the left columns: still a view of the buffer
+            for cache in (layer, plain):
+                cache.keys, cache.values = cache.keys[:, :, 3:], cache.values[:, :, 3:]
+        if step == 20:  # the owner replaces the tensors (left padding): copied into a new buffer next step
+            for cache in (layer, plain):
+                cache.keys = torch.nn.functional.pad(cache.keys, (0, 0, 2, 0))
+                cache.values = torch.nn.functional.pad(cache.values, (0, 0, 2, 0))
+    assert len(set(storages[:21])) == 1  # 20 steps and a trim in the first buffer, no copy
+    assert storages[21] != storages[20]  # the replaced tensor
+    assert len(set(storages[21:])) == 2  # one more buffer once the first ran out of columns
 
 
 def drive_twin_rows(dec, reference_logits, policy_logits):
