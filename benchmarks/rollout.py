@@ -13,7 +13,7 @@ score of every text.
   teacher-forced reference forward over prompt + completion, then one reward-model pass.
 
 Policy and reference are two separate copies of the same weights, as at the start of RL fine-tuning.
-Each side runs ``--repeats`` times, alternating; the best time of each is kept. Last line: the ratio of
+Each side runs once untimed (warm-up), then ``--repeats`` times, alternating; the best time of each is kept. Last line: the ratio of
 tokens/s (ours / baseline); above 1.0 means the env is faster.
 
     python benchmarks/rollout.py --model tiny --repeats 5
@@ -98,6 +98,7 @@ def baseline(
 
 
 def compare(label: str, run_ours, run_baseline, repeats: int, tokens: int) -> float:
+    run_ours(repeats), run_baseline(repeats)  # warm-up, untimed: first-call allocations and caches
     t_ours, t_base = [], []
     for r in range(repeats):  # alternate, so that a noisy neighbour hurts both sides alike
         t_ours.append(run_ours(r))
