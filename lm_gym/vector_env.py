@@ -207,7 +207,7 @@ class TextGenVectorEnv(VectorEnv):
         self._policy_log_probs: np.ndarray | None = None
         self._warned_no_policy = False
         self._obs: dict[str, np.ndarray] = {}  # the last observation returned (never written to afterwards)
-        self._decode = _fast_decoder(self.tokenizer)
+        self._decode = _fast_decoder(self.tokenizer, vocab_size)
         self._needs_reset = True
 
     # ------------------------------------------------------------------------------------------ prompts
@@ -570,10 +570,17 @@ class TextGenVectorEnv(VectorEnv):
         return obs
 
 
-def _fast_decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int]], str]:
-    """``ids -> tokenizer.decode(ids, skip_special_tokens=True)``, calling the Rust tokenizer directly when
-    ``decode`` would do nothing else (a ``tokenizers``-backed tokenizer without space clean-up): the info's
-    text is decoded at every step, and ``decode``'s Python layers cost more than the decoding itself."""
+def _fast_decoder(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> Callable[[list[int]], str]:
+    """``ids -> tokenizer.decode(ids, skip_special_tokens=True)`` for ids in ``[0, vocab_size)``, by the
+    shortest exact path: the info's text is decoded at every step, and ``decode``'s Python layers cost more
+    than the decoding itself.
+
+    When ``decode`` would do nothing but call the Rust tokenizer (a ``tokenizers``-backed tokenizer without
+    space clean-up) and that tokenizer's decoder is GPT-2's byte-level one (GPT-2, Llama 3, Qwen, SmolLM,
+    ``tiny``), decoding is the concatenation of the tokens' bytes read as UTF-8 with invalid bytes replaced,
+    which a table of each token's bytes does in C (:func:`_byte_level_table`, checked against the tokenizer
+    when built); with another decoder, the Rust tokenizer is called directly.
+    """
     from transformers.tokenization_utils_base import PreTrainedTokenizerBase as Base
 
     try:
@@ -589,9 +596,57 @@ def _fast_decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int]], s
         and not tokenizer.clean_up_tokenization_spaces
         and hasattr(backend, "decode")
     )
-    if plain:
+    if not plain:
+        return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+    table = _byte_level_table(backend, vocab_size)
+    if table is None:
         return lambda ids: backend.decode(ids, skip_special_tokens=True)
-    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+    return lambda ids: b"".join(map(table.__getitem__, ids)).decode("utf-8", "replace")
+
+
+def _byte_level_table(backend: Any, vocab_size: int) -> list[bytes] | None:
+    """The bytes each token id in ``[0, vocab_size)`` decodes to with ``skip_special_tokens=True``, for a Rust
+    tokenizer whose decoder is ``decoders.ByteLevel`` (None for any other decoder).
+
+    As ``tokenizers`` decodes: a token's characters mapped back through GPT-2's byte-to-character alphabet
+    (the token's UTF-8 bytes if a character is outside it), special tokens and ids the tokenizer does not know
+    dropped. The table is checked against the tokenizer on every added token and on random sequences, and
+    not used (None) if any decodes differently.
+    """
+    from tokenizers import decoders
+
+    if type(backend.decoder) is not decoders.ByteLevel:
+        return None
+    byte_of = {char: byte for byte, char in _gpt2_byte_alphabet().items()}
+    added = backend.get_added_tokens_decoder()  # {id: AddedToken}
+    table = [b""] * vocab_size
+    for token, i in backend.get_vocab(with_added_tokens=True).items():
+        if i < vocab_size and not (i in added and added[i].special):
+            try:
+                table[i] = bytes(byte_of[char] for char in token)
+            except KeyError:
+                table[i] = token.encode()
+    rng = np.random.default_rng(0)
+    probes = [[i] for i in added if i < vocab_size]
+    probes += [rng.integers(0, vocab_size, int(n)).tolist() for n in rng.integers(1, 24, 64)]
+    for ids in probes:
+        if b"".join(table[i] for i in ids).decode("utf-8", "replace") != backend.decode(
+            ids, skip_special_tokens=True
+        ):
+            return None
+    return table
+
+
+def _gpt2_byte_alphabet() -> dict[int, str]:
+    """GPT-2's map of the 256 byte values to printable characters (``bytes_to_unicode``), which byte-level
+    tokenizers write their tokens in."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + k) for k, b in enumerate(others)}}
 
 
 def _objects(values: Sequence[Any]) -> np.ndarray:

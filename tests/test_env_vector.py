@@ -167,3 +167,23 @@ def test_policy_model_runs_the_full_policy_in_the_env_pass(kwargs, tiny):
     assert shared.policy_hidden.shape == (3, model.config.hidden_size)  # for a value head
     with pytest.raises(ValueError, match="policy_model is for a fully fine-tuned decoder-only policy"):
         TextGenVectorEnv(2, policy_model=policy, policy_adapter="default", **kw)
+
+
+def test_info_text_decoder_equals_the_tokenizers_decode(tiny):
+    """The info's text is decoded through a table of each token's bytes (byte-level tokenizers): equal to
+    ``tokenizer.decode(ids, skip_special_tokens=True)`` on random ids, split multi-byte characters, special
+    tokens and ids past the tokenizer's vocabulary included."""
+    from lm_gym.vector_env import _byte_level_table, _fast_decoder
+
+    _, tokenizer = tiny
+    vocab = len(tokenizer) + 3  # the model's vocabulary may be larger than the tokenizer's
+    table = _byte_level_table(tokenizer._tokenizer, vocab)
+    assert table is not None  # the table path is the one under test
+    decode = _fast_decoder(tokenizer, vocab)
+    rng = np.random.default_rng(0)
+    high = [i for i, token_bytes in enumerate(table) if token_bytes and token_bytes[0] >= 0x80]
+    cases = [rng.integers(0, vocab, int(n)).tolist() for n in rng.integers(0, 30, 2000)]
+    cases += [rng.choice(high, int(n)).tolist() for n in rng.integers(1, 8, 500)]  # split characters
+    cases += [tokenizer("héllo wörld 🎉 日本")["input_ids"], tokenizer.all_special_ids, [vocab - 1]]
+    for ids in cases:
+        assert decode(ids) == tokenizer.decode(ids, skip_special_tokens=True), ids
