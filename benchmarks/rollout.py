@@ -13,10 +13,12 @@ score of every text.
   teacher-forced reference forward over prompt + completion, then one reward-model pass.
 
 Policy and reference are two separate copies of the same weights, as at the start of RL fine-tuning.
-Each side runs once untimed (warm-up), then ``--repeats`` times, alternating; the best time of each is kept. Last line: the ratio of
-tokens/s (ours / baseline); above 1.0 means the env is faster.
+Each side runs once untimed (warm-up), then ``--repeats`` times, alternating, repeat r seeding both sides
+with r; the best time of each is kept. Last line: the ratio of tokens/s (ours / baseline); above 1.0 means
+the env is faster. The two sides draw different texts, and the reward model's pass costs more for longer
+ones: on ``tiny``, where that pass is a third of a run, use more repeats to even out the texts' lengths.
 
-    python benchmarks/rollout.py --model tiny --repeats 5
+    python benchmarks/rollout.py --model tiny --repeats 15
     python benchmarks/rollout.py --model smollm2-135m --batch 16 --new-tokens 48
 """
 
