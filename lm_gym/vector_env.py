@@ -339,8 +339,8 @@ class TextGenVectorEnv(VectorEnv):
         logits = self._decoder.logits  # (N, V)
         if self.temperature != 1.0:
             logits = logits / self.temperature
-        # log_softmax then gather: one fused kernel, measured faster on CPU than chosen - logsumexp (whose
-        # max, subtract, exp, sum and log run one by one) from V = 257 to V = 49,152
+        # log pi_ref(a) = log_softmax(logits)[a]: log_softmax is one kernel, measured faster on CPU than
+        # logits[a] - logsumexp(logits), whose max, subtract, exp, sum and log run one by one (V = 257 to 49,152)
         action_ids = torch.from_numpy(actions).to(logits.device)  # (N,)
         ref_lp = torch.log_softmax(logits, dim=-1).gather(1, action_ids[:, None])[:, 0]
         ref_lp = ref_lp.double().cpu().numpy()  # (N,)
