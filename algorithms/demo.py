@@ -49,7 +49,9 @@ def _demo_report(before, after, history: list[dict[str, float]], run_dir: Path) 
         "length": "tokens per text",
     }
     lines = ["| metric | before | after |", "|---|---|---|"]
-    lines += [f"| {label} | {before.metrics[k]:.3f} | {after.metrics[k]:.3f} |" for k, label in names.items()]
+    lines += [
+        f"| {label} | {_cell(before.metrics[k])} | {_cell(after.metrics[k])} |" for k, label in names.items()
+    ]
     lines += ["", "| prompt | before | after |", "|---|---|---|"]
     for b, a in list(zip(before.samples, after.samples))[:4]:
         lines.append(f"| {b[0]} | {b[1]!r} ({b[3]:+.2f}) | {a[1]!r} ({a[3]:+.2f}) |")
@@ -57,6 +59,11 @@ def _demo_report(before, after, history: list[dict[str, float]], run_dir: Path) 
     (run_dir / "demo_report.md").write_text(report + "\n")
     _plot_curve(history, run_dir / "learning_curve.png")
     return report + f"\n\nlearning curve: {run_dir / 'learning_curve.png'}"
+
+
+def _cell(value: float) -> str:
+    """A metric to 3 decimals; + 0.0 writes a KL of -1e-7 (rounding of two equal log-probs) as 0.000."""
+    return f"{round(value, 3) + 0.0:.3f}"
 
 
 def _plot_curve(history: list[dict[str, float]], path: Path) -> None:
