@@ -136,17 +136,24 @@ def _append_columns(
     """``cat([cached, new], dim=-2)`` (B, H, C + n, D) written into ``buffer``'s free columns when ``cached``
     is a view of its columns [s, s + C) with room after them, else into a new buffer; (the view, buffer)."""
     length = cached.shape[-2] if cached.dim() == new.dim() else 0  # lazy_initialization's empty tensor
+    added = new.shape[-2]
     start = _column_start(cached, buffer) if length else None
-    end = (start or 0) + length + new.shape[-2]
-    if start is None or end > buffer.shape[-2]:
-        end = length + new.shape[-2]
-        room = end + max(end // 2, 64)  # free columns: half as many again, at least 64
+    if start is None or start + length + added > buffer.shape[-2]:
+        needed = length + added
+        room = needed + max(needed // 2, 64)  # free columns: half as many again, at least 64
         buffer = new.new_empty((*new.shape[:-2], room, new.shape[-1]))
         if length:
             buffer[..., :length, :] = cached
         start = 0
-    buffer[..., start + length : end, :] = new
+    end = start + length + added
+    buffer[..., end - added : end, :] = new
     return buffer[..., start:end, :], buffer
+
+
+def _rewritable_layers(layers: Sequence[object]) -> bool:
+    """Whether every cache layer is a plain dynamic one (``DynamicLayer`` or :class:`AppendLayer`), whose row
+    slots the decoders may rewrite in place (not sliding-window, quantized...)."""
+    return all(type(layer) in (DynamicLayer, AppendLayer) for layer in layers)
 
 
 def _column_start(view: torch.Tensor, buffer: torch.Tensor | None) -> int | None:
@@ -334,8 +341,7 @@ class BatchedDecoder(RowDecoder):
             self._trim()
 
     def _surgery_ok(self) -> bool:
-        # Row slots can be rewritten in place only in plain dynamic caches (not sliding-window, quantized...)
-        return all(type(layer) in (DynamicLayer, AppendLayer) for layer in self.cache.layers)
+        return _rewritable_layers(self.cache.layers)
 
     @torch.inference_mode()
     def _rebuild(self) -> None:

@@ -25,14 +25,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
-from transformers.cache_utils import DynamicLayer
 
 from lm_gym.decoding import (
-    AppendLayer,
     BatchedDecoder,
     RowDecoder,
     _masked_lora,
     _pad_left,
+    _rewritable_layers,
     _twin_lora_b,
     append_cache,
     left_pad,
@@ -250,7 +249,7 @@ class Seq2SeqDecoder(RowDecoder):
 
     def _surgery_ok(self) -> bool:
         layers = [*self.cache.self_attention_cache.layers, *self.cache.cross_attention_cache.layers]
-        return all(type(layer) in (DynamicLayer, AppendLayer) for layer in layers)
+        return _rewritable_layers(layers)
 
     @torch.inference_mode()
     def _rebuild(self) -> None:

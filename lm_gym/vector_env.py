@@ -374,7 +374,7 @@ class TextGenVectorEnv(VectorEnv):
         # Advance the reference on the rows that go on; with async_reference this runs in the background
         # while the reward model scores the ended rows and the agent computes its next action.
         if continuing.any():
-            self._submit(self._decoder.append, torch.from_numpy(actions), torch.from_numpy(continuing))
+            self._submit(self._decoder.append, action_ids, torch.from_numpy(continuing))
 
         texts = self._completions(running, terminated)
         scores = np.zeros(self.num_envs)
@@ -601,7 +601,7 @@ def _fast_decoder(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> Callab
     table = _byte_level_table(backend, vocab_size)
     if table is None:
         return lambda ids: backend.decode(ids, skip_special_tokens=True)
-    return lambda ids: b"".join(map(table.__getitem__, ids)).decode("utf-8", "replace")
+    return lambda ids: _decode_bytes(table, ids)
 
 
 def _byte_level_table(backend: Any, vocab_size: int) -> list[bytes] | None:
@@ -629,12 +629,15 @@ def _byte_level_table(backend: Any, vocab_size: int) -> list[bytes] | None:
     rng = np.random.default_rng(0)
     probes = [[i] for i in added if i < vocab_size]
     probes += [rng.integers(0, vocab_size, int(n)).tolist() for n in rng.integers(1, 24, 64)]
-    for ids in probes:
-        if b"".join(table[i] for i in ids).decode("utf-8", "replace") != backend.decode(
-            ids, skip_special_tokens=True
-        ):
-            return None
+    if any(_decode_bytes(table, ids) != backend.decode(ids, skip_special_tokens=True) for ids in probes):
+        return None
     return table
+
+
+def _decode_bytes(table: list[bytes], ids: list[int]) -> str:
+    """``ids`` decoded through a :func:`_byte_level_table`: their bytes joined, read as UTF-8 with invalid
+    bytes replaced (as ``tokenizers`` does)."""
+    return b"".join(map(table.__getitem__, ids)).decode("utf-8", "replace")
 
 
 def _gpt2_byte_alphabet() -> dict[int, str]:
