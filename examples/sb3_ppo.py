@@ -35,7 +35,8 @@ args = parser.parse_args()
 
 class ScorePrinter(BaseCallback):
     """Per rollout: the mean score of finished texts (info["score"], on an episode's last step) and the
-    mean per-token KL (info["kl"], present when the env found log pi in the cache)."""
+    mean per-token KL (info["kl"], present when the env found log pi in the cache; k1, so one rollout's mean
+    can be below 0)."""
 
     def _on_rollout_start(self) -> None:
         self.scores, self.kls = [], []
@@ -47,7 +48,7 @@ class ScorePrinter(BaseCallback):
 
     def _on_rollout_end(self) -> None:
         score = f"{np.mean(self.scores):+.3f}" if self.scores else "n/a"
-        kl = f"{np.mean(self.kls):.4f}" if self.kls else "n/a (no log-probs reached the env)"
+        kl = f"{np.mean(self.kls):+.4f}" if self.kls else "n/a (no log-probs reached the env)"
         print(
             f"timesteps {self.num_timesteps}: {len(self.scores)} texts finished, mean score {score}, "
             f"KL per token {kl}"

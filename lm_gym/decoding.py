@@ -21,10 +21,16 @@ import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lm_gym.twin import twin_model as make_twin
 
-__all__ = ["AppendLayer", "BatchedDecoder", "append_cache", "left_pad", "torch_threads"]
+__all__ = ["CACHE", "AppendLayer", "BatchedDecoder", "append_cache", "left_pad", "torch_threads"]
+
+# The name of the key/value cache in a model's forward arguments and outputs: transformers 5.x renamed
+# ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40). Found from the output class's fields
+# so that the releases before the rename keep working: ``model(**{CACHE: cache})``, ``getattr(out, CACHE)``.
+CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 @contextmanager
@@ -262,14 +268,14 @@ class BatchedDecoder(RowDecoder):
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=cache,
                 use_cache=True,
+                **{CACHE: cache},
                 output_hidden_states=self.keep_hidden,
                 **kwargs,
             )
         if self.keep_hidden:
             self._new_hidden = out.hidden_states[-1][:, -1]  # (R, H) the last layer, after the final norm
-        return out.logits[:, -1].float(), out.past_key_values
+        return out.logits[:, -1].float(), getattr(out, CACHE)
 
     @torch.inference_mode()
     def reset_rows(self, rows: Sequence[int], prompts: Sequence[Sequence[int]]) -> None:

@@ -27,6 +27,7 @@ import torch
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 
 from lm_gym.decoding import (
+    CACHE,
     BatchedDecoder,
     RowDecoder,
     _masked_lora,
@@ -156,9 +157,9 @@ class Seq2SeqDecoder(RowDecoder):
             attention_mask=src_mask,
             decoder_input_ids=dec,
             decoder_attention_mask=dec_mask,
-            past_key_values=cache,
+            **{CACHE: cache},
         )
-        return logits, hidden, out.encoder_last_hidden_state, src_mask, dec_mask, out.past_key_values
+        return logits, hidden, out.encoder_last_hidden_state, src_mask, dec_mask, getattr(out, CACHE)
 
     @torch.inference_mode()
     def reset_rows(
@@ -235,9 +236,9 @@ class Seq2SeqDecoder(RowDecoder):
             attention_mask=self.source_mask,
             decoder_input_ids=tokens[:, None],
             decoder_attention_mask=mask,
-            past_key_values=self.cache,
+            **{CACHE: self.cache},
         )
-        self.cache, self.mask = out.past_key_values, mask
+        self.cache, self.mask = getattr(out, CACHE), mask
         everyone = bool(active.all())
         self._logits = logits if everyone else torch.where(active[:, None], logits, self._logits)
         if self.keep_hidden:

@@ -1,3 +1,7 @@
+import sys
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 from huggingface_hub import is_offline_mode
@@ -43,3 +47,42 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+OUR_CODE = tuple(str(ROOT / folder) for folder in ("lm_gym", "algorithms", "examples", "benchmarks", "tests"))
+# Frames that only pass a call through (module __call__, transformers' forward decorators): a deprecation they
+# report belongs to whoever called them.
+PASS_THROUGH = ("torch/nn/modules/module.py", "transformers/utils/", "functools.py", "contextlib.py")
+
+
+def _own_caller(frame) -> str | None:
+    """``file:line`` of the call a warning is about when it is lm-gym's own code, else None."""
+    while frame is not None and any(part in frame.f_code.co_filename for part in PASS_THROUGH):
+        frame = frame.f_back
+    if frame is not None and frame.f_code.co_filename.startswith(OUR_CODE):
+        return f"{Path(frame.f_code.co_filename).relative_to(ROOT)}:{frame.f_lineno}"
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _no_deprecated_calls_from_our_code(monkeypatch: pytest.MonkeyPatch):
+    """A FutureWarning or DeprecationWarning about a call that lm-gym's own code makes fails the test, so the
+    next deprecation in a dependency shows up here and not in a user's terminal. The call is the frame the
+    warning's ``stacklevel`` points at, past frames that only pass a call through; a deprecation that one
+    dependency's code triggers in another (peft calling transformers) is theirs, and left as a warning."""
+    found: list[str] = []
+    warn = warnings.warn
+
+    def checked_warn(message, category=None, stacklevel=1, source=None, **kwargs):
+        kind = category or (type(message) if isinstance(message, Warning) else UserWarning)
+        if issubclass(kind, (DeprecationWarning, FutureWarning)):
+            caller = _own_caller(sys._getframe(stacklevel))
+            if caller is not None:
+                found.append(f"{caller}: {kind.__name__}: {message}")
+        return warn(message, category, stacklevel + 1, source, **kwargs)
+
+    monkeypatch.setattr(warnings, "warn", checked_warn)
+    yield
+    if found:
+        pytest.fail("deprecated calls from lm-gym's code:\n" + "\n".join(dict.fromkeys(found)), pytrace=False)
