@@ -130,6 +130,7 @@ def run_cell(spec: BenchmarkSpec, algo: str, seed: int, cell_dir: Path) -> dict[
             runner.load_checkpoint(cell_dir)
         main = runner.is_main_process  # with several processes (accelerate launch), the one that writes
         if main:
+            cell_dir.mkdir(parents=True, exist_ok=True)
             (cell_dir / "settings.json").write_text(json.dumps(record, indent=2, default=str))
         runner.learn(spec.iterations)
         runner.close()

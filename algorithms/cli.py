@@ -1,7 +1,9 @@
 """The ``lm-gym`` command. Thin: parses arguments, then calls library code.
 
 Every hyperparameter flag is generated from the signature and the ``Args:`` docstring of the class that
-takes it (the policy, the shared core, the algorithm), so ``--help`` and the library never disagree.
+takes it (the policy, the shared core, the algorithm), so ``--help`` and the library never disagree. A
+mistake a user can make ends the command with one line, ``lm-gym CMD: error: ...``; ``--debug`` raises it
+with its traceback instead.
 """
 
 from __future__ import annotations
@@ -16,31 +18,41 @@ from pathlib import Path
 from typing import Any
 
 from algorithms.a2c import A2C
-from algorithms.common.on_policy import OnPolicyAlgorithm
-from algorithms.demo import DEMO, demo
+from algorithms.common.on_policy import NonFiniteLossError, OnPolicyAlgorithm
+from algorithms.demo import DEMO, DEMO_SEEDS, demo
 from algorithms.flags import (
     DTYPES,
     _docstring_args,
     _init_parameters,
-    _load_config,
     _settings,
     add_class_flags,
     add_device_flags,
     device_and_dtype,
+    flag_actions,
+    load_config,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    typed_settings,
 )
 from algorithms.nlpo import NLPO
 from algorithms.pipeline import PipelineConfig
 from algorithms.policy import LMActorCriticPolicy
 from algorithms.ppo import PPO
 from algorithms.trpo import TRPO
+from lm_gym.checkpoints import check_same_settings, prepare_run_dir
 from lm_gym.env import DEFAULT_MODEL
 from lm_gym.tasks import TASKS
 
 ALGORITHMS = {"ppo": PPO, "a2c": A2C, "trpo": TRPO, "nlpo": NLPO}
+# What a user's settings, files or machine can cause: each ends the command with one line, unless --debug.
+USER_ERRORS = (ValueError, TypeError, OSError, ModuleNotFoundError, NonFiniteLossError)
+DEBUG_HELP = "on an error, raise it with its traceback instead of printing one line"
+OVERWRITE_HELP = "delete the run already in {} (checkpoints, logs, model) and start afresh"
 
 
 def train(args: argparse.Namespace) -> OnPolicyAlgorithm:
-    config = _load_config(args.config)
+    config = load_config(args.config, args.flags)
     args.algo = args.algo or config.get("algo", "ppo")
     if args.algo not in ALGORITHMS:
         raise ValueError(f"config {args.config}: algo {args.algo!r} is not one of {sorted(ALGORITHMS)}")
@@ -65,10 +77,21 @@ def train(args: argparse.Namespace) -> OnPolicyAlgorithm:
     model_name = args.model or config.get("model", DEFAULT_MODEL)
     task = args.task or config.get("task", "sentiment")
     device, dtype = device_and_dtype(args.device or config.get("device"), args.dtype or config.get("dtype"))
+    run_dir = Path(args.run_dir)
+    settings = {  # what decides the run's course: resuming it with other values is refused
+        "algo": args.algo,
+        "model": model_name,
+        "task": task,
+        "reward": args.reward,
+        "dtype": next(k for k, v in DTYPES.items() if v == dtype),
+        **algo_settings,
+        **policy_settings,
+    }
+    if args.resume:
+        _check_resumed_settings(run_dir, settings, algo_cls)
     policy = LMActorCriticPolicy.from_pretrained(
         model_name, seed=algo_settings.get("seed", 0), device=device, dtype=dtype, **policy_settings
     )
-    run_dir = Path(args.run_dir)
     algo = algo_cls(
         policy,
         task=task,
@@ -77,29 +100,18 @@ def train(args: argparse.Namespace) -> OnPolicyAlgorithm:
         verbose=0 if args.quiet else 1,
         **algo_settings,
     )
+    # once every setting is checked (the algorithm writes nothing before learn or load_checkpoint)
+    prepare_run_dir(
+        args.run_dir, resume=args.resume, overwrite=args.overwrite, flag="--run-dir", markers=["final"]
+    )
     main = algo.is_main_process  # with several processes (accelerate launch), the one that writes
     if args.resume:
         algo.load_checkpoint(run_dir)
         if main:
             print(f"resumed from iteration {algo.iteration}")
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(
-            json.dumps(
-                {
-                    "algo": args.algo,
-                    "model": model_name,
-                    "task": task,
-                    "dtype": next(k for k, v in DTYPES.items() if v == dtype),
-                    "device": str(device),
-                    "processes": algo.world_size,
-                    **algo_settings,
-                    **policy_settings,
-                },
-                indent=2,
-                default=str,
-            )
-        )
+        record = {**settings, "device": str(device), "processes": algo.world_size}
+        (run_dir / "config.json").write_text(json.dumps(record, indent=2, default=str))
     algo.learn(args.iterations or config.get("iterations", 10), progress_bar=not args.quiet)
     algo.close()
     if main:
@@ -108,6 +120,23 @@ def train(args: argparse.Namespace) -> OnPolicyAlgorithm:
             f"model: {run_dir / 'final'}"
         )
     return algo
+
+
+def _check_resumed_settings(run_dir: Path, settings: dict[str, Any], algo_cls: type) -> None:
+    """Refuse to resume the run in ``run_dir`` with settings other than those in its ``config.json``; a
+    setting that is not given counts as its default on either side. The device and the number of processes
+    may change."""
+    saved = run_dir / "config.json"
+    if not saved.is_file():
+        return  # no run there: load_checkpoint says so
+    stored = {k: v for k, v in json.loads(saved.read_text()).items() if k not in ("device", "processes")}
+    classes = (LMActorCriticPolicy, OnPolicyAlgorithm, algo_cls)
+    defaults = {
+        q.name: q.default for cls in classes for q in _init_parameters(cls) if q.default is not q.empty
+    }
+    defaults = {k: defaults.get(k) for k in {*stored, *settings}}
+    hint = "resume with the same settings, or start afresh with --overwrite"
+    check_same_settings({**defaults, **stored}, {**defaults, **settings}, str(run_dir), hint)
 
 
 def evaluate_cmd(args: argparse.Namespace) -> dict[str, float]:
@@ -149,17 +178,20 @@ def benchmark_cmd(args: argparse.Namespace) -> list[dict[str, Any]]:
     unknown = [a for a in names if a not in ALGORITHMS]
     if unknown or not names:
         raise ValueError(f"--algos: unknown {unknown or names}; choose among {sorted(ALGORITHMS)}")
-    if args.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1; got {args.seeds}")
     device, dtype = device_and_dtype(args.device, args.dtype)
-    config = _load_config(args.config)
+    config = load_config(args.config, args.flags)
     preset = QUICK if args.quick else {}
     settings = dict(preset.get("settings", DEFAULT_SETTINGS))
     settings.update({k: v for k, v in config.items() if k not in ALGORITHMS})
     algo_settings = {}
     for name in names:
         own = {} if args.quick else dict(DEFAULT_ALGO_SETTINGS.get(name, {}))
-        own.update(config.get(name, {}))
+        section = config.get(name, {})
+        if not isinstance(section, dict):
+            raise ValueError(
+                f"config {args.config}: {name}: expected a mapping of its settings; got {section!r}"
+            )
+        own.update(typed_settings(section, args.flags, f"config {args.config}: {name}"))
         accepted = {p.name for p in _init_parameters(OnPolicyAlgorithm)}
         accepted |= {p.name for p in _init_parameters(ALGORITHMS[name])}
         for key in {**settings, **own}:
@@ -198,7 +230,8 @@ def sft_cmd(args: argparse.Namespace) -> dict[str, float]:
     data = load_demonstrations(args.data, **fields)
     eval_data = load_demonstrations(args.eval_data, **fields) if args.eval_data else None
     model, tokenizer = load_causal_lm(args.model, seed=settings.get("seed", 0))
-    checkpoints = Path(args.output_dir) / "checkpoints"
+    options = dict(resume=args.resume, overwrite=args.overwrite, flag="--output-dir")
+    checkpoints = prepare_run_dir(args.output_dir, **options, markers=["config.json"]) / "checkpoints"
     trainer = SFT(model, tokenizer, verbose=0 if args.quiet else 1, checkpoint_dir=checkpoints, **settings)
     result = trainer.learn(data, eval_data, resume=args.resume)
     out = trainer.save_pretrained(args.output_dir)  # by the main process, with several (accelerate launch)
@@ -227,7 +260,7 @@ def collect_cmd(args: argparse.Namespace) -> dict[str, float]:
     collection = collect_preferences(
         model, tokenizer, prompts, panel, k=args.k, seed=args.seed, progress=True, **sampling
     )
-    settings = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("func", "command", "debug")}
     paths = write_collection(collection, args.out, settings)
     print(collection_report(collection.stats))
     print(f"comparisons: {paths[0]}; Elo table: {paths[1]}; panel statistics: {paths[2]}")
@@ -252,6 +285,9 @@ def train_rm_cmd(args: argparse.Namespace) -> dict[str, float]:
     include_prompt = args.include_prompt
     if include_prompt is None:
         include_prompt = getattr(gold, "include_prompt", True)
+    prepare_run_dir(
+        args.out, resume=args.resume, overwrite=args.overwrite, flag="--out", markers=["config.json"]
+    )
     result = train_reward_model(
         records,
         model=args.model,
@@ -290,7 +326,9 @@ def pipeline_cmd(args: argparse.Namespace) -> dict[str, Any]:
     rl = {k: v for k, v in rl.items() if k in accepted}  # a preset's PPO epochs are not A2C's arguments
     policy = {"lora_r": args.lora_r} if args.lora_r else {}
     config = PipelineConfig(**settings, rl_settings=rl, policy_settings=policy)
-    report = run_pipeline(config, ALGORITHMS[args.algo], args.out, resume=args.resume)
+    report = run_pipeline(
+        config, ALGORITHMS[args.algo], args.out, resume=args.resume, overwrite=args.overwrite
+    )
     if is_main_process():  # with several processes (accelerate launch), the one that wrote the report
         print((Path(args.out) / "report.md").read_text())
     return report
@@ -300,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lm-gym", description="RL fine-tuning of language models on TextGen-v0"
     )
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="RL fine-tuning of a model on a task")
@@ -317,12 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--reward", default=None, help="reward model name/folder, or 'vader'; default the task's reward"
     )
     p.add_argument(
-        "--iterations", type=int, default=None, help="rollout+update iterations in total (default 10)"
+        "--iterations",
+        type=positive_int,
+        default=None,
+        help="rollout+update iterations in total (default 10)",
     )
     p.add_argument(
         "--run-dir", default="runs/train", help="logs, metrics.jsonl, samples, checkpoints, final model"
     )
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --run-dir")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format("--run-dir"))
     p.add_argument("--config", default=None, help="YAML/JSON file of hyperparameters (flags override it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or metric tables")
     add_device_flags(p)
@@ -335,16 +378,29 @@ def build_parser() -> argparse.ArgumentParser:
             name: add_class_flags(p, cls, f"{name} (--algo {name})", seen) for name, cls in ALGORITHMS.items()
         }
     )
+    train_flags = flag_actions(p)  # what types the keys of a --config file, here and in benchmark's
+    p.set_defaults(flags=train_flags)
 
     p = sub.add_parser("demo", help="the RLHF demo: PPO on sentiment, before/after table and learning curve")
     p.add_argument("--model", default=DEFAULT_MODEL, help="initial model (tiny for a smoke run)")
     p.add_argument(
-        "--iterations", type=int, default=20, help="PPO iterations (about 25 s each on 2 CPU cores)"
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=list(DEMO_SEEDS),
+        help="one PPO run per seed; the table shows the mean and spread over them",
     )
-    p.add_argument("--max-new-tokens", type=int, default=24, help="text length")
-    p.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts for the before/after table")
-    p.add_argument("--learning-rate", type=float, default=DEMO["learning_rate"], help="AdamW learning rate")
-    p.add_argument("--run-dir", default="runs/demo", help="logs, report, curve, final model")
+    p.add_argument(
+        "--iterations", type=positive_int, default=20, help="PPO iterations (about 25 s each on 2 CPU cores)"
+    )
+    p.add_argument("--max-new-tokens", type=positive_int, default=24, help="text length")
+    p.add_argument(
+        "--eval-prompts", type=positive_int, default=32, help="held-out prompts for the before/after table"
+    )
+    p.add_argument(
+        "--learning-rate", type=positive_float, default=DEMO["learning_rate"], help="AdamW learning rate"
+    )
+    p.add_argument("--run-dir", default="runs/demo", help="report, curves; per seed: logs and final model")
     add_device_flags(p)
     p.set_defaults(func=demo)
 
@@ -362,11 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--reward", default=None, help="reward model name/folder (default: the task's gold scorer)"
     )
-    p.add_argument("--num-prompts", type=int, default=None, help="evaluate on the first N prompts only")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="text length limit")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    p.add_argument("--seed", type=int, default=0, help="seeds the sampling")
-    p.add_argument("--show", type=int, default=5, help="print this many sample texts")
+    p.add_argument(
+        "--num-prompts", type=positive_int, default=None, help="evaluate on the first N prompts only"
+    )
+    p.add_argument("--max-new-tokens", type=positive_int, default=48, help="text length limit")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seeds the sampling")
+    p.add_argument("--show", type=non_negative_int, default=5, help="print this many sample texts")
     add_device_flags(p)
     p.set_defaults(func=evaluate_cmd)
 
@@ -383,11 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(TASKS),
         help="prompt set and gold scorer (default sentiment; letters with --quick)",
     )
-    p.add_argument("--seeds", type=int, default=3, help="seeds per algorithm (0, 1, ...)")
+    p.add_argument("--seeds", type=positive_int, default=3, help="seeds per algorithm (0, 1, ...)")
     p.add_argument("--model", default=None, help=f"initial model of every run (default {DEFAULT_MODEL})")
     p.add_argument("--reward", default=None, help="reward model name/folder (default: the task's)")
-    p.add_argument("--iterations", type=int, default=None, help="iterations per run (default 10)")
-    p.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts per run (default 32)")
+    p.add_argument("--iterations", type=positive_int, default=None, help="iterations per run (default 10)")
+    p.add_argument(
+        "--eval-prompts", type=positive_int, default=None, help="held-out prompts per run (default 32)"
+    )
     p.add_argument(
         "--config",
         default=None,
@@ -405,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run nothing: write the tables and plots of the cells finished so far",
     )
     add_device_flags(p)
-    p.set_defaults(func=benchmark_cmd)
+    p.set_defaults(func=benchmark_cmd, flags=train_flags)  # its config holds train's hyperparameters
 
     from algorithms.sft import SENTIMENT_DEMOS, SFT
 
@@ -439,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue from the latest epoch checkpoint in OUTPUT_DIR/checkpoints (same settings and data)",
     )
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format("--output-dir"))
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     p.set_defaults(func=sft_cmd, sft_names=add_class_flags(p, SFT, "SFT"))
     from lm_gym.preferences.reward_model import train_reward_model
@@ -452,11 +513,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--task", default="sentiment", choices=sorted(TASKS), help="prompts, and the gold scorer of the panel"
     )
     p.add_argument("--split", default="train", choices=["train", "eval", "all"], help="which prompts")
-    p.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts (default all)")
-    p.add_argument("--k", type=int, default=24, help="completions per prompt; a ranking gives k(k-1)/2 pairs")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="completion length limit")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    p.add_argument("--batch-size", type=int, default=64, help="sequences generated side by side")
+    p.add_argument(
+        "--num-prompts", type=positive_int, default=None, help="use the first N prompts (default all)"
+    )
+    p.add_argument(
+        "--k", type=positive_int, default=24, help="completions per prompt; a ranking gives k(k-1)/2 pairs"
+    )
+    p.add_argument("--max-new-tokens", type=positive_int, default=16, help="completion length limit")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="sequences generated side by side")
     p.add_argument(
         "--aggregate",
         default="majority",
@@ -473,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="pairs on which fewer annotators agree are ties and get no record (0.8: 4 of 5; default 0)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seeds the sampling and the panel")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seeds the sampling and the panel")
     p.set_defaults(func=collect_cmd)
 
     p = sub.add_parser("train-rm", help="train a reward model (Bradley-Terry) on preference data")
@@ -485,18 +550,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="reward-model folder; TextGen-v0 takes it as reward=OUT")
     for flag, kind, name, text in (
-        ("--epochs", int, "epochs", "passes over the training pairs"),
-        ("--lr", float, "learning_rate", "AdamW peak learning rate"),
-        ("--batch-size", int, "batch_size", "pairs per step (None: one prompt's K(K-1)/2 pairs per step)"),
+        ("--epochs", positive_int, "epochs", "passes over the training pairs"),
+        ("--lr", positive_float, "learning_rate", "AdamW peak learning rate"),
+        ("--batch-size", positive_int, "batch_size", "pairs per step (None: one prompt's K(K-1)/2 per step)"),
         ("--margin", float, "margin", "Bradley-Terry margin of records without their own"),
         ("--center-coef", float, "center_coef", "reward-centering coefficient (Eisenstein et al.: 0.01)"),
         ("--eval-fraction", float, "eval_fraction", "share of prompts held out"),
         ("--min-agreement", float, "min_agreement", "train only on pairs with this annotator agreement"),
-        ("--max-length", int, "max_length", "token limit of a text"),
+        ("--max-length", positive_int, "max_length", "token limit of a text"),
     ):
         help_text = f"{text} (default {rm_defaults[name]})".replace("%", "%%")
         p.add_argument(flag, type=kind, default=None, help=help_text, metavar=kind.__name__.upper())
-    p.add_argument("--seed", type=int, default=0, help="seeds the head, the split and the batch order")
+    p.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seeds the head, the split and the batch order"
+    )
     p.add_argument(
         "--task", default="sentiment", choices=sorted(TASKS), help="its gold scorer judges the held-out pairs"
     )
@@ -520,6 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue from the latest epoch checkpoint in OUT/checkpoints (same settings and data)",
     )
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format("--out"))
     p.set_defaults(func=train_rm_cmd)
     p = sub.add_parser(
         "pipeline",
@@ -560,17 +628,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue an interrupted run in --out (same settings): finished rounds and evaluations are "
         "read back, the RL from its latest checkpoint",
     )
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format("--out"))
     p.set_defaults(func=pipeline_cmd)
+    for command in sub.choices.values():  # also after the command: lm-gym train ... --debug
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run ``lm-gym`` with ``argv`` (default the command line's); a user's mistake exits with one line.
+
+    Args:
+        argv: the arguments after ``lm-gym``.
+    """
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
-        sys.exit(f"lm-gym {args.command}: error: {err}")
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__  # a multi-line message on one line
+        sys.exit(f"lm-gym {args.command}: error: {message}")
     from lm_gym.distributed import is_main_process
 
     if is_main_process():

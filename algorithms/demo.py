@@ -1,83 +1,159 @@
-"""The RLHF demo (``lm-gym demo``): PPO on the sentiment task, a before/after table and a learning curve."""
+"""The RLHF demo (``lm-gym demo``): PPO on the sentiment task for several seeds, a before/after table of the
+mean and spread over the seeds, and the learning curves.
+
+One seed is one draw, and on another CPU the same seed is another draw (float rounding differs between
+kernels): the table reports the mean and the standard deviation over the seeds, and names the machine.
+"""
 
 from __future__ import annotations
 
 import argparse
+import platform
+import re
+import time
 from pathlib import Path
+
+import numpy as np
 
 from algorithms.flags import device_and_dtype
 from algorithms.policy import LMActorCriticPolicy
 from algorithms.ppo import PPO
 
-DEMO = dict(n_envs=16, max_new_tokens=24, learning_rate=6e-5, n_epochs=2, batch_size=8, kl_coef=0.05, seed=0)
+DEMO = dict(n_envs=16, max_new_tokens=24, learning_rate=6e-5, n_epochs=2, batch_size=8, kl_coef=0.05)
+DEMO_SEEDS = (0, 1, 2)
+METRICS = {
+    "gold": "gold sentiment (VADER compound, mean)",
+    "gold_positive": "share of positive texts (compound > 0.05)",
+    "kl": "KL to the initial model (nats per text)",
+    "perplexity": "perplexity under the initial model",
+    "distinct_2": "distinct-2",
+    "length": "tokens per text",
+}
 
 
-def demo(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """RLHF demo: PPO on the sentiment task, then a before/after table on held-out prompts and a curve."""
+def demo(args: argparse.Namespace) -> dict[int, dict[str, dict[str, float]]]:
+    """RLHF demo: for each seed, PPO on the sentiment task between a before and an after evaluation on
+    held-out prompts; then the table of mean and spread over the seeds and the learning curves."""
     from lm_gym.evaluation import evaluate
 
     run_dir = Path(args.run_dir)
     device, dtype = device_and_dtype(args.device, args.dtype)
-    policy = LMActorCriticPolicy.from_pretrained(args.model, seed=0, device=device, dtype=dtype)
-    reference = policy.reference_copy()
     settings = {**DEMO, "max_new_tokens": args.max_new_tokens, "learning_rate": args.learning_rate}
     if args.model == "tiny":  # smoke run: a random 0.3M model has no sentiment to improve
         settings.update(n_envs=4, learning_rate=1e-3)
     common = dict(
         task="sentiment", split="eval", num_prompts=args.eval_prompts, max_new_tokens=args.max_new_tokens
     )
-    print(f"[1/3] evaluating the initial model on {args.eval_prompts} held-out prompts")
-    before = evaluate(policy.model, policy.tokenizer, reference=reference, **common)
-    print(f"[2/3] PPO for {args.iterations} iterations ({settings['n_envs']} texts each); logs in {run_dir}")
-    algo = PPO(policy, task="sentiment", run_dir=run_dir, verbose=0, **settings)
-    algo.learn(args.iterations, progress_bar=True)
-    algo.close()
-    print("[3/3] evaluating the fine-tuned model")
-    after = evaluate(policy.model, policy.tokenizer, reference=reference, **common)
-    if algo.is_main_process:
-        print(_demo_report(before, after, algo.logger.history, run_dir))
-    return {"before": before.metrics, "after": after.metrics}
+    results, histories, start = {}, {}, time.perf_counter()
+    for i, seed in enumerate(args.seeds):
+        tag = f"seed {seed} ({i + 1}/{len(args.seeds)})"
+        policy = LMActorCriticPolicy.from_pretrained(args.model, seed=seed, device=device, dtype=dtype)
+        reference = policy.reference_copy()
+        print(f"[{tag}] evaluating the initial model on {args.eval_prompts} held-out prompts")
+        before = evaluate(policy.model, policy.tokenizer, reference=reference, seed=seed, **common)
+        seed_dir = run_dir / f"seed{seed}"
+        print(
+            f"[{tag}] PPO for {args.iterations} iterations ({settings['n_envs']} texts each); logs in {seed_dir}"
+        )
+        algo = PPO(policy, task="sentiment", run_dir=seed_dir, verbose=0, seed=seed, **settings)
+        algo.learn(args.iterations, progress_bar=True)
+        algo.close()
+        print(f"[{tag}] evaluating the fine-tuned model")
+        after = evaluate(policy.model, policy.tokenizer, reference=reference, seed=seed, **common)
+        results[seed], histories[seed] = (before, after), algo.logger.history
+    elapsed = time.perf_counter() - start
+    if algo.is_main_process:  # with several processes (accelerate launch), the one that writes
+        print(_demo_report(args, results, histories, elapsed, run_dir))
+    return {seed: {"before": b.metrics, "after": a.metrics} for seed, (b, a) in results.items()}
 
 
-def _demo_report(before, after, history: list[dict[str, float]], run_dir: Path) -> str:
-    names = {
-        "gold": "gold sentiment (VADER, mean)",
-        "gold_positive": "share of positive texts",
-        "kl": "KL to the initial model (nats/text)",
-        "perplexity": "perplexity under the initial model",
-        "distinct_2": "distinct-2",
-        "length": "tokens per text",
-    }
-    lines = ["| metric | before | after |", "|---|---|---|"]
-    lines += [
-        f"| {label} | {_cell(before.metrics[k])} | {_cell(after.metrics[k])} |" for k, label in names.items()
+def cpu_name() -> str:
+    """The CPU's model name and its widest vector extension (AVX-512 / AVX2), from /proc/cpuinfo on Linux."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
+    flags = set(flags.group(1).split()) if flags else set()
+    isa = "AVX-512" + (" with bf16" if "avx512_bf16" in flags else "") if "avx512f" in flags else None
+    isa = isa or ("AVX2" if "avx2" in flags else platform.machine())
+    cores = info.count("processor\t:") or "?"
+    return f"{model.group(1).strip() if model else platform.machine()}, {isa}, {cores} cores"
+
+
+def _mean_sd(values: list[float]) -> str:
+    """``mean ± sd`` to 3 decimals (sd with n-1; a single seed shows its value alone); + 0.0 writes a KL of
+    -1e-7 (rounding of two equal log-probs) as 0.000."""
+    mean = round(float(np.mean(values)), 3) + 0.0
+    if len(values) < 2:
+        return f"{mean:.3f}"
+    return f"{mean:.3f} ± {float(np.std(values, ddof=1)):.3f}"
+
+
+def _demo_report(args, results: dict, histories: dict, elapsed: float, run_dir: Path) -> str:
+    import torch
+    import transformers
+
+    seeds = list(results)
+
+    def column(side: int, key: str) -> list[float]:  # side 0: before, 1: after
+        return [results[s][side].metrics[key] for s in seeds]
+
+    lines = [
+        f"`lm-gym demo --model {args.model} --iterations {args.iterations} --seeds {' '.join(map(str, seeds))}`: "
+        f"mean ± standard deviation over {len(seeds)} seed(s), {args.eval_prompts} held-out prompts each; "
+        f"{elapsed:.0f} s on {cpu_name()} (torch {torch.__version__}, transformers {transformers.__version__}).",
+        "",
+        "| metric | before | after |",
+        "|---|---|---|",
     ]
-    lines += ["", "| prompt | before | after |", "|---|---|---|"]
-    for b, a in list(zip(before.samples, after.samples))[:4]:
+    lines += [
+        f"| {label} | {_mean_sd(column(0, k))} | {_mean_sd(column(1, k))} |" for k, label in METRICS.items()
+    ]
+    lift = [a - b for a, b in zip(column(1, "gold"), column(0, "gold"))]
+    ratio = [a / b for a, b in zip(column(1, "perplexity"), column(0, "perplexity"))]
+    kls = column(1, "kl")
+    lines += [
+        "",
+        f"Gold lift {_mean_sd(lift)}, KL {_mean_sd(kls)} nats per text, perplexity after / before "
+        f"{_mean_sd(ratio)}; per seed: "
+        + "; ".join(f"{s}: {d:+.3f} at KL {k:.2f}, x{r:.2f}" for s, d, k, r in zip(seeds, lift, kls, ratio)),
+        "",
+        f"| prompt | before (seed {seeds[0]}) | after |",
+        "|---|---|---|",
+    ]
+    before, fine_tuned = results[seeds[0]]
+    for b, a in list(zip(before.samples, fine_tuned.samples))[:4]:
         lines.append(f"| {b[0]} | {b[1]!r} ({b[3]:+.2f}) | {a[1]!r} ({a[3]:+.2f}) |")
     report = "\n".join(lines)
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "demo_report.md").write_text(report + "\n")
-    _plot_curve(history, run_dir / "learning_curve.png")
-    return report + f"\n\nlearning curve: {run_dir / 'learning_curve.png'}"
+    _plot_curves(histories, run_dir / "learning_curve.png")
+    return report + f"\n\nlearning curves: {run_dir / 'learning_curve.png'}"
 
 
-def _cell(value: float) -> str:
-    """A metric to 3 decimals; + 0.0 writes a KL of -1e-7 (rounding of two equal log-probs) as 0.000."""
-    return f"{round(value, 3) + 0.0:.3f}"
-
-
-def _plot_curve(history: list[dict[str, float]], path: Path) -> None:
+def _plot_curves(histories: dict[int, list[dict[str, float]]], path: Path) -> None:
+    """Reward and KL against the iteration: the mean over the seeds and the band between min and max."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [h["iteration"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
-    ax1.plot(steps, [h["rollout/rm_score"] for h in history])
-    ax1.set(xlabel="iteration", ylabel="reward-model score", title="reward of the rollouts")
-    ax2.plot(steps, [h["rollout/kl"] for h in history], color="tab:red")
-    ax2.set(xlabel="iteration", ylabel="KL (nats/text)", title="KL to the initial model")
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    panels = (
+        ("rollout/rm_score", "reward-model score", "reward of the rollouts", "tab:blue"),
+        ("rollout/kl", "KL (nats/text)", "KL to the initial model", "tab:red"),
+    )
+    for ax, (key, ylabel, title, color) in zip(axes, panels):
+        steps = [h["iteration"] for h in next(iter(histories.values()))]
+        values = np.array(
+            [[h[key] for h in history] for history in histories.values()]
+        )  # (seeds, iterations)
+        ax.plot(steps, values.mean(0), color=color, label=f"mean of {len(values)} seed(s)")
+        ax.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.2, label="min-max")
+        ax.set(xlabel="iteration", ylabel=ylabel, title=title)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

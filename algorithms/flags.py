@@ -2,13 +2,15 @@
 
 Every keyword argument of the class that takes it (the policy, the shared core, an algorithm) becomes one
 flag, its help the argument's docstring line and its default the signature's. ``--config`` files (YAML or
-JSON) give the same names; flags given on the command line win.
+JSON) give the same names, their values typed by the same flags; flags given on the command line win.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import json
+import math
 import os
 import re
 from pathlib import Path
@@ -62,6 +64,59 @@ def _flag_type(annotation: str, default: Any):
     return str
 
 
+class ParamType:
+    """The ``type=`` of a flag made from a parameter: parses the command line's text as the parameter's kind.
+
+    A ``--config`` file may also give what the annotation allows beyond one value: None (``int | None``) or
+    a list (``str | list[str]``), which a command line cannot spell.
+
+    Args:
+        kind: ``int``, ``float`` or ``str``.
+        annotation: the parameter's annotation, as written in the signature.
+    """
+
+    def __init__(self, kind: type, annotation: str) -> None:
+        self.kind = kind
+        self.__name__ = kind.__name__  # argparse's message names it: "invalid int value: 'two'"
+        parts = annotation.split(" | ")
+        self.nullable = "None" in parts
+        self.listable = any(part.startswith("list") for part in parts)
+
+    def __call__(self, text: str) -> Any:
+        return self.kind(text)
+
+
+class NumberType:
+    """The ``type=`` of a numeric flag with a lower bound: a value out of range is refused, saying what is
+    allowed.
+
+    Args:
+        kind: ``int`` or ``float``.
+        low: the smallest value allowed.
+        above: ``low`` itself is refused too, and so are infinity and NaN.
+    """
+
+    def __init__(self, kind: type, low: float, above: bool = False) -> None:
+        self.kind, self.low, self.above = kind, low, above
+        self.__name__ = kind.__name__  # the metavar: INT, FLOAT
+        noun = "an integer" if kind is int else "a finite number" if above else "a number"
+        self.allowed = f"{noun} {'>' if above else '>='} {low}"
+
+    def __call__(self, text: str) -> Any:
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {self.allowed}; got {text!r}") from None
+        if not (value > self.low and math.isfinite(value) if self.above else value >= self.low):
+            raise argparse.ArgumentTypeError(f"must be {self.allowed}; got {text}")
+        return value
+
+
+positive_int = NumberType(int, 1)  # counts and sizes
+non_negative_int = NumberType(int, 0)  # where 0 means none
+positive_float = NumberType(float, 0, above=True)  # rates and temperatures
+
+
 def _init_parameters(cls: type) -> list[inspect.Parameter]:
     """The keyword arguments of ``cls.__init__``, with those it passes on through ``**kwargs`` to its bases
     (NLPO takes PPO's), up to the shared core (whose flags are added once for all algorithms)."""
@@ -105,7 +160,9 @@ def add_class_flags(
         if kind is None:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            group.add_argument(flag, type=kind, default=None, help=text, metavar=kind.__name__.upper())
+            group.add_argument(
+                flag, type=ParamType(kind, annotation), default=None, help=text, metavar=kind.__name__.upper()
+            )
         names.append(p.name)
         if seen is not None:
             seen.add(p.name)
@@ -119,16 +176,94 @@ def _settings(args: argparse.Namespace, names: list[str], config: dict[str, Any]
     return out
 
 
-def _load_config(path: str | None) -> dict[str, Any]:
+_KINDS = {"int": "an integer", "float": "a number", "str": "a string"}  # what a config value should be
+
+
+def flag_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """``dest -> action`` of every ``--flag`` of ``parser``: a ``--config`` key is typed by the flag of its
+    name."""
+    return {a.dest: a for a in parser._actions if a.option_strings}  # argparse lists them nowhere public
+
+
+def load_config(path: str | None, flags: dict[str, argparse.Action]) -> dict[str, Any]:
+    """The settings of a YAML or JSON ``--config`` file, typed by ``flags`` (see :func:`typed_settings`).
+
+    Args:
+        path: the file (``.json`` is read as JSON, anything else as YAML); None: no file, no settings.
+        flags: ``dest -> action`` of the command's flags (:func:`flag_actions`).
+    """
     if path is None:
         return {}
     import yaml  # a dependency of transformers
 
     text = Path(path).read_text()
-    data = yaml.safe_load(text) if text.strip() else {}
+    try:
+        if Path(path).suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text) if text.strip() else {}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"config {path}: not valid JSON: {err}") from err
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or err
+        raise ValueError(f"config {path}: not valid YAML: {problem}{at}") from err
     if not isinstance(data, dict):
         raise ValueError(f"config {path}: expected a mapping of hyperparameter names to values")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    return typed_settings(data, flags, f"config {path}")
+
+
+def typed_settings(settings: dict[Any, Any], flags: dict[str, argparse.Action], where: str) -> dict[str, Any]:
+    """``settings`` with each value converted as the flag of the same name converts its text.
+
+    The flag's ``type=`` (and ``choices``) decide, so ``learning_rate: 1e-4``, which YAML reads as a string,
+    becomes the float 1e-4 and ``n_envs: two`` is refused as on the command line. A ``--flag/--no-flag``
+    takes ``true`` or ``false``; None and lists only where the parameter's annotation allows them
+    (:class:`ParamType`). Keys with no flag of their name are kept as they are, for the caller to judge.
+
+    Args:
+        settings: names (``-`` or ``_``) to values, as a config file gives them.
+        flags: ``dest -> action`` of the command's flags (:func:`flag_actions`).
+        where: what errors name first, e.g. ``config run.yaml``.
+
+    Raises:
+        ValueError: a value the flag would not take, naming ``where``, the key and what is allowed.
+    """
+    out = {}
+    for key, value in settings.items():
+        name = str(key).replace("-", "_")
+        action = flags.get(name)
+        out[name] = value if action is None else _typed(value, action, f"{where}: {name}")
+    return out
+
+
+def _typed(value: Any, action: argparse.Action, where: str) -> Any:
+    if action.nargs == 0:  # --flag/--no-flag, or a store_true
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}: expected true or false; got {value!r}")
+    kind = action.type or str
+    expected = getattr(kind, "allowed", None) or _KINDS.get(kind.__name__, kind.__name__)
+    if value is None and getattr(kind, "nullable", False):
+        return None
+    if isinstance(value, list) and getattr(kind, "listable", False):
+        return [_typed_scalar(v, action, where, expected) for v in value]
+    return _typed_scalar(value, action, where, expected)
+
+
+def _typed_scalar(value: Any, action: argparse.Action, where: str, expected: str) -> Any:
+    if value is None or isinstance(value, (bool, list, dict)):  # str(True) would pass as a string
+        raise ValueError(f"{where}: expected {expected}; got {value!r}")
+    try:
+        typed = (action.type or str)(str(value))
+    except argparse.ArgumentTypeError as err:  # a range check's own message (NumberType)
+        raise ValueError(f"{where}: {err}") from None
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: expected {expected}; got {value!r}") from None
+    if action.choices is not None and typed not in action.choices:
+        raise ValueError(f"{where}: expected one of {', '.join(map(str, action.choices))}; got {value!r}")
+    return typed
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -166,8 +301,22 @@ def device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.devic
         where = torch.device(device)
     except RuntimeError:
         raise ValueError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:1, mps...)") from None
-    if where.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    if where.type == "cpu":
+        return where, DTYPES[dtype]
+    backend = getattr(torch, where.type, None)  # torch.cuda, torch.mps, torch.xpu...
+    if not hasattr(backend, "is_available"):
+        raise ValueError(f"--device {device}: lm-gym cannot run models there; use cpu, cuda, cuda:1, mps...")
+    name = where.type.upper()
+    if not backend.is_available():
+        cuda_built = torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None  # ROCm
+        built = {"cuda": cuda_built, "mps": torch.backends.mps.is_built()}.get(where.type)
+        why = f"torch {torch.__version__} is built without {name}" if built is False else f"no {name} device"
+        raise ValueError(
+            f"--device {device}: {name} is not available on this machine ({why}); use --device cpu"
+        )
+    if where.index is not None and where.index >= backend.device_count():
+        count = backend.device_count()
+        raise ValueError(f"--device {device}: this machine has {count} {name} device(s), numbered from 0")
     return where, DTYPES[dtype]
 
 

@@ -26,7 +26,8 @@ what is done. Finished rounds are not redone (their comparisons are read back fr
 policy from the round's last RL checkpoint); in the interrupted round a finished collection or reward model
 is read back from disk, an interrupted reward-model training continues from its epoch checkpoint, and the RL
 from its latest checkpoint (every evaluation point has one). On CPU the report's points and the final
-weights are those of the uninterrupted run. A resume with other settings is refused.
+weights are those of the uninterrupted run. A resume with other settings is refused, and so is a new run in a
+folder that holds one (unless ``overwrite``, which deletes it first).
 """
 
 from __future__ import annotations
@@ -44,8 +45,16 @@ import numpy as np
 
 from algorithms.common.on_policy import OnPolicyAlgorithm
 from algorithms.policy import LMActorCriticPolicy
-from lm_gym.checkpoints import check_same_settings, latest_checkpoint, load_weights, write_json_atomic
+from lm_gym.checkpoints import (
+    check_same_settings,
+    latest_checkpoint,
+    load_weights,
+    prepare_run_dir,
+    write_folder,
+    write_json_atomic,
+)
 from lm_gym.distributed import ProcessGroup
+from lm_gym.nonfinite import check_finite
 
 __all__ = ["PRESETS", "PipelineConfig", "run_pipeline"]
 
@@ -156,11 +165,18 @@ def run_pipeline(
     out_dir: str | Path,
     log: Callable[[str], Any] = print,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run ``config.rounds`` rounds of collect -> reward model -> RL; write and return the report.
 
-    With ``resume`` continue the interrupted run in ``out_dir`` (see the module's docstring): the same
-    settings are required.
+    Args:
+        config: the settings.
+        algorithm: the RL algorithm of step 3.
+        out_dir: the run's folder (preferences, reward models, RL runs, report).
+        log: where progress lines go.
+        resume: continue the interrupted run in ``out_dir`` (see the module's docstring): the same settings
+            are required.
+        overwrite: delete a run already in ``out_dir`` first (without it, or ``resume``, one is refused).
     """
     from lm_gym.evaluation import evaluate
     from lm_gym.models import load_causal_lm, load_sequence_classifier
@@ -176,7 +192,7 @@ def run_pipeline(
     from lm_gym.tasks import get_task
 
     config.check()
-    out_dir = Path(out_dir)
+    out_dir = prepare_run_dir(out_dir, resume=resume, overwrite=overwrite, flag="--out", markers=[STATE])
     start = time.perf_counter()
     settings = _flat_settings({"algo": algorithm.__name__, **asdict(config)})
     saved = _saved_state(out_dir, settings) if resume else None
@@ -306,8 +322,8 @@ def run_pipeline(
         if measured and latest_checkpoint(round_dir / "rl" / "checkpoints") is not None:
             algo.load_checkpoint(round_dir / "rl")  # every evaluated iteration has a checkpoint
             log(f"round {r}: RL resumed from iteration {algo.iteration}")
-        elif main:  # a fresh start: an earlier run's checkpoints in this folder must not be resumed
-            shutil.rmtree(round_dir / "rl" / "checkpoints", ignore_errors=True)
+        elif main:  # a fresh start: an interrupted attempt's checkpoints and logs must not be mixed in
+            shutil.rmtree(round_dir / "rl", ignore_errors=True)
 
         def measure(it: int, round_index: int = r, reward=proxy) -> None:
             result = evaluate(
@@ -367,7 +383,8 @@ def run_pipeline(
     wall = elapsed_before + time.perf_counter() - start
     report = {"rounds": rounds, "points": points, "elo": elo, "wall_time_s": wall}
     if main:
-        policy.save_pretrained(out_dir / "final")
+        check_finite(policy.named_parameters(), f"model {out_dir / 'final'}")
+        write_folder(out_dir / "final", policy.save_pretrained)
         (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=float))
         (out_dir / "report.md").write_text(_markdown(report, config, algorithm.__name__))
         _plot(points, out_dir / "overoptimization.png")

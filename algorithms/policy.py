@@ -41,7 +41,8 @@ class LMActorCriticPolicy(nn.Module):
         model: the LM to fine-tune (its weights are trained unless ``lora_r > 0``).
         tokenizer: its tokenizer.
         lora_r: LoRA rank; 0 trains every weight. With LoRA only the adapters (and the value head) train,
-            and the reference is this model with the adapters off.
+            and the reference is this model with the adapters off. The adapters are initialised from torch's
+            global RNG (``from_pretrained`` seeds it with its ``seed``).
         lora_alpha: LoRA scaling numerator (``alpha / r`` scales the update).
         lora_target_modules: modules that get adapters (``"all-linear"`` by default).
         separate_critic: give the critic its own copy of the trunk instead of sharing the actor's.
@@ -115,12 +116,15 @@ class LMActorCriticPolicy(nn.Module):
         **settings,
     ) -> LMActorCriticPolicy:
         """Load ``name`` (``tiny``, ``tiny-t5``, ``smollm2-135m``, a folder or a Hub id; causal or T5-style)
-        with :mod:`lm_gym.models` and wrap it; ``settings`` are this class's keyword arguments."""
+        with :mod:`lm_gym.models` and wrap it; ``settings`` are this class's keyword arguments. ``seed`` also
+        seeds the LoRA adapters' initialisation (the global RNG is left untouched)."""
         from lm_gym.models import is_seq2seq_lm, load_causal_lm, load_seq2seq_lm
 
         load = load_seq2seq_lm if is_seq2seq_lm(name) else load_causal_lm
         model, tokenizer = load(name, seed=seed, device=device, dtype=dtype)
-        return cls(model, tokenizer, **settings)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return cls(model, tokenizer, **settings)
 
     # ------------------------------------------------------------------------------------------ basics
     @property

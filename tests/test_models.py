@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import is_offline_mode
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -321,6 +322,7 @@ def test_missing_packages_fall_back_to_hub_ids_when_online(
     no_packages: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setitem(is_offline_mode.__globals__, "HF_HUB_OFFLINE", False)  # what huggingface_hub reads
     assert resolve_model_path("smollm2-135m") == SMOLLM2_HUB_ID
     assert resolve_model_path("minilm-l6") == models.MINILM_HUB_ID
 

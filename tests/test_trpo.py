@@ -5,6 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from learning import THRESHOLDS, run_toy
 from toys import toy_algo
 
 from algorithms.common.on_policy import NonFiniteLossError
@@ -33,13 +34,11 @@ def reference_kl(old_model, new_model, buffer, temperature=1.0):
     return torch.cat(kls).mean().item()
 
 
+@pytest.mark.learning
 def test_trpo_raises_the_toy_reward(tiny):
-    # a wide trust region and 16 texts per rollout: a clear rise within a few seconds on a 0.3M model
-    algo = make_trpo(tiny, n_envs=16, batch_size=16, target_kl=0.5, cg_max_steps=10)
-    algo.learn(12)
-    scores = [h["rollout/rm_score"] for h in algo.logger.history]
-    assert np.mean(scores[:3]) < 0.2
-    assert np.mean(scores[-3:]) > np.mean(scores[:3]) + 0.15  # seeds 0-5 gave +0.23 to +0.35
+    first, rise, algo = run_toy("trpo", tiny)
+    assert first < 0.2, f"first 3 iterations' mean score {first:.3f}: a random model scores ~0.1"
+    assert rise > THRESHOLDS["trpo"], f"score rose by {rise:+.3f}, needed > {THRESHOLDS['trpo']}"
     for key in (
         "train/policy_loss",
         "train/value_loss",
@@ -51,7 +50,6 @@ def test_trpo_raises_the_toy_reward(tiny):
     ):
         assert key in algo.logger.history[-1]
     assert all(h["train/approx_kl"] <= 0.5 for h in algo.logger.history)
-    algo.close()
 
 
 @pytest.mark.parametrize(
@@ -72,13 +70,19 @@ def test_accepted_step_stays_in_the_trust_region(tiny, kwargs):
     assert kl == pytest.approx(algo.logger.values["train/approx_kl"], rel=1e-3)
 
 
+@pytest.mark.learning
 def test_minibatch_size_does_not_change_the_step(tiny):
     whole, split = make_trpo(tiny, n_envs=4, batch_size=4), make_trpo(tiny, n_envs=4, batch_size=1)
     for algo in (whole, split):
         algo.collect_rollouts()
         algo.train()
-    for a, b in zip(whole.policy.model.parameters(), split.policy.model.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    start = torch.cat([p.flatten() for p in tiny[0].parameters()])
+    a, b = (torch.cat([p.flatten() for p in algo.policy.model.parameters()]) for algo in (whole, split))
+    # Summing the gradients and Fisher products over 4 minibatches rounds differently from one sum, and the
+    # conjugate gradient amplifies it: |difference| / |step| measured up to 4.7e-4 (seeds 0-4; default,
+    # AVX2 and MKL-AVX2 kernels; seed 0, this test's, is the largest). A wrong minibatch weighting gives > 0.1.
+    relative = ((a - b).norm() / (a - start).norm()).item()
+    assert relative < 5e-3, f"the two steps differ by {relative:.2e} of the step"
 
 
 @pytest.mark.parametrize("separate_critic", [False, True])
@@ -131,7 +135,13 @@ def test_same_seed_same_run(tiny):
 
 def test_non_finite_reward_never_reaches_the_weights(tiny):
     algo = make_trpo(tiny, n_envs=4, max_nonfinite=2)
-    algo.envs.reward_fn = lambda prompts, completions: [float("nan")] * len(completions)
+    step = algo.envs.step
+
+    def nan_rewards(actions):  # the env's rewards turn NaN (a reward function's NaN is refused before this)
+        obs, rewards, *rest = step(actions)
+        return obs, np.full_like(rewards, np.nan), *rest
+
+    algo.envs.step = nan_rewards
     before = [p.detach().clone() for p in algo.policy.parameters()]
     with (
         pytest.warns(RuntimeWarning, match="non-finite"),

@@ -3,12 +3,14 @@ random model, learnable in seconds), 8 envs x 8 tokens, no KL penalty, one seed.
 
 import copy
 
+import torch
+
 from algorithms.policy import LMActorCriticPolicy
 from lm_gym.rewards import LowercaseShare
 
 PROMPTS = ["Hello", "The film", "Wow", "It was"]
 lowercase_share = LowercaseShare()
-POLICY_ARGS = ("lora_r", "temperature", "top_k", "top_p", "separate_critic")
+POLICY_ARGS = ("lora_r", "lora_target_modules", "temperature", "top_k", "top_p", "separate_critic")
 
 
 def toy_algo(algo_cls, model_and_tokenizer, **kwargs):
@@ -16,6 +18,7 @@ def toy_algo(algo_cls, model_and_tokenizer, **kwargs):
     own arguments go to the policy)."""
     model, tokenizer = model_and_tokenizer
     policy_kwargs = {k: kwargs.pop(k) for k in POLICY_ARGS if k in kwargs}
+    torch.manual_seed(kwargs.get("seed", 0))  # the LoRA adapters' initialisation, as from_pretrained seeds it
     policy = LMActorCriticPolicy(copy.deepcopy(model), tokenizer, **policy_kwargs)
     settings = dict(
         prompts=PROMPTS,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,10 +21,19 @@ from algorithms.common.distributed import ProcessGroup
 from algorithms.common.logger import Logger
 from algorithms.common.precision import MasterWeights, check_trainable_dtype
 from algorithms.policy import LMActorCriticPolicy, RolloutAgent
-from lm_gym.checkpoints import latest_checkpoint, load_weights, restore_rng_state, rng_state, write_checkpoint
+from lm_gym.checkpoints import (
+    latest_checkpoint,
+    load_weights,
+    restore_rng_state,
+    rng_state,
+    save_weights,
+    write_checkpoint,
+    write_folder,
+)
 from lm_gym.decoding import torch_threads
 from lm_gym.env import TextGenVectorEnv
 from lm_gym.kl import AdaptiveKLController, FixedKLController
+from lm_gym.nonfinite import NonFiniteGuard, NonFiniteLossError, check_finite, step_if_finite
 from lm_gym.rewards import RewardFunction
 from lm_gym.seq2seq import is_encoder_decoder
 from lm_gym.tasks import Task
@@ -47,10 +55,6 @@ GLOBAL_METRICS = frozenset(
         "time/total_timesteps",
     }
 )
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised when updates kept producing NaN/inf losses; the weights hold the last finite update."""
 
 
 class AgentStep(NamedTuple):
@@ -114,7 +118,8 @@ class OnPolicyAlgorithm:
         checkpoint_every: iterations between checkpoints (and one at the end).
         keep_checkpoints: how many of the latest checkpoints to keep (None = all).
         sample_every: iterations between tables of sample generations.
-        max_nonfinite: consecutive iterations with a skipped non-finite update before the run stops.
+        max_nonfinite: consecutive iterations with a skipped non-finite update before the run stops with an
+            error (after a checkpoint of the last finite weights, with a ``run_dir``).
         verbose: 1 prints a metrics table per iteration.
         stop_token_ids: tokens that end an episode (default EOS).
         reference: the frozen model of the KL penalty (full fine-tuning); default a copy of the policy as it
@@ -165,7 +170,9 @@ class OnPolicyAlgorithm:
             lambda v: v is None or (int(v) == v and v >= 1),
             ">= 1 or None",
         )
-        _check("max_nonfinite", max_nonfinite, lambda v: int(v) == v and v >= 1, "an integer >= 1")
+        self.nonfinite = NonFiniteGuard(
+            max_nonfinite, unit="iteration", hint="check the reward function and the learning rate"
+        )
         if lr_schedule not in ("constant", "linear"):
             raise ValueError(f"lr_schedule must be 'constant' or 'linear'; got {lr_schedule!r}")
         if reward_clip is not None and not reward_clip > 0:
@@ -184,7 +191,6 @@ class OnPolicyAlgorithm:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.checkpoint_every, self.sample_every = checkpoint_every, sample_every
         self.keep_checkpoints = keep_checkpoints
-        self.max_nonfinite = max_nonfinite
         self.kl_controller = (
             AdaptiveKLController(kl_coef, kl_target, kl_horizon)
             if kl_target is not None
@@ -238,8 +244,7 @@ class OnPolicyAlgorithm:
         self.logger = Logger(self.run_dir if main else None, verbose if main else 0)
         self.iteration = 0
         self.num_timesteps = 0
-        self._nonfinite_streak = 0
-        self._skipped_updates = 0
+        self._skipped_updates = 0  # this iteration's, counted by apply_gradients / step_optimizer
         self._total_iterations = 0
 
     # ------------------------------------------------------------------------------------------ processes
@@ -377,20 +382,22 @@ class OnPolicyAlgorithm:
                 "the optimizer must step the float32 master weights: build it with make_optimizer()"
             )
         self._masters.gradients_to_masters()
-        self.process_group.average_gradients(params, poison=not finite)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        if not (finite or self.world_size > 1) or not torch.isfinite(grad_norm):
+        if step_if_finite(self.optimizer, params, self.process_group, finite, self.max_grad_norm) is None:
             self.zero_grad()
             self._skipped_updates += 1
             return False
-        self.optimizer.step()
         self._masters.masters_to_params()
         self.zero_grad()  # free the gradients now, not after the next minibatch's forward pass: a lower peak
         return True
 
     def learn(self, iterations: int, progress_bar: bool = False, export: bool = True) -> OnPolicyAlgorithm:
         """Run until ``iterations`` iterations in total are done (a resumed run continues its count); then,
-        with ``export`` and a ``run_dir``, write the policy to ``run_dir/final`` (``save_pretrained``)."""
+        with ``export`` and a ``run_dir``, write the policy to ``run_dir/final`` (``save_pretrained``).
+
+        Raises:
+            NonFiniteLossError: ``max_nonfinite`` consecutive iterations skipped a non-finite update; the
+                iteration is logged and, with a ``run_dir``, checkpointed (the last finite weights) first.
+        """
         self._total_iterations = iterations
         bar = None
         if progress_bar and self.is_main_process:
@@ -406,7 +413,7 @@ class OnPolicyAlgorithm:
             start = time.perf_counter()
             self.train()
             self.logger.record("time/train_s", time.perf_counter() - start)
-            self._guard_nonfinite()
+            stop = self.nonfinite.end_round(self._skipped_updates, f"iteration {self.iteration}")
             kl = rollout["stats"]["rollout/kl"]
             if np.isfinite(kl):
                 self.kl_controller.update(kl, self.n_steps * self.n_envs)
@@ -418,16 +425,25 @@ class OnPolicyAlgorithm:
             if self.sample_every and self.iteration % self.sample_every == 0:
                 self._log_samples(rollout["samples"])
             self.logger.dump(self.iteration)
+            checkpoint = None
             if self.run_dir is not None and (
-                self.iteration % self.checkpoint_every == 0 or self.iteration == iterations
+                stop or self.iteration % self.checkpoint_every == 0 or self.iteration == iterations
             ):
-                self.save_checkpoint()
+                checkpoint = self.save_checkpoint()
+            if stop:
+                kept = "the weights hold the last finite update"
+                if checkpoint is not None:
+                    kept += f", and so does the checkpoint {checkpoint}"
+                if bar is not None:
+                    bar.close()
+                raise self.nonfinite.error(kept)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
         if export and self.run_dir is not None and self.is_main_process:
-            self.policy.save_pretrained(self.run_dir / "final")
+            check_finite(self.policy.named_parameters(), f"model {self.run_dir / 'final'}")
+            write_folder(self.run_dir / "final", self.policy.save_pretrained)
         self.process_group.barrier()  # every process returns with the run directory complete
         return self
 
@@ -436,24 +452,6 @@ class OnPolicyAlgorithm:
         the processes; the core's rollout statistics and counters are global already."""
         local = {k: v for k, v in self.logger.values.items() if k not in GLOBAL_METRICS}
         self.logger.values.update(self.process_group.mean_of_finite(local))
-
-    def _guard_nonfinite(self) -> None:
-        if self._skipped_updates == 0:
-            self._nonfinite_streak = 0
-            return
-        self._nonfinite_streak += 1
-        warnings.warn(
-            f"iteration {self.iteration}: skipped {self._skipped_updates} update(s) with a non-finite loss or "
-            "gradient; the weights were not touched",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        if self._nonfinite_streak >= self.max_nonfinite:
-            raise NonFiniteLossError(
-                f"stopped: non-finite losses in {self._nonfinite_streak} consecutive iterations (check the "
-                "reward function and the learning rate); the weights and the last checkpoint hold the last "
-                "finite update"
-            )
 
     def _log_samples(self, samples: list[tuple[str, str, float]]) -> None:
         rows = ["| prompt | completion | score |", "|---|---|---|"]
@@ -464,9 +462,8 @@ class OnPolicyAlgorithm:
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
-        """Write weights (safetensors), optimizer, KL controller and counters atomically; return the folder."""
-        from safetensors.torch import save_file
-
+        """Write weights (safetensors), optimizer, KL controller and counters atomically; return the folder.
+        Weights that hold NaN or inf are refused (``ValueError``): the earlier checkpoints stay as they are."""
         # every process's RNG state; only the main process writes (the weights are the same everywhere)
         rng = rng_state(self.process_group)
         root = self.run_dir / "checkpoints"
@@ -476,9 +473,8 @@ class OnPolicyAlgorithm:
 
         def write(staging: Path) -> None:
             trainable = [(key, p) for key, p in self.policy.named_parameters() if p.requires_grad]
-            save_file(  # float32 master values where the optimizer holds them: a resumed run loses no bits
-                {key: self._masters.master(p).detach().contiguous() for key, p in trainable},
-                staging / "policy.safetensors",
+            save_weights(  # float32 master values where the optimizer holds them: a resumed run loses no bits
+                {key: self._masters.master(p) for key, p in trainable}, staging / "policy.safetensors"
             )
             torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
             self._save_extra_state(staging)
@@ -486,7 +482,7 @@ class OnPolicyAlgorithm:
                 "iteration": self.iteration,
                 "num_timesteps": self.num_timesteps,
                 "kl_controller": self.kl_controller.state_dict(),
-                "nonfinite_streak": self._nonfinite_streak,
+                "nonfinite_streak": self.nonfinite.streak,
                 **rng,
             }
             (staging / "state.json").write_text(json.dumps(state))
@@ -494,7 +490,8 @@ class OnPolicyAlgorithm:
         return write_checkpoint(root, name, write, self.keep_checkpoints)
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Restore a checkpoint folder, or the latest one of a run directory, to continue with ``learn``."""
+        """Restore a checkpoint folder, or the latest intact one of a run directory, to continue with ``learn``;
+        what the run logged after that checkpoint is dropped from its logs at the next write."""
         path = Path(path)
         path = latest_checkpoint(path / "checkpoints") or path
         if not (path / "policy.safetensors").exists():
@@ -514,7 +511,8 @@ class OnPolicyAlgorithm:
         state = json.loads((path / "state.json").read_text())
         self.iteration, self.num_timesteps = state["iteration"], state["num_timesteps"]
         self.kl_controller.load_state_dict(state["kl_controller"])
-        self._nonfinite_streak = state["nonfinite_streak"]
+        self.nonfinite.streak = state["nonfinite_streak"]
+        self.logger.resume(self.iteration)
         restore_rng_state(state, self.process_group, path)
         self._load_extra_state(path)
 

@@ -197,6 +197,8 @@ def collect_preferences(
     """
     if k < 2:
         raise ValueError(f"collect_preferences: k must be >= 2 to compare completions; got {k}")
+    if not prompts:
+        raise ValueError("collect_preferences: no prompts to collect completions of")
     seen, sampled = sample_completions(
         model,
         tokenizer,

@@ -24,12 +24,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
 __all__ = [
+    "DATA_SUFFIXES",
     "PreferenceRecord",
+    "is_local_path",
     "load_preferences",
     "parse_record",
     "preference_dataset",
@@ -38,6 +44,8 @@ __all__ = [
     "write_jsonl",
 ]
 
+# suffixes of the data files that ``datasets`` reads (a compressed file keeps its inner suffix: x.jsonl.gz)
+DATA_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".arrow", ".txt")
 _TEXT_FIELDS = ("chosen", "rejected")
 _NUMBER_FIELDS = ("margin", "chosen_score", "rejected_score", "agreement")
 
@@ -124,6 +132,28 @@ def parse_record(obj: Any, where: str) -> PreferenceRecord:
     return PreferenceRecord(prompt, texts[0], texts[1], **numbers)
 
 
+def is_local_path(source: str | os.PathLike[str]) -> bool:
+    """Whether a data source (demonstrations, preferences, prompts) names a local file or folder rather than
+    a Hub data set, so that a mistyped path is reported as a missing file instead of being asked of the Hub.
+
+    A path is: a ``Path``; an existing file or folder; a name with a data-file suffix (:data:`DATA_SUFFIXES`:
+    ``runs/prefs.jsonl``); anything that cannot be a Hub id (``huggingface_hub``'s ``validate_repo_id``:
+    ``./data``, ``../x``, ``/x``, ``~/x``, ``runs/data/prefs``). ``name`` and ``owner/name`` are Hub ids.
+
+    Args:
+        source: the string or path given.
+    """
+    if not isinstance(source, str) or Path(source).expanduser().exists():
+        return True
+    if any(suffix.lower() in DATA_SUFFIXES for suffix in Path(source).suffixes):
+        return True
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return True
+    return False
+
+
 def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
@@ -148,7 +178,7 @@ def read_jsonl(path: str | Path) -> list[PreferenceRecord]:
         FileNotFoundError: if there is no such file.
         ValueError: for a malformed record, naming the file, the line and the field.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"preference file {path}: no such file")
     return list(_read_lines(path))
@@ -165,19 +195,22 @@ def write_jsonl(records: Iterable[PreferenceRecord], path: str | Path) -> Path:
 
 
 def _load_dataset(source: str | Path, split: str):
-    """A ``.json`` file through the ``json`` builder; a folder or a Hub name as ``load_dataset`` takes it."""
+    """A file through the ``datasets`` builder of its suffix (JSON, CSV, Parquet...); a folder or a Hub name
+    as ``load_dataset`` takes it; a path (:func:`is_local_path`) that does not exist is a missing file."""
     import datasets
 
-    path = Path(source)
-    if path.suffix in (".json", ".jsonl"):
-        if not path.is_file():
-            raise FileNotFoundError(f"preference file {path}: no such file")
-        return datasets.load_dataset("json", data_files=str(path), split="train")
+    path = Path(source).expanduser()
+    if path.is_file():
+        return datasets.load_dataset(str(path.parent), data_files=path.name, split="train")
+    if is_local_path(source) and not path.is_dir():
+        raise FileNotFoundError(
+            f"preference data {str(source)!r}: no such file or folder (a Hub data set is named 'owner/name')"
+        )
     return datasets.load_dataset(str(source), split=split)
 
 
 def _rows(dataset, source: str | Path, split: str) -> list[PreferenceRecord]:
-    where = f"{source} row" if Path(source).suffix == ".json" else f"{source} [{split}] row"
+    where = f"{source} row" if Path(source).expanduser().is_file() else f"{source} [{split}] row"
     return [parse_record(row, f"{where} {i}") for i, row in enumerate(dataset)]
 
 
@@ -185,16 +218,18 @@ def preference_dataset(source: str | Path, split: str = "train"):
     """A checked ``datasets.Dataset`` of preference records (e.g. for TRL's ``RewardTrainer``).
 
     A ``.jsonl`` file is checked line by line first (so an error names its line), then loaded with
-    ``datasets.load_dataset("json", data_files=...)``; a ``.json`` file goes through the same builder; a
-    folder or a Hub name (which needs the network) goes to ``datasets.load_dataset`` as is. Rows that
-    did not come from a checked ``.jsonl`` file are checked after loading.
+    ``datasets.load_dataset``; another file (``.json``, ``.csv``, ``.parquet``...) goes through the
+    ``datasets`` builder of its suffix; a folder or a Hub name (which needs the network) goes to
+    ``datasets.load_dataset`` as is. Rows that did not come from a checked ``.jsonl`` file are checked
+    after loading.
 
     Args:
-        source: a JSONL/JSON file, a data-set folder or a Hub name such as ``"Anthropic/hh-rlhf"``.
+        source: a data file, a data-set folder or a Hub name such as ``"Anthropic/hh-rlhf"``.
         split: the split to load (a single file has only ``"train"``).
 
     Raises:
-        FileNotFoundError: if a ``.jsonl``/``.json`` file does not exist.
+        FileNotFoundError: if a path (:func:`is_local_path`: a data-file suffix, ``./``, ``/``, ``~``...)
+            does not exist; it is not asked of the Hub.
         ValueError: for a malformed record, naming the file and line (or row) and the field.
     """
     if Path(source).suffix == ".jsonl":
@@ -209,11 +244,12 @@ def load_preferences(source: str | Path, split: str = "train") -> list[Preferenc
     """Preference records from a JSONL file (read directly) or from anything ``datasets`` loads.
 
     Args:
-        source: a JSONL/JSON file, a data-set folder or a Hub name such as ``"Anthropic/hh-rlhf"``.
+        source: a data file, a data-set folder or a Hub name such as ``"Anthropic/hh-rlhf"``.
         split: the split of a ``datasets`` data set.
 
     Raises:
-        FileNotFoundError: if a ``.jsonl``/``.json`` file does not exist.
+        FileNotFoundError: if a path (:func:`is_local_path`: a data-file suffix, ``./``, ``/``, ``~``...)
+            does not exist; it is not asked of the Hub.
         ValueError: for a malformed record, naming the file and line (or row) and the field.
     """
     if Path(source).suffix == ".jsonl":

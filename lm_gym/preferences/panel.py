@@ -40,7 +40,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 
 from lm_gym.preferences.data import ranking_to_pairs
-from lm_gym.rewards import RewardFunction
+from lm_gym.rewards import RewardFunction, checked_scores
 
 __all__ = ["DEFAULT_ANNOTATORS", "Annotator", "AnnotatorPanel", "Judgement", "panel_agreement"]
 
@@ -167,7 +167,7 @@ class AnnotatorPanel:
             raise ValueError(f"judge: got {len(prompts)} prompts but {len(completions)} lists of completions")
         flat_prompts = [p for p, cs in zip(prompts, completions) for _ in cs]
         flat = [c for cs in completions for c in cs]
-        gold_all = np.asarray(self.gold(flat_prompts, flat), dtype=np.float64)
+        gold_all = checked_scores(self.gold, flat_prompts, flat)
         judgements, start = [], 0
         for prompt, texts in zip(prompts, completions):
             if len(texts) < 2:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -63,6 +64,7 @@ from lm_gym.checkpoints import (
     write_checkpoint,
 )
 from lm_gym.distributed import ProcessGroup
+from lm_gym.nonfinite import NonFiniteGuard, check_finite, step_if_finite
 from lm_gym.preferences.data import PreferenceRecord
 from lm_gym.rewards import REWARD_MODEL_INFO, RewardFunction
 
@@ -322,6 +324,7 @@ def train_reward_model(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     keep_checkpoints: int | None = 1,
+    max_nonfinite: int = 3,
     log: Callable[[str], Any] | None = print,
 ) -> RewardModelResult:
     """Fit a scalar reward model to preference records with the Bradley-Terry loss.
@@ -360,20 +363,31 @@ def train_reward_model(
         resume: continue from the latest checkpoint in ``checkpoint_dir`` (the same records, backbone and
             settings; other settings are refused).
         keep_checkpoints: how many of the latest checkpoints to keep (None = all).
+        max_nonfinite: consecutive steps with a non-finite loss or gradient (skipped, the weights untouched)
+            before the run stops.
         log: where progress lines go (None: silent).
+
+    Raises:
+        NonFiniteLossError: ``max_nonfinite`` consecutive steps had a non-finite loss or gradient, or the last
+            step had (the model's scores are not finite); nothing is saved to ``out_dir``.
     """
     if epochs < 1 or (batch_size is not None and batch_size < 1):
         raise ValueError(
             f"train_reward_model: epochs and batch_size must be >= 1 (batch_size None: one prompt's pairs); "
             f"got {epochs}, {batch_size}"
         )
-    if not learning_rate > 0:
-        raise ValueError(f"train_reward_model: learning_rate must be > 0; got {learning_rate}")
+    if not 0 < learning_rate < math.inf:
+        raise ValueError(
+            f"train_reward_model: learning_rate must be a finite number > 0; got {learning_rate}"
+        )
+    if not math.isfinite(margin):
+        raise ValueError(f"train_reward_model: margin must be a finite number; got {margin}")
     if center_coef < 0 or not 0.0 <= warmup_ratio < 1.0:
         raise ValueError(
             f"train_reward_model: center_coef must be >= 0 and warmup_ratio in [0, 1); got {center_coef}, "
             f"{warmup_ratio}"
         )
+    guard = NonFiniteGuard(max_nonfinite, unit="step", hint="check the learning rate and the margins")
     start = time.perf_counter()
     base = model if isinstance(model, str) else model.name_or_path
     settings = dict(
@@ -435,6 +449,7 @@ def train_reward_model(
         _load_checkpoint(checkpoint, model, optimizer, schedule, group)
         rng.bit_generator.state = state["batch_order_rng"]
         history, first_epoch = state["history"], state["epoch"] + 1
+        guard.streak = state.get("nonfinite_streak", 0)  # absent from checkpoints before the guard
         start = time.perf_counter() - state["elapsed"]
         if log is not None:
             log(f"resumed from {checkpoint} (epoch {state['epoch']} of {epochs})")
@@ -466,12 +481,15 @@ def train_reward_model(
                 targets = torch.tensor(shares, device=device_)  # (P,)
             loss = bradley_terry_loss(r_chosen, r_rejected, margins, center_coef, targets)
             optimizer.zero_grad(set_to_none=True)
-            (loss * weight).backward()
-            group.average_gradients(params)
-            if max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-            optimizer.step()
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                (loss * weight).backward()
+            grad_norm = step_if_finite(
+                optimizer, params, group, finite, max_grad_norm if max_grad_norm > 0 else math.inf
+            )
             schedule.step()
+            if guard.end_round(int(grad_norm is None), f"epoch {epoch}, step {len(losses) + 1}"):
+                raise guard.error("the weights hold the last finite update; the reward model was not saved")
             losses.append(loss.item() * weight / group.world_size)  # this share's part of the batch's mean
             hits += int((r_chosen > r_rejected).sum()) if share else 0
             seen += len(global_batch)
@@ -499,8 +517,11 @@ def train_reward_model(
                 batch_order_rng=rng.bit_generator.state,
                 elapsed=time.perf_counter() - start,
                 settings=run_settings,
+                nonfinite_streak=guard.streak,
             )
             _save_checkpoint(checkpoint_dir, keep_checkpoints, model, optimizer, schedule, group, progress)
+    if guard.streak:  # the last step's loss was not finite: so are the model's scores
+        raise guard.error("the weights hold the last finite update; the reward model was not saved")
     metrics = {
         **history[-1],
         "data/train_pairs": float(len(train_records)),
@@ -561,6 +582,7 @@ def save_reward_model(
     training ``settings``, the final ``metrics`` and the per-epoch ``history``.
     """
     out = Path(out_dir)
+    check_finite(result.model.named_parameters(), f"reward model {out}")
     out.mkdir(parents=True, exist_ok=True)
     result.model.save_pretrained(out, safe_serialization=True)
     result.tokenizer.save_pretrained(out)

@@ -15,7 +15,7 @@ from importlib import resources
 
 import numpy as np
 
-from lm_gym.rewards import LowercaseShare, RewardFunction, VaderSentiment
+from lm_gym.rewards import LowercaseShare, RewardFunction, VaderSentiment, as_text_list
 
 __all__ = ["TASKS", "Task", "get_task"]
 
@@ -26,7 +26,8 @@ class Task:
 
     Args:
         name: the task's name.
-        train_prompts: prompts to train on.
+        train_prompts: prompts to train on (a sequence of strings; one string is refused, not split into
+            one prompt per character).
         eval_prompts: held-out prompts, never seen in training.
         make_reward: builds the task's gold reward function.
         description: one line for ``--help`` and reports.
@@ -37,6 +38,10 @@ class Task:
     eval_prompts: tuple[str, ...]
     make_reward: Callable[[], RewardFunction]
     description: str = ""
+
+    def __post_init__(self) -> None:
+        for field in ("train_prompts", "eval_prompts"):
+            as_text_list(getattr(self, field), f"task {self.name!r}: {field}")
 
     def prompts(self, split: str) -> tuple[str, ...]:
         """The prompts of ``split`` (``"train"``, ``"eval"`` or ``"all"``)."""
@@ -53,8 +58,10 @@ def split_prompts(prompts: Sequence[str], eval_fraction: float, seed: int = 0) -
     """A deterministic shuffle-and-cut into (train, eval); the same on every machine.
 
     Raises:
+        TypeError: if ``prompts`` is one string (see :func:`lm_gym.rewards.as_text_list`).
         ValueError: if ``eval_fraction`` is outside [0, 1] (a negative one would cut from the end).
     """
+    prompts = as_text_list(prompts, "prompts")
     if not 0.0 <= eval_fraction <= 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1]; got {eval_fraction}")
     order = np.random.default_rng(seed).permutation(len(prompts))
