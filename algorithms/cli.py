@@ -19,7 +19,7 @@ from typing import Any
 
 from algorithms.a2c import A2C
 from algorithms.common.on_policy import NonFiniteLossError, OnPolicyAlgorithm
-from algorithms.demo import DEMO, DEMO_SEEDS, demo
+from algorithms.demo import DEMO, DEMO_EVAL_PROMPTS, DEMO_ITERATIONS, DEMO_SEEDS, demo
 from algorithms.flags import (
     DTYPES,
     _docstring_args,
@@ -385,17 +385,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help="initial model (tiny for a smoke run)")
     p.add_argument(
         "--seeds",
-        type=int,
+        type=non_negative_int,
         nargs="+",
         default=list(DEMO_SEEDS),
         help="one PPO run per seed; the table shows the mean and spread over them",
     )
     p.add_argument(
-        "--iterations", type=positive_int, default=20, help="PPO iterations (about 25 s each on 2 CPU cores)"
+        "--iterations",
+        type=positive_int,
+        default=DEMO_ITERATIONS,
+        help="PPO iterations per seed (about 15 s each on 2 CPU cores)",
     )
     p.add_argument("--max-new-tokens", type=positive_int, default=24, help="text length")
     p.add_argument(
-        "--eval-prompts", type=positive_int, default=32, help="held-out prompts for the before/after table"
+        "--eval-prompts",
+        type=positive_int,
+        default=DEMO_EVAL_PROMPTS,
+        help="held-out prompts for the before/after table (default: the whole eval split)",
     )
     p.add_argument(
         "--learning-rate", type=positive_float, default=DEMO["learning_rate"], help="AdamW learning rate"

@@ -21,6 +21,9 @@ from algorithms.ppo import PPO
 
 DEMO = dict(n_envs=16, max_new_tokens=24, learning_rate=6e-5, n_epochs=2, batch_size=8, kl_coef=0.05)
 DEMO_SEEDS = (0, 1, 2)
+# 30 iterations and the whole held-out split: with 20 iterations and 32 prompts the mean gold lift over 3 seeds
+# was +0.14 +/- 0.13 (one seed +0.24, one -0.01), the evaluation's own noise about +/-0.05 (README).
+DEMO_ITERATIONS, DEMO_EVAL_PROMPTS = 30, 80
 METRICS = {
     "gold": "gold sentiment (VADER compound, mean)",
     "gold_positive": "share of positive texts (compound > 0.05)",
@@ -60,6 +63,11 @@ def demo(args: argparse.Namespace) -> dict[int, dict[str, dict[str, float]]]:
         algo.close()
         print(f"[{tag}] evaluating the fine-tuned model")
         after = evaluate(policy.model, policy.tokenizer, reference=reference, seed=seed, **common)
+        b, a = before.metrics, after.metrics
+        print(
+            f"[{tag}] gold {b['gold']:.3f} -> {a['gold']:.3f}, KL {a['kl']:.2f} nats per text, "
+            f"perplexity {b['perplexity']:.1f} -> {a['perplexity']:.1f}"
+        )
         results[seed], histories[seed] = (before, after), algo.logger.history
     elapsed = time.perf_counter() - start
     if algo.is_main_process:  # with several processes (accelerate launch), the one that writes

@@ -1,3 +1,4 @@
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -18,6 +19,11 @@ PROMPTS = (
     "Critics have been kind to",
 )
 
+
+if os.environ.get("LM_GYM_RECORD_TOLERANCES"):  # measuring the tolerances (tests/tolerances.py)
+    from tolerances import install
+
+    install(os.environ["LM_GYM_RECORD_TOLERANCES"])
 
 # The tests run tiny models, whose forward passes are mostly Python: one torch thread is as fast, and a
 # shared machine's other load cannot make the OpenMP workers spin against each other.
