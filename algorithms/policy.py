@@ -93,7 +93,12 @@ class LMActorCriticPolicy(nn.Module):
         if gradient_checkpointing:
             # transformers checkpoints only in train mode; with every dropout at 0 that mode changes nothing else
             _zero_dropout(model)
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers 5.2x renamed it activation checkpointing (the old name warns, and goes in v6)
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
         self.is_encoder_decoder = is_encoder_decoder(model)

@@ -57,14 +57,25 @@ def _seed():
 
 ROOT = Path(__file__).resolve().parents[1]
 OUR_CODE = tuple(str(ROOT / folder) for folder in ("lm_gym", "algorithms", "examples", "benchmarks", "tests"))
-# Frames that only pass a call through (module __call__, transformers' forward decorators): a deprecation they
-# report belongs to whoever called them.
-PASS_THROUGH = ("torch/nn/modules/module.py", "transformers/utils/", "functools.py", "contextlib.py")
+# Frames that only pass a call through (module __call__, functools wrappers): a deprecation they report belongs
+# to whoever called them.
+PASS_THROUGH = ("torch/nn/modules/module.py", "functools.py", "contextlib.py")
+
+
+def _package(filename: str) -> str:
+    """The installed package a frame's file belongs to (``transformers``), else the file itself."""
+    parts = Path(filename).parts
+    return parts[parts.index("site-packages") + 1] if "site-packages" in parts else filename
 
 
 def _own_caller(frame) -> str | None:
-    """``file:line`` of the call a warning is about when it is lm-gym's own code, else None."""
-    while frame is not None and any(part in frame.f_code.co_filename for part in PASS_THROUGH):
+    """``file:line`` of the call a warning is about when lm-gym's own code made it, else None: the first frame,
+    walking up from the one that warned, outside the warning package and the pass-through frames."""
+    origin = _package(frame.f_code.co_filename)
+    while frame is not None and (
+        _package(frame.f_code.co_filename) == origin
+        or any(part in frame.f_code.co_filename for part in PASS_THROUGH)
+    ):
         frame = frame.f_back
     if frame is not None and frame.f_code.co_filename.startswith(OUR_CODE):
         return f"{Path(frame.f_code.co_filename).relative_to(ROOT)}:{frame.f_lineno}"
@@ -74,16 +85,17 @@ def _own_caller(frame) -> str | None:
 @pytest.fixture(autouse=True)
 def _no_deprecated_calls_from_our_code(monkeypatch: pytest.MonkeyPatch):
     """A FutureWarning or DeprecationWarning about a call that lm-gym's own code makes fails the test, so the
-    next deprecation in a dependency shows up here and not in a user's terminal. The call is the frame the
-    warning's ``stacklevel`` points at, past frames that only pass a call through; a deprecation that one
-    dependency's code triggers in another (peft calling transformers) is theirs, and left as a warning."""
+    next deprecation in a dependency shows up here and not in a user's terminal. The call is the first frame
+    above the warning that is outside the package that warned (past frames that only pass a call through); a
+    deprecation that one dependency's code triggers in another (peft calling transformers) is theirs, and left
+    as a warning."""
     found: list[str] = []
     warn = warnings.warn
 
     def checked_warn(message, category=None, stacklevel=1, source=None, **kwargs):
         kind = category or (type(message) if isinstance(message, Warning) else UserWarning)
         if issubclass(kind, (DeprecationWarning, FutureWarning)):
-            caller = _own_caller(sys._getframe(stacklevel))
+            caller = _own_caller(sys._getframe(1))
             if caller is not None:
                 found.append(f"{caller}: {kind.__name__}: {message}")
         return warn(message, category, stacklevel + 1, source, **kwargs)
