@@ -65,7 +65,9 @@ def test_rollout_log_probs_and_values_equal_evaluate_actions(tiny, toy_task, kwa
             batch.input_ids, batch.attention_mask, batch.action_mask
         )
     assert log_prob.shape == (buffer.n_steps * buffer.n_envs,)
+    # measured: |diff| <= 7.2e-07 (relative 4.2e-07) under 4 CPU kernel settings (docs/testing.md)
     torch.testing.assert_close(log_prob, batch.old_log_prob, atol=1e-4, rtol=1e-4)
+    # measured: |diff| <= 7.5e-07 (relative 3.4e-05) under 4 CPU kernel settings (docs/testing.md)
     torch.testing.assert_close(values, batch.old_values, atol=1e-4, rtol=1e-4)
     assert (entropy >= 0).all()
     if "top_k" in kwargs or "top_p" in kwargs:  # a truncated law has less entropy than log V
@@ -82,6 +84,7 @@ def test_lora_reference_is_the_model_with_adapters_off(tiny):
         ids = torch.tensor([[72, 101, 108, 108, 111]])
         with policy.reference() as reference:
             ref_logits = reference(input_ids=ids).logits
+        # measured: equal under 4 CPU kernel settings (docs/testing.md)
         torch.testing.assert_close(ref_logits, model(input_ids=ids).logits)
         assert not torch.allclose(policy.model(input_ids=ids).logits, ref_logits)
     trainable = policy.trainable_state_dict()
@@ -98,6 +101,7 @@ def test_export_loads_with_plain_transformers(tiny, tmp_path):
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path / str(lora_r))
         ids = torch.tensor([[72, 101, 108]])
         with torch.no_grad():
+            # measured: equal under 4 CPU kernel settings (docs/testing.md)
             torch.testing.assert_close(loaded(input_ids=ids).logits, policy.model(input_ids=ids).logits)
         assert (tmp_path / str(lora_r) / "model.safetensors").exists()
         assert (tmp_path / str(lora_r) / "value_head.safetensors").exists()
@@ -127,7 +131,10 @@ def test_gradient_checkpointing_gives_the_same_values_and_gradients(tiny):
         grads = [p.grad.clone() for p in policy.model.parameters()]
         results.append((log_prob.detach(), value.detach(), grads))
         assert not policy.model.training  # back in eval mode for KV-cached sampling
+    # measured: equal under 4 CPU kernel settings (docs/testing.md)
     torch.testing.assert_close(results[0][0], results[1][0])
+    # measured: equal under 4 CPU kernel settings (docs/testing.md)
     torch.testing.assert_close(results[0][1], results[1][1])
     for a, b in zip(results[0][2], results[1][2]):
+        # measured: equal under 4 CPU kernel settings (docs/testing.md)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

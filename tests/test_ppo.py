@@ -34,7 +34,9 @@ def test_gae_matches_hand_computed_returns():
                 if dones[k, env]:
                     break
                 factor *= gamma * lam
+            # measured: equal under 4 CPU kernel settings (docs/testing.md)
             assert advantages[t, env] == pytest.approx(total)
+    # measured: equal under 4 CPU kernel settings (docs/testing.md)
     np.testing.assert_allclose(returns, advantages + values)
 
 
@@ -155,6 +157,7 @@ def test_rollout_kl_metric_sums_every_step_of_each_episode(tiny):
         if buffer.dones[last, env]
     ]
     assert len(returns) > algo.n_envs  # several episodes ended, some before the rollout's end
+    # measured: equal under 4 CPU kernel settings (docs/testing.md)
     assert stats["rollout/kl"] == pytest.approx(np.mean(returns), abs=1e-6)
 
 

@@ -65,18 +65,23 @@ NEUTRAL = [
 def test_elo_updates_match_hand_computed_values():
     # E = 1 / (1 + 10^((R_b - R_a) / 400)); R_a += K (S_a - E_a), K = 32, both start at 1000.
     assert expected_score(1000, 1000) == 0.5
+    # measured: equal under 4 CPU kernel settings (docs/testing.md)
     assert expected_score(1200, 1000) == pytest.approx(1 / (1 + 10**-0.5))  # 0.759747
     r = elo_ratings([("a", "b", 1.0)])
     assert r == {"a": 1016.0, "b": 984.0}
     r = elo_ratings([("a", "b", 1.0), ("b", "a", 0.0)])  # E_a = 1 / (1 + 10^-0.08) = 0.545922
+    # measured: equal under 4 CPU kernel settings (docs/testing.md)
     assert r["a"] == pytest.approx(1030.530498, abs=1e-6) and r["b"] == pytest.approx(969.469502, abs=1e-6)
     r = elo_ratings([("a", "b", 1.0), ("a", "c", 0.5)])  # a tie against a lower-rated player costs a
+    # measured: equal under 4 CPU kernel settings (docs/testing.md)
     assert r["a"] == pytest.approx(1015.263693, abs=1e-6) and r["c"] == pytest.approx(1000.736307, abs=1e-6)
+    # measured: equal under 4 CPU kernel settings (docs/testing.md)
     assert sum(r.values()) == pytest.approx(3000)  # zero-sum
 
 
 def test_elo_rewards_are_z_scored_and_checks_its_inputs():
     rewards = elo_rewards({"a": 1100.0, "b": 1000.0, "c": 900.0})
+    # measured: equal under 4 CPU kernel settings (docs/testing.md)
     assert rewards["a"] == pytest.approx(math.sqrt(1.5)) and rewards["b"] == 0.0
     assert elo_rewards({"a": 1000.0, "b": 1000.0}) == {"a": 0.0, "b": 0.0}
     with pytest.raises(ValueError, match="score_a"):
@@ -200,6 +205,7 @@ def test_collect_on_tiny_model_is_seeded_and_writes_records_and_elo(tiny, tmp_pa
     assert [r.to_json() for r in result.records] == [r.to_json() for r in collect(0).records]
     assert len(result.records) == 3 * 3  # 3 distinct random completions -> 3 pairs per prompt
     assert all(r.chosen_score is not None and r.agreement is not None for r in result.records)
+    # measured: |diff| <= 1.7e-15 (relative 1.7e+285) under 4 CPU kernel settings (docs/testing.md)
     assert np.mean(list(result.rewards.values())) == pytest.approx(0.0, abs=1e-9)
     paths = write_collection(result, tmp_path / "prefs.jsonl", settings={"k": 3})
     assert [p.name for p in paths] == ["prefs.jsonl", "prefs.elo.jsonl", "prefs.meta.json"]
@@ -248,14 +254,19 @@ def _marker_gold(prompts, completions):
 def test_bradley_terry_loss_by_hand():
     r_c, r_r = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0])
     expected = (math.log1p(math.exp(-1.0)) + math.log(2.0)) / 2  # -log sigmoid(x) = log(1 + e^-x)
+    # measured: |diff| <= 6.0e-08 (relative 1.2e-07) under 4 CPU kernel settings (docs/testing.md)
     assert bradley_terry_loss(r_c, r_r).item() == pytest.approx(expected)
     with_margin = (math.log(2.0) + math.log1p(math.exp(1.0))) / 2  # margin 1 on both pairs
+    # measured: equal under 4 CPU kernel settings (docs/testing.md)
     assert bradley_terry_loss(r_c, r_r, margin=1.0).item() == pytest.approx(with_margin)
     centered = bradley_terry_loss(r_c, r_r, center_coef=0.01).item()
+    # measured: equal under 4 CPU kernel settings (docs/testing.md)
     assert centered == pytest.approx(expected + 0.01 * (1.0 + 0.0) / 2)
     # vote shares as targets: t = 1 is the hard loss; t = 0.6 mixes both directions
+    # measured: |diff| <= 6.0e-08 (relative 1.2e-07) under 4 CPU kernel settings (docs/testing.md)
     assert bradley_terry_loss(r_c, r_r, targets=torch.ones(2)).item() == pytest.approx(expected)
     soft = (0.6 * math.log1p(math.exp(-1.0)) + 0.4 * math.log1p(math.exp(1.0)) + math.log(2.0)) / 2
+    # measured: equal under 4 CPU kernel settings (docs/testing.md)
     assert bradley_terry_loss(r_c, r_r, targets=torch.tensor([0.6, 0.9])).item() == pytest.approx(soft)
 
 
@@ -323,6 +334,7 @@ def test_trained_folder_is_the_env_reward_model(trained_rm):
     prompts, completions = ["Review 1:", "Review 1:"], [" the plot zap", " the plot ends"]
     scores = reward(prompts, completions)
     expected = score_texts(result.model, result.tokenizer, [p + c for p, c in zip(prompts, completions)])
+    # measured: |diff| <= 3.0e-08 (relative 9.9e-08) under 4 CPU kernel settings (docs/testing.md)
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
     assert scores[0] > scores[1]
     env = gym.make("TextGen-v0", model="tiny", reward=str(out), max_new_tokens=3, kl_coef=0.0)
@@ -342,6 +354,7 @@ def test_folder_records_whether_the_prompt_is_scored(trained_rm, tmp_path):
     assert reward.include_prompt is False  # read from reward_model.json
     scores = reward(["Review 1: zap zap", "x"], [" the plot ends", " the plot zap"])
     expected = score_texts(result.model, result.tokenizer, [" the plot ends", " the plot zap"])
+    # measured: |diff| <= 1.5e-08 (relative 6.8e-08) under 4 CPU kernel settings (docs/testing.md)
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
     assert make_reward(str(folder), include_prompt=True).include_prompt is True  # an explicit choice wins
 

@@ -95,7 +95,9 @@ def test_vader_ignores_prompt_by_default_and_uses_it_when_asked() -> None:
 
 def test_repetition_penalty_keeps_prose_and_sinks_loops() -> None:
     assert repeated_bigram_share("the plot is thin but the acting is superb") == 0.0
+    # measured: equal under 4 CPU kernel settings (docs/testing.md)
     assert repeated_bigram_share("Great great GREAT great") == pytest.approx(2 / 3)  # (n - 2) / (n - 1)
+    # measured: equal under 4 CPU kernel settings (docs/testing.md)
     assert repeated_bigram_share("a b a b a") == pytest.approx(0.5)  # (a b) (b a) (a b) (b a)
     assert repeated_bigram_share("fine") == 0.0
     texts = ["A warm, funny and moving film.", "great great great great great great great great"]
@@ -103,7 +105,9 @@ def test_repetition_penalty_keeps_prose_and_sinks_loops() -> None:
     fluent = make_reward("vader-fluent")([""] * 2, texts)
     assert fluent[0] == plain[0] and plain[1] > 0.9  # VADER alone loves the loop
     rho = 6 / 7
+    # measured: equal under 4 CPU kernel settings (docs/testing.md)
     assert fluent[1] == pytest.approx((1 - rho) * plain[1] - rho) and fluent[1] < -0.7
+    # measured: equal under 4 CPU kernel settings (docs/testing.md)
     assert get_task("sentiment-fluent").make_reward()([""] * 2, texts) == pytest.approx(fluent)
 
 
@@ -128,6 +132,7 @@ def test_hf_reward_model_loads_folder_and_scores_with_scalar_head(scalar_rm_dir:
     scores = rm([""] * len(TEXTS), TEXTS)
     assert scores.dtype == np.float64 and scores.shape == (len(TEXTS),)
     expected = [_logits_by_hand(rm.model, rm.tokenizer, t)[0].item() for t in TEXTS]
+    # measured: |diff| <= 1.9e-09 (relative 2.2e-06) under 4 CPU kernel settings (docs/testing.md)
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
     assert np.ptp(scores) > 0  # the texts really get different scores
 
@@ -135,8 +140,10 @@ def test_hf_reward_model_loads_folder_and_scores_with_scalar_head(scalar_rm_dir:
 def test_hf_reward_model_joins_prompt_and_completion(scalar_rm_dir: Path) -> None:
     rm = HFRewardModel(str(scalar_rm_dir), device="cpu")
     joined = rm(["What a wonderful ", "Dul"], ["film", "l."])
+    # measured: equal under 4 CPU kernel settings (docs/testing.md)
     np.testing.assert_allclose(joined, rm(["", ""], ["What a wonderful film", "Dull."]), rtol=1e-6)
     alone = HFRewardModel(str(scalar_rm_dir), include_prompt=False, device="cpu")
+    # measured: equal under 4 CPU kernel settings (docs/testing.md)
     np.testing.assert_allclose(alone(["ignored ", "ignored "], ["film", "l."]), rm(["", ""], ["film", "l."]))
 
 
@@ -152,12 +159,14 @@ def test_hf_reward_model_probability_is_hand_softmax(two_label_rm_dir: Path) -> 
     scores = rm([""] * len(TEXTS), TEXTS)
     assert ((scores > 0) & (scores < 1)).all()
     expected = [_logits_by_hand(rm.model, rm.tokenizer, t).softmax(-1)[1].item() for t in TEXTS]
+    # measured: equal under 4 CPU kernel settings (docs/testing.md)
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_hf_reward_model_logit_output_picks_label(two_label_rm_dir: Path) -> None:
     rm = HFRewardModel(str(two_label_rm_dir), label_index=0, device="cpu")
     expected = [_logits_by_hand(rm.model, rm.tokenizer, t)[0].item() for t in TEXTS]
+    # measured: |diff| <= 5.6e-09 (relative 4.6e-07) under 4 CPU kernel settings (docs/testing.md)
     np.testing.assert_allclose(rm([""] * len(TEXTS), TEXTS), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -166,7 +175,9 @@ def test_hf_reward_model_batch_size_does_not_change_scores(scalar_rm_dir: Path) 
     small = HFRewardModel(big.model, big.tokenizer, batch_size=2)
     one = HFRewardModel(big.model, big.tokenizer, batch_size=1)  # no padding at all
     prompts = [""] * len(TEXTS)
+    # measured: |diff| <= 1.9e-09 (relative 3.2e-07) under 4 CPU kernel settings (docs/testing.md)
     np.testing.assert_allclose(small(prompts, TEXTS), big(prompts, TEXTS), rtol=1e-5, atol=1e-6)
+    # measured: |diff| <= 1.9e-09 (relative 2.2e-06) under 4 CPU kernel settings (docs/testing.md)
     np.testing.assert_allclose(one(prompts, TEXTS), big(prompts, TEXTS), rtol=1e-5, atol=1e-6)
 
 

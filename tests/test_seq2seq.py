@@ -118,6 +118,7 @@ def test_kl_reward_equals_a_direct_computation_from_policy_and_reference(t5, kl_
         log_ratio = ref_logp - logp
         kl = logp - ref_logp if kl_estimator == "k1" else log_ratio.exp() - 1 - log_ratio
         expected = -kl_coef * kl.numpy() + score * (terminated | truncated)
+        # measured: |diff| <= 4.3e-07 (relative 1.1e-04) under 4 CPU kernel settings (docs/testing.md)
         np.testing.assert_allclose(rewards, expected, atol=1e-5)
         restarts += int((terminated | truncated).sum())
     assert restarts >= 4  # rows restarted on new sources at different times (the cache's row surgery)
@@ -178,13 +179,16 @@ def test_cached_decoder_equals_uncached_forward_after_any_resets_and_appends(t5,
                     out = model(**ids, output_hidden_states=True)
                     with model.disable_adapter():
                         reference = model(**ids).logits[0, -1]
+                    # measured: |diff| <= 4.1e-06 (relative 6.4e-03) under 4 CPU kernel settings (docs/testing.md)
                     torch.testing.assert_close(
                         decoder.twin_logits[i], out.logits[0, -1], atol=1e-4, rtol=1e-4
                     )
                 else:
                     out = reference = model(**ids, output_hidden_states=True)
                     reference = reference.logits[0, -1]
+            # measured: |diff| <= 1.9e-06 (relative 3.7e-03) under 4 CPU kernel settings (docs/testing.md)
             torch.testing.assert_close(decoder.logits[i], reference, atol=1e-4, rtol=1e-4)
+            # measured: |diff| <= 2.7e-06 (relative 1.1e-03) under 4 CPU kernel settings (docs/testing.md)
             torch.testing.assert_close(
                 decoder.hidden[i], out.decoder_hidden_states[-1][0, -1], atol=1e-4, rtol=1e-4
             )
@@ -250,7 +254,9 @@ def test_sampling_log_probs_and_values_equal_evaluate_actions(t5, kwargs):
             decoder_attention_mask=batch.decoder_attention_mask,
         )
     assert log_prob.shape == (buffer.n_steps * buffer.n_envs,)
+    # measured: |diff| <= 1.7e-06 (relative 1.1e-05) under 4 CPU kernel settings (docs/testing.md)
     torch.testing.assert_close(log_prob, batch.old_log_prob, atol=1e-4, rtol=1e-4)
+    # measured: |diff| <= 6.6e-07 (relative 3.2e-06) under 4 CPU kernel settings (docs/testing.md)
     torch.testing.assert_close(values, batch.old_values, atol=1e-4, rtol=1e-4)
     assert (entropy >= 0).all()
 
@@ -281,6 +287,7 @@ def test_lora_trains_the_adapters_only_and_exports_a_plain_seq2seq_model(t5, tmp
     exported = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "export").eval()
     ids = {"input_ids": torch.tensor([list(b"Hello")]), "decoder_input_ids": torch.tensor([[256, 104, 105]])}
     with torch.no_grad():
+        # measured: |diff| <= 1.2e-06 (relative 4.3e-05) under 4 CPU kernel settings (docs/testing.md)
         torch.testing.assert_close(exported(**ids).logits, policy.model(**ids).logits, atol=1e-4, rtol=1e-4)
     assert (tmp_path / "export" / "value_head.safetensors").exists()
     assert is_seq2seq_lm(str(tmp_path / "export"))  # and the env loads the folder as a seq2seq reference

@@ -67,6 +67,7 @@ def test_accepted_step_stays_in_the_trust_region(tiny, kwargs):
     assert algo.logger.values["train/step_accepted"] == 1.0
     kl = reference_kl(old_model, algo.policy.model, algo.buffer, temperature=0.8)
     assert 0 < kl <= algo.target_kl + 1e-7
+    # measured: |diff| <= 5.8e-08 (relative 1.3e-05) under 4 CPU kernel settings (docs/testing.md)
     assert kl == pytest.approx(algo.logger.values["train/approx_kl"], rel=1e-3)
 
 
