@@ -15,20 +15,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from toys import toy_algo  # tests/ is on the path: pytest puts it there, and so does running this file
 
-sys.path.insert(0, os.path.dirname(__file__))
-from toys import toy_algo  # noqa: E402
-
-from algorithms.a2c import A2C  # noqa: E402
-from algorithms.nlpo import NLPO  # noqa: E402
-from algorithms.ppo import PPO  # noqa: E402
-from algorithms.trpo import TRPO  # noqa: E402
-from lm_gym.models import tiny_causal_lm, tiny_seq2seq_lm  # noqa: E402
+from algorithms.a2c import A2C
+from algorithms.nlpo import NLPO
+from algorithms.ppo import PPO
+from algorithms.trpo import TRPO
+from lm_gym.models import tiny_causal_lm, tiny_seq2seq_lm
 
 
 @dataclass(frozen=True)
