@@ -73,8 +73,9 @@ def write_checkpoint(root: str | Path, name: str, write: Callable[[Path], None],
     latest.write_text(name)
     os.replace(latest, root / "latest")
     # only once the new one is complete and named latest; never the new one
-    others = [c for c in _checkpoints(root) if c.name < name]
-    stale = [c for c in _checkpoints(root) if c.name > name]
+    existing = _checkpoints(root)
+    others = [c for c in existing if c.name < name]
+    stale = [c for c in existing if c.name > name]
     if keep is not None:
         stale += others[: max(len(others) - (keep - 1), 0)]
     for old in stale:
