@@ -5,7 +5,9 @@ A masking policy, a copy of the policy refreshed every ``mask_update_every`` ite
 step the smallest set of tokens whose probability reaches ``mask_top_p`` (at least ``min_tokens_to_keep``);
 the current policy samples inside that set, renormalized. The masks are stored with the rollout and applied
 again when PPO recomputes the log-probs, so the ratio compares two laws over the same kept set. The env's KL
-penalty uses the policy's unmasked log-probs.
+penalty uses the policy's unmasked log-probs. Both policies' laws are their tempered softmax; the policy's
+top-k/top-p filter applies after the mask, inside the kept set (so the draw always has tokens to choose
+from), and is not part of any log-prob (:mod:`lm_gym.sampling`).
 
 Defaults are the paper's IMDB configuration (RL4LMs
 ``scripts/training/task_configs/imdb_text_continuation/gpt2_nlpo.yml``: ``top_mask`` 0.9,
@@ -60,8 +62,8 @@ class TopPMaskLogitsProcessor(LogitsProcessor):
     def set_mask(self, mask_scores: torch.Tensor) -> torch.Tensor:
         """Build the mask from the masking policy's scores (N, V) (-inf allowed); hold it and return it."""
         keep_at_least = min(self.min_tokens_to_keep, mask_scores.shape[-1])
-        # NaN marks what the warper removes, so that tokens already at -inf (the policy's own top-k/top-p)
-        # still count toward min_tokens_to_keep.
+        # NaN marks what the warper removes, so that tokens already at -inf still count toward
+        # min_tokens_to_keep.
         nucleus = TopPLogitsWarper(self.top_p, filter_value=float("nan"), min_tokens_to_keep=keep_at_least)
         self.keep = ~nucleus(None, mask_scores.float()).isnan()  # (N, V)
         return self.keep
@@ -173,8 +175,9 @@ class NLPO(PPO):
             follow_observation(self._mask_decoder, obs, self._mask_last_actions)
         mask_logits = self._mask_decoder.logits  # (N, V)
         last = last_tokens(obs, mask_logits.device)  # (N, 1)
-        # the masking policy's law is the policy's sampling law (same warpers) at the older weights
-        keep = self.mask_processor.set_mask(self.policy.warpers(last, mask_logits.clone()))  # (N, V)
+        # the masking policy's law is the policy's law (same temperature) at the older weights
+        law = self.policy.law
+        keep = self.mask_processor.set_mask(law(last, mask_logits.clone()) if law else mask_logits)  # (N, V)
         actions, log_probs, values, unmasked = agent.act_with_processor(obs, self.mask_processor)
         self._mask_last_actions = actions
         self._kept_tokens.append(float(keep.sum(-1).float().mean()))

@@ -1,10 +1,11 @@
 """The batched language-model actor-critic.
 
 One causal LM is the actor; a value head on its last hidden state is the critic (a separate critic trunk
-is an option). Sampling is KV-cached and batched; the log-probs it returns come from exactly the
-distribution that was sampled (temperature, top-k, top-p applied by ``transformers`` logits warpers),
-and :meth:`LMActorCriticPolicy.evaluate_actions` recomputes them, for whole sequences in one
-teacher-forced forward pass, through the same warpers. With LoRA (``peft``) the frozen reference is the
+is an option). Sampling is KV-cached and batched. The policy's law is the tempered softmax over the whole
+vocabulary; top-k and top-p restrict which tokens are drawn but are not part of the log-probs (as in TRL
+and verl: see :mod:`lm_gym.sampling`), so the log-probs of the rollout, of the env's KL penalty and of
+:meth:`LMActorCriticPolicy.evaluate_actions` (whole sequences in one teacher-forced forward pass) are all
+``log softmax(logits / temperature)``, finite for every token. With LoRA (``peft``) the frozen reference is the
 same model with its adapters switched off: no second copy of the weights.
 
 An encoder-decoder LM (T5-style) works the same way (RL4LMs' seq2seq policies): the observations carry the
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
-from lm_gym.sampling import sample, sampling_warpers
+from lm_gym.sampling import policy_warpers, sample, sampling_filters
 from lm_gym.seq2seq import follow_observation, is_encoder_decoder, last_tokens, make_decoder
 
 __all__ = ["LMActorCriticPolicy", "RolloutAgent"]
@@ -46,11 +47,12 @@ class LMActorCriticPolicy(nn.Module):
         lora_alpha: LoRA scaling numerator (``alpha / r`` scales the update).
         lora_target_modules: modules that get adapters (``"all-linear"`` by default).
         separate_critic: give the critic its own copy of the trunk instead of sharing the actor's.
-        gradient_checkpointing: recompute activations in the backward pass instead of storing them (less
-            memory for ~30% more update time).
-        temperature: sampling temperature.
-        top_k: sample among the k most likely tokens (0 = off).
-        top_p: nucleus sampling mass (1.0 = off).
+        gradient_checkpointing: recompute each layer's activations in the backward pass instead of storing
+            them: less memory for one more forward pass of the layers (``benchmarks/memory.py`` measures the
+            saving); the values and gradients are the same.
+        temperature: the policy's temperature: its law is ``softmax(logits / temperature)``.
+        top_k: draw among the k most likely tokens (0 = off); a sampling filter, not part of the log-probs.
+        top_p: draw among the nucleus of this mass (1.0 = off); a sampling filter, not part of the log-probs.
     """
 
     def __init__(
@@ -71,7 +73,8 @@ class LMActorCriticPolicy(nn.Module):
         if lora_r < 0:
             raise ValueError(f"lora_r must be >= 0 (0 = full fine-tuning); got {lora_r}")
         self.tokenizer = tokenizer
-        self.warpers = sampling_warpers(temperature, top_k, top_p)
+        # the policy's law (temperature) and the filter of the draw (top-k, top-p): lm_gym.sampling
+        self.law, self.filters = policy_warpers(temperature), sampling_filters(top_k, top_p)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.lora_r = lora_r
         model.eval()  # dropout off for good: RL on LMs trains with it off (Ziegler et al.; TRL)
@@ -199,11 +202,11 @@ class LMActorCriticPolicy(nn.Module):
                 encoder-decoder (B, D), over ``decoder_input_ids``.
             entropy_grad: keep the entropy in the autograd graph (needed only for an entropy bonus;
                 without it the (M, V) tensors of the entropy are freed at once).
-            return_log_probs_all: also return the (M, V) log-probs of every token under the warped
-                sampling law (for an exact KL between two policies, as TRPO needs).
+            return_log_probs_all: also return the (M, V) log-probs of every token under the policy's law
+                (for an exact KL between two policies, as TRPO needs).
             action_masks: (M, V) bool, optional: the tokens each action was allowed among (NLPO's masks,
-                in ``action_mask.nonzero()`` order). The others are set to -inf after the warpers, so
-                log-probs and entropy are those of the masked law the actions were sampled from.
+                in ``action_mask.nonzero()`` order). The others are set to -inf after the temperature, so
+                log-probs and entropy are those of the masked law.
             decoder_input_ids: (B, D) encoder-decoder only: the decoder sequences (start token, then the
                 generated tokens), as :class:`~algorithms.common.buffer.SequenceBatch` carries them.
             decoder_attention_mask: (B, D).
@@ -230,28 +233,26 @@ class LMActorCriticPolicy(nn.Module):
         # no logits are needed before the first action: skip the prompt's where the model allows it
         first = int(cols.min()) if self._logits_to_keep else 0
         keep = {"logits_to_keep": input_ids.shape[1] - first} if self._logits_to_keep else {}
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            output_hidden_states=True,
-            **keep,
-        )
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": positions,
+            "output_hidden_states": True,
+            "use_cache": False,  # one pass: no KV cache to build (and none allowed with checkpointing)
+        }
+        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
+        with _train_mode(self.model, checkpointing):  # transformers checkpoints only in train mode
+            out = self.model(**inputs, **keep)
         logits = out.logits[rows, cols - first].float()  # (M, V)
         hidden = out.hidden_states[-1][rows, cols] if self.critic_trunk is None else None  # (M, H)
         del out  # the (B, L, V) logits are not needed past this point
         actions = input_ids[rows, cols + 1]  # (M,)
-        log_prob, entropy, log_probs_all = self._warped_log_probs(
+        log_prob, entropy, log_probs_all = self._law_log_probs(
             input_ids[rows, cols][:, None], logits, actions, action_masks, entropy_grad
         )
         if hidden is None:
-            critic = self.critic_trunk(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=positions,
-                output_hidden_states=True,
-            )
-            hidden = critic.hidden_states[-1][rows, cols]
+            with _train_mode(self.critic_trunk, checkpointing):
+                hidden = self.critic_trunk(**inputs).hidden_states[-1][rows, cols]
         value = self.value_head(hidden.to(self.value_head.weight.dtype))[:, 0]
         if return_log_probs_all:
             return log_prob, entropy, value, log_probs_all
@@ -279,22 +280,25 @@ class LMActorCriticPolicy(nn.Module):
             "use_cache": False,
             "output_hidden_states": True,
         }
-        out = self.model(**inputs)
+        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
+        with _train_mode(self.model, checkpointing):  # transformers checkpoints only in train mode
+            out = self.model(**inputs)
         logits = out.logits[rows, cols].float()  # (M, V)
         hidden = out.decoder_hidden_states[-1][rows, cols] if self.critic_trunk is None else None  # (M, H)
         del out  # the (B, D, V) logits are not needed past this point
         actions = decoder_input_ids[rows, cols + 1]  # (M,)
-        log_prob, entropy, log_probs_all = self._warped_log_probs(
+        log_prob, entropy, log_probs_all = self._law_log_probs(
             decoder_input_ids[rows, cols][:, None], logits, actions, action_masks, entropy_grad
         )
         if hidden is None:
-            hidden = self.critic_trunk(**inputs).decoder_hidden_states[-1][rows, cols]
+            with _train_mode(self.critic_trunk, checkpointing):
+                hidden = self.critic_trunk(**inputs).decoder_hidden_states[-1][rows, cols]
         value = self.value_head(hidden.to(self.value_head.weight.dtype))[:, 0]
         if return_log_probs_all:
             return log_prob, entropy, value, log_probs_all
         return log_prob, entropy, value
 
-    def _warped_log_probs(
+    def _law_log_probs(
         self,
         context: torch.Tensor,
         logits: torch.Tensor,
@@ -302,9 +306,9 @@ class LMActorCriticPolicy(nn.Module):
         action_masks: torch.Tensor | None,
         entropy_grad: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """log_prob (M,), entropy (M,) and log_probs_all (M, V) of ``actions`` under the sampling law: the
-        warpers (given each action's preceding token, ``context`` (M, 1)) and NLPO's ``action_masks``."""
-        scores = self.warpers(context, logits)  # same law as when sampling
+        """log_prob (M,), entropy (M,) and log_probs_all (M, V) of ``actions`` under the policy's law: the
+        temperature (given each action's preceding token, ``context`` (M, 1)) and NLPO's ``action_masks``."""
+        scores = self.law(context, logits) if self.law else logits  # the law of the rollout's log-probs
         if action_masks is not None:
             scores = scores.masked_fill(~action_masks, float("-inf"))  # (M, V)
         log_probs_all = torch.log_softmax(scores, dim=-1)  # (M, V)
@@ -342,28 +346,54 @@ class LMActorCriticPolicy(nn.Module):
 
 @contextmanager
 def _train_mode(model: nn.Module, on: bool) -> Iterator[None]:
-    """Train mode for the block (gradient checkpointing needs it; KV-cached sampling needs eval mode)."""
+    """Train mode for the block when ``on``, where gradient checkpointing looks for it; eval mode again after it.
+
+    transformers checkpoints a layer (a ``GradientCheckpointingLayer``: Llama/SmolLM2's decoder layers, T5's
+    blocks) only when ``layer.gradient_checkpointing and layer.training``, so only those layers switch; the
+    modules inside them (attention, MLP, dropout, LoRA) stay in eval mode. That matters because the backward pass
+    recomputes the layers after this block has ended, in eval mode: a module that reads ``self.training`` would
+    recompute a different graph, which torch's checkpoint rejects (T5's attention, which also carries a
+    ``gradient_checkpointing`` flag, marks its zero position bias ``requires_grad`` in train mode). A model
+    without such layers (older style: the stack checkpoints its layers) switches every flagged module. KV-cached
+    sampling needs eval mode (transformers drops the cache of a checkpointed layer in train mode)."""
     if not on:
         yield
         return
-    model.train()
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    flagged = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    gates = [m for m in flagged if isinstance(m, GradientCheckpointingLayer)] or flagged
+    for module in gates:
+        module.training = True  # this module only (train() would recurse into its submodules)
     try:
         yield
     finally:
-        model.eval()
+        for module in gates:
+            module.training = False
 
 
 def _zero_dropout(model: nn.Module) -> None:
+    """Every dropout probability to 0, so that train mode (for gradient checkpointing) adds no noise: dropout
+    modules, the float rates that attention modules keep from their config (``T5Attention.dropout``,
+    ``LlamaAttention.attention_dropout``: read only in train mode), and the config's (and sub-configs') rates."""
     for module in model.modules():
-        if isinstance(module, nn.Dropout):
+        if isinstance(module, nn.modules.dropout._DropoutNd):  # Dropout, Dropout1d/2d/3d, AlphaDropout
             module.p = 0.0
-    for key, value in vars(model.config).items():
-        if "dropout" in key and isinstance(value, float):
-            setattr(model.config, key, 0.0)
+        for key, value in list(vars(module).items()):
+            if "dropout" in key and isinstance(value, float):
+                setattr(module, key, 0.0)
+    configs = [model.config]
+    while configs:
+        config = configs.pop()
+        for key, value in list(vars(config).items()):
+            if "dropout" in key and isinstance(value, float):
+                setattr(config, key, 0.0)
+            elif hasattr(value, "to_dict") and hasattr(value, "model_type"):  # a sub-config (text_config)
+                configs.append(value)
 
 
 class RolloutAgent:
-    """Samples for N environments: actions, their log-probs under the sampling law, and state values.
+    """Samples for N environments: actions, their log-probs under the policy's law, and state values.
 
     Args:
         policy: the actor-critic.
@@ -413,23 +443,24 @@ class RolloutAgent:
     def act_with_processor(
         self, obs: dict[str, np.ndarray], processor: LogitsProcessor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Like :meth:`act`, sampling from the warped law further changed by ``processor`` (applied after the
-        policy's warpers, e.g. NLPO's action mask).
+        """Like :meth:`act`, with the policy's law further changed by ``processor`` (applied after the
+        temperature and before the top-k/top-p filter, e.g. NLPO's action mask: the filter then keeps
+        tokens inside the mask, so the draw never has an empty support).
 
         Returns:
-            actions (N,); their log-probs under the law sampled from, ``processor`` included (N,); values
-            (N,); and their log-probs under the warped law without ``processor`` (N,), e.g. for the KL
+            actions (N,); their log-probs under the policy's law, ``processor`` included (N,); values
+            (N,); and their log-probs under the policy's law without ``processor`` (N,), e.g. for the KL
             penalty. Without ``processor`` the two log-probs are the same tensor.
         """
         logits, hidden = self._hidden_and_logits(obs)  # (N, V), (N, H)
         last = last_tokens(obs, logits.device)  # (N, 1)
-        warpers = self.policy.warpers
+        law = self.policy.law
         if processor is not None:
-            warpers = LogitsProcessorList([*warpers, processor])
-        actions, log_probs, entropy = sample(logits, last, warpers, self.generator)
+            law = LogitsProcessorList([*law, processor])
+        actions, log_probs, entropy = sample(logits, last, law, self.policy.filters, self.generator)
         unprocessed = log_probs
         if processor is not None:
-            scores = self.policy.warpers(last, logits.clone())  # (N, V)
+            scores = self.policy.law(last, logits.clone()) if self.policy.law else logits  # (N, V)
             unprocessed = torch.log_softmax(scores, dim=-1).gather(1, actions[:, None])[:, 0]
         self._entropy_sum += float(entropy.sum())
         self._entropy_count += len(entropy)
@@ -444,5 +475,5 @@ class RolloutAgent:
 
     @property
     def mean_entropy(self) -> float:
-        """Mean entropy (nats) of the sampling distributions so far."""
+        """Mean entropy (nats) of the policy's laws (NLPO: masked) at the steps so far."""
         return self._entropy_sum / max(1, self._entropy_count)

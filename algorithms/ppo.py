@@ -2,7 +2,8 @@
 
 Defaults follow TRL's PPO and SB3 where they agree with the LM setting (see docs/algorithms.md):
 clip 0.2 on the ratio and on the value, 4 epochs, value coefficient 0.1 (TRL; SB3 uses 0.5),
-advantages whitened per rollout, gradient norm clipped at 0.5.
+advantages whitened per rollout, gradient norm clipped at 0.5. The value clipping is TRL's and OpenAI
+baselines': the larger of the clipped and unclipped squared errors (:func:`clipped_value_loss`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,30 @@ import torch
 from algorithms.common.on_policy import OnPolicyAlgorithm, _check
 from algorithms.policy import LMActorCriticPolicy
 
-__all__ = ["PPO"]
+__all__ = ["PPO", "clipped_value_loss"]
+
+
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip_range_vf: float | None
+) -> torch.Tensor:
+    """The value loss, ``0.5 * mean((V - R)^2)``, or with ``clip_range_vf`` its pessimistic clipped form
+    ``0.5 * mean(max((V - R)^2, (V_clip - R)^2))``, ``V_clip = V_old + clip(V - V_old, -eps_v, eps_v)``
+    (OpenAI baselines' ppo2, TRL's PPO, CleanRL's ``clip_vloss``). The max keeps the unclipped error's
+    gradient when the value has moved past the clip *away* from the return; the clipped value's loss
+    alone (SB3's ``clip_range_vf``) has no gradient there.
+
+    Args:
+        values: V, the values being trained (M,).
+        old_values: V_old, the values of the rollout (M,).
+        returns: R, the GAE returns (M,).
+        clip_range_vf: eps_v, or None for the plain squared error.
+    """
+    v_loss_unclipped = (values - returns) ** 2
+    if clip_range_vf is None:
+        return 0.5 * v_loss_unclipped.mean()
+    v_clipped = old_values + torch.clamp(values - old_values, -clip_range_vf, clip_range_vf)
+    v_loss_clipped = (v_clipped - returns) ** 2
+    return 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
 
 
 class PPO(OnPolicyAlgorithm):
@@ -24,7 +48,8 @@ class PPO(OnPolicyAlgorithm):
         n_epochs: passes over each rollout.
         batch_size: episode segments per minibatch (each is one teacher-forced sequence).
         clip_range: epsilon of the clipped ratio.
-        clip_range_vf: clip of the value update around the old value (None = off).
+        clip_range_vf: clip of the value around the old value; the loss is the larger of the clipped and
+            unclipped squared errors (TRL, OpenAI baselines; None = off).
         vf_coef: weight of the value loss.
         ent_coef: weight of the entropy bonus.
         target_kl: stop the epochs early when the approximate KL to the rollout policy exceeds
@@ -86,13 +111,7 @@ class PPO(OnPolicyAlgorithm):
                     advantages * ratio,
                     advantages * torch.clamp(ratio, 1 - self.clip_range, 1 + self.clip_range),
                 ).mean()
-                if self.clip_range_vf is None:
-                    values_pred = values
-                else:
-                    values_pred = batch.old_values + torch.clamp(
-                        values - batch.old_values, -self.clip_range_vf, self.clip_range_vf
-                    )
-                value_loss = 0.5 * ((batch.returns - values_pred) ** 2).mean()
+                value_loss = clipped_value_loss(values, batch.old_values, batch.returns, self.clip_range_vf)
                 entropy_loss = -entropy.mean()
                 loss = policy_loss + self.vf_coef * value_loss + self.ent_coef * entropy_loss
 

@@ -31,9 +31,10 @@ Points where SB3's conventions meet the LM setting:
 * SB3's rollout buffers store observations as float32; token ids below 2**24 are exact, and are turned
   back into int64 here.
 * A2C/PPO/TRPO bootstrap the value of the last observation when an episode is *truncated* (SB3 reads
-  ``TimeLimit.truncated``), and ``TextGen-v0`` reports ``max_new_tokens`` as truncation. So with SB3 the
-  reward of such a final step becomes ``score + gamma * V(final text)``; lm-gym's algorithms treat it as
-  terminal instead.
+  ``TimeLimit.truncated``). ``TextGen-v0`` never truncates: a text ends, scored, at a stop token or at
+  ``max_new_tokens``, and both are reported as ``terminated``, so SB3 adds no ``gamma * V(final text)`` on
+  top of the score, and treats the end as terminal, as lm-gym's algorithms do. (A ``TimeLimit`` of your own
+  below ``max_new_tokens`` truncates texts before their score; SB3 rightly bootstraps those.)
 * TRPO tells actor from critic parameters by name (``"value" in name``). The head here is ``value_net``;
   an LM whose own parameter names contain ``"value"`` (GPT-NeoX's ``query_key_value``) would be taken
   for critic weights by TRPO. TRPO also differentiates every parameter, so it needs every LM weight to
@@ -321,7 +322,8 @@ class LMSB3Policy(ActorCriticPolicy):
         return self.action_dist.proba_distribution(action_logits=logits)
 
     def predict_values(self, obs: PyTorchObs) -> torch.Tensor:
-        """(B, 1) the critic's V(s) (SB3 bootstraps the last and the truncated observations with it)."""
+        """(B, 1) the critic's V(s) (SB3 bootstraps the rollout's last observations with it, and a truncated
+        episode's, which TextGen-v0 itself never reports)."""
         _, hidden, _, _ = self._lm_forward(obs)
         return self._value(hidden)
 

@@ -12,8 +12,9 @@ sqrt(2 * target_kl / s^T H s) * s reaches the border of the quadratic trust regi
 search shrinks it until the surrogate improves and the exact KL is within ``target_kl`` (no step if no try
 passes). The critic is fitted afterwards, separately, with the actor frozen.
 
-For a language model the KL is exact: over the whole vocabulary under the sampling law (temperature,
-top-k, top-p), averaged over every action of the rollout; the old distributions are computed once per
+For a language model the KL is exact: over the whole vocabulary under the policy's law (the tempered
+softmax; top-k/top-p filter the draw but are not part of the law, so the KL is always finite: see
+:mod:`lm_gym.sampling`), averaged over every action of the rollout; the old distributions are computed once per
 update, without gradient. Every pass runs over minibatches of ``batch_size`` segments and sums their
 surrogates, gradients, Hessian-vector products and KLs, so activations never exceed one minibatch's (what
 grows with the rollout: the old (M, V) log-probs, and a few vectors of the actor's size for conjugate
@@ -224,11 +225,13 @@ class TRPO(OnPolicyAlgorithm):
         n_fisher = sum(len(o) for o in old_log_probs_all)
 
         def kl_gradient(batch: SequenceBatch, old_all: torch.Tensor) -> torch.Tensor:
-            # the fused attention kernels have no second derivative; the plain "math" one has
+            # the fused attention kernels have no second derivative; the plain "math" one has. The backward passes
+            # run under it too: with gradient checkpointing they recompute the layers (the first derivative, and
+            # again each Hessian-vector product), and a recomputation must take the forward's kernel
             with sdpa_kernel(SDPBackend.MATH):
                 _, _, log_probs_all = self._evaluate(batch)
-            kl = _exact_kl(old_all, log_probs_all).sum() / n_fisher
-            return flat_grad(kl, self.actor_params, create_graph=True, retain_graph=True)
+                kl = _exact_kl(old_all, log_probs_all).sum() / n_fisher
+                return flat_grad(kl, self.actor_params, create_graph=True, retain_graph=True)
 
         # one minibatch: keep its first-derivative graph for every product; several: rebuild each one per
         # product, so that only one minibatch's graph is alive at a time
@@ -238,9 +241,10 @@ class TRPO(OnPolicyAlgorithm):
             product = torch.zeros_like(vector)
             for batch, old_all in zip(batches, old_log_probs_all):
                 grad_kl = cached if cached is not None else kl_gradient(batch, old_all)
-                product += flat_grad(
-                    (grad_kl * vector).sum(), self.actor_params, retain_graph=cached is not None
-                )
+                with sdpa_kernel(SDPBackend.MATH):  # the recomputation of gradient checkpointing (above)
+                    product += flat_grad(
+                        (grad_kl * vector).sum(), self.actor_params, retain_graph=cached is not None
+                    )
             return self.all_reduce_mean(product) + self.cg_damping * vector  # the Fisher of all processes
 
         # sb3-contrib's solver starts from a little noise: seed it per iteration (same run, resumable)
@@ -272,7 +276,7 @@ class TRPO(OnPolicyAlgorithm):
 
 def _exact_kl(old_log_probs_all: torch.Tensor, log_probs_all: torch.Tensor) -> torch.Tensor:
     """(M,) KL(old || new) = sum_v p_old(v) (log p_old(v) - log p_new(v)) from (M, V) log-probs; tokens
-    outside the old law's support (top-k / top-p) add 0."""
+    outside the old law's support (p_old = 0) add 0."""
     old_probs = old_log_probs_all.exp()
     return torch.where(old_probs > 0, old_probs * (old_log_probs_all - log_probs_all), 0.0).sum(-1)
 

@@ -61,7 +61,7 @@ def ours(envs: TextGenVectorEnv, policy, prompts: list[str], new_tokens: int, se
             envs.set_policy_log_probs(log_probs)
             obs, rewards, terminated, truncated, infos = envs.step(actions)
         elapsed = time.perf_counter() - start
-    assert truncated.all() and "_score" in infos and np.isfinite(rewards).all()
+    assert terminated.all() and not truncated.any() and "_score" in infos and np.isfinite(rewards).all()
     return elapsed
 
 

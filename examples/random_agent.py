@@ -19,7 +19,9 @@ import lm_gym  # noqa: F401  (importing it registers TextGen-v0)
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", default="smollm2-135m", help="tiny, smollm2-135m, a folder or a Hub id")
 parser.add_argument("--episodes", type=int, default=2, help="episodes to play")
-parser.add_argument("--max-new-tokens", type=int, default=16, help="episode length limit (truncation)")
+parser.add_argument(
+    "--max-new-tokens", type=int, default=16, help="the text ends, scored, at this many tokens"
+)
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
 
@@ -41,7 +43,7 @@ for episode in range(args.episodes):
         obs, reward, terminated, truncated, info = env.step(action)
         episode_return += reward
         steps += 1
-        done = terminated or truncated  # terminated: EOS emitted; truncated: length limit reached
+        done = terminated or truncated  # terminated: EOS or max_new_tokens (the env itself never truncates)
         if steps == 1:
             # Every step: prompt, text (completion so far), ref_log_prob (the reference LM's log-prob of the
             # token we chose) and kl_penalty. With no log-probs from the agent there is no KL (no
@@ -50,7 +52,7 @@ for episode in range(args.episodes):
     # The last step's info also holds "score", the reward model's rating (VADER sentiment here).
     print(f"final info keys: {sorted(info)}")
     print(f"text:   {info['text']!r}")
-    print(f"steps {steps}, {'terminated (EOS)' if terminated else 'truncated (length limit)'}")
+    print(f"steps {steps}, terminated at {'the length limit' if steps == args.max_new_tokens else 'EOS'}")
     print(
         f"score {info['score']:+.3f}  return {episode_return:+.3f}  (return = score: no KL without log-probs)"
     )

@@ -82,7 +82,7 @@ agent = PPO(
     n_epochs=2,
     learning_rate=1e-5,  # small: every weight of a pretrained LM is trained
     gamma=1.0,  # no discount: the score arrives at the end of the text, nothing should shrink it
-    # Note: SB3 treats truncation (max_new_tokens reached) as a time limit and adds gamma * V(final text).
+    # The text ends *terminated* at EOS or max_new_tokens (it is scored there): SB3 bootstraps nothing past it.
     verbose=1,
     seed=0,
 )

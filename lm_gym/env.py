@@ -54,11 +54,22 @@ class TextGenEnv(gym.Env):
 
     ## Rewards
 
-    At every step ``t``: ``r_t = -kl_coef * KL_t`` with ``KL_t = log pi(a_t|s_t) - log pi_ref(a_t|s_t)``
-    (the "k1" estimator; ``kl_estimator="k3"`` gives ``(exp(l) - 1) - l``, ``l = -KL_t``). At the last
-    step the reward-model score of the finished text is added. ``log pi_ref`` comes from the reference's
-    full softmax at ``temperature``; when the policy samples at a temperature, pass the same one so that
-    both sides of the log-ratio describe the same distribution.
+    At every step ``t``: ``r_t = -kl_coef * KL_t`` with ``KL_t = log pi(a_t|s_t) - log pi_ref(a_t|s_t)``,
+    the "k1" estimator, always: of the per-token estimators it is the only one whose policy gradient as a
+    reward (REINFORCE, the reward held fixed) is the gradient of KL(pi || pi_ref). k3 = ``(exp(l) - 1) - l``
+    (``l = -KL_t``), though unbiased for the KL's value, would push along grad KL(pi || pi_ref) - grad
+    KL(pi_ref || pi): near zero close to the reference and, far from it, often at more than 90 degrees from
+    the KL's gradient (see :mod:`lm_gym.kl`); the env refuses it. At the last step the reward-model score of
+    the finished text is added.
+
+    The two sides of the log-ratio: ``pi`` is the policy's *tempered softmax over the whole vocabulary*,
+    ``softmax(logits / temperature)``, and ``pi_ref`` the reference's, ``softmax(ref_logits /
+    temperature)`` at the same ``temperature`` (the env computes this side). Top-k and top-p are a sampling
+    filter (which tokens may be drawn), not part of ``pi``: the log-prob the agent must tell the env is the
+    tempered full-softmax log-prob of the token it drew, even when it samples with top-k/top-p (as TRL and
+    verl compute it). The log-ratio is then always finite, and a policy equal to the reference gives
+    ``KL_t = 0`` exactly under every sampling setting. With top-k/top-p the average of ``KL_t`` is the mean
+    log-ratio at the tokens the filtered sampler draws, which is 0 when ``pi = pi_ref``.
 
     A score must be one finite real number per text (:func:`lm_gym.rewards.checked_scores`): a reward
     function that returns NaN, an infinity, None, a string, a complex number or the wrong number of scores
@@ -87,8 +98,11 @@ class TextGenEnv(gym.Env):
 
     ## Episode End
 
-    * Termination: the agent emits a stop token (the tokenizer's EOS by default, ``stop_token_ids``).
-    * Truncation: ``max_new_tokens`` tokens were generated without a stop token.
+    * Termination: the text is final and scored there: the agent emitted a stop token (the tokenizer's EOS by
+      default, ``stop_token_ids``) or the ``max_new_tokens``-th token. The length limit is part of the task,
+      so the state it reaches is terminal: a learner must not bootstrap a value past it.
+    * Truncation: never by the env itself (``truncated`` is always False). A time limit of your own belongs
+      to a wrapper, such as Gymnasium's ``TimeLimit``.
 
     Calling ``step`` after the end, without ``reset``, raises an error.
 
@@ -123,13 +137,17 @@ class TextGenEnv(gym.Env):
         split: ``"train"`` or ``"eval"`` prompts of the task.
         kl_coef: ``beta`` of the KL penalty, finite and >= 0 (default 0.05, current TRL's fixed coefficient).
             ``env.unwrapped.kl_coef = beta`` changes it later, checked the same way.
-        kl_estimator: ``"k1"`` (default) or ``"k3"``.
-        max_new_tokens: episode length limit (truncation).
+        kl_estimator: ``"k1"``, the only value (kept for compatibility); another one (``"k3"``) is a
+            ``ValueError`` (see Rewards).
+        max_new_tokens: the length limit of a text: the episode terminates, scored, at this many tokens.
         max_prompt_tokens: prompts are cut to their last ``max_prompt_tokens`` tokens. The observation's
             ``max_prompt_tokens + max_new_tokens`` tokens must fit the model's positions
             (``config.max_position_embeddings``, else the tokenizer's ``model_max_length``); with an
             encoder-decoder, the encoder's ``max_prompt_tokens`` and the decoder's ``max_new_tokens + 1``.
-        temperature: temperature of the reference's softmax; match the policy's sampling temperature.
+        temperature: the temperature of both sides of the KL: the env takes ``log pi_ref`` from
+            ``softmax(ref_logits / temperature)``, and the policy's log-prob must be that of
+            ``softmax(logits / temperature)`` over the whole vocabulary, the temperature it samples at,
+            whatever top-k/top-p filter it samples through (see Rewards).
         stop_token_ids: tokens that end an episode; default the tokenizer's EOS.
         device: where the reference (and a reward model named by ``reward``) runs; default CUDA when
             available, else CPU.
@@ -155,6 +173,16 @@ class TextGenEnv(gym.Env):
         render_mode: ``"ansi"`` (``render()`` returns the text) or ``"human"`` (prints it).
 
     ## Version History
+
+    * v0, the release after lm-gym 0.1.0 (issue 14):
+
+      - The end at ``max_new_tokens`` is reported as ``terminated`` (was ``truncated``), so Gymnasium-correct
+        learners (stable-baselines3 among them) no longer bootstrap ``gamma * V`` past a text already scored.
+      - The KL penalty is always k1; ``kl_estimator="k3"`` is refused (as a per-token reward its policy
+        gradient is not the KL's).
+      - ``log pi`` in the KL is the tempered softmax over the whole vocabulary; top-k/top-p only filter the
+        sampling (was: the log-prob under the filtered sampling law, against the reference's full softmax,
+        so that a policy equal to the reference had a KL above 0 under top-k/top-p).
 
     * v0: initial version.
     """

@@ -1,11 +1,30 @@
 """KL between the policy and the frozen reference: per-token estimators and the coefficient's controllers.
 
-With ``logp = log pi(a|s)`` and ``ref_logp = log pi_ref(a|s)`` for a token ``a`` *sampled from pi*:
+With ``logp = log pi(a|s)`` and ``ref_logp = log pi_ref(a|s)`` for a token ``a`` *sampled from pi*, and
+``l = ref_logp - logp`` (Schulman, "Approximating KL divergence", 2020):
 
-* ``k1 = logp - ref_logp``: unbiased for KL(pi || pi_ref), can be negative for one sample; the estimator
+* ``k1 = logp - ref_logp = -l``: unbiased for KL(pi || pi_ref), can be negative for one sample; the estimator
   of the RLHF reward (Ziegler et al. 2019, eq. 2; InstructGPT eq. 2).
-* ``k3 = (exp(l) - 1) - l`` with ``l = ref_logp - logp``: also unbiased, never negative, lower variance
-  (Schulman, "Approximating KL divergence", 2020).
+* ``k2 = l**2 / 2``: biased (exact to second order near ``pi = pi_ref``), never negative, low variance.
+* ``k3 = (exp(l) - 1) - l``: unbiased, never negative, lower variance than k1.
+
+Their *values* estimate KL(pi || pi_ref) (k1 and k3 without bias); their *gradients* depend on how they are
+used. With the expectation over ``a ~ pi`` taken exactly (``tests/test_kl.py`` checks each entry with autograd
+on a small categorical):
+
+=========  =================================================  ============================================
+estimator  as a per-token reward (REINFORCE, ``f`` fixed):    in a loss differentiated through ``log pi``,
+           ``E_pi[f * grad log pi]``                          on-policy samples: ``E_pi[grad f]``
+=========  =================================================  ============================================
+k1         grad KL(pi || pi_ref), unbiased                    0 in expectation
+k2         not a KL gradient                                  grad KL(pi || pi_ref)
+k3         not a KL gradient: grad KL(pi || pi_ref)           grad KL(pi_ref || pi) (the reverse KL)
+           - grad KL(pi_ref || pi), near 0 close to pi_ref,
+           often at more than 90 degrees from it far away
+=========  =================================================  ============================================
+
+So ``TextGen-v0``'s per-token reward is k1, always (:class:`lm_gym.env.TextGenEnv`); k3 stays here to log a
+KL's value, and k2 for losses.
 """
 
 from __future__ import annotations
@@ -19,18 +38,21 @@ import torch
 __all__ = ["AdaptiveKLController", "FixedKLController", "kl_estimate"]
 
 T = TypeVar("T", torch.Tensor, np.ndarray, float)
-KLEstimator = Literal["k1", "k3"]
+KLEstimator = Literal["k1", "k2", "k3"]
 
 
 def kl_estimate(logp: T, ref_logp: T, estimator: KLEstimator = "k1") -> T:
-    """Per-sample estimate of KL(pi || pi_ref) from the log-probs of the sampled tokens."""
+    """Per-sample estimate of KL(pi || pi_ref) from the log-probs of the sampled tokens (k1, k2 or k3 of the
+    module docstring, which says which gradient each one gives)."""
     if estimator == "k1":
         return logp - ref_logp
+    if estimator == "k2":
+        return 0.5 * (logp - ref_logp) ** 2
     if estimator == "k3":
         log_ratio = ref_logp - logp
         exp = torch.exp if isinstance(log_ratio, torch.Tensor) else np.exp
         return exp(log_ratio) - 1 - log_ratio
-    raise ValueError(f"kl estimator must be 'k1' or 'k3'; got {estimator!r}")
+    raise ValueError(f"kl estimator must be 'k1', 'k2' or 'k3'; got {estimator!r}")
 
 
 class FixedKLController:
@@ -45,7 +67,7 @@ class FixedKLController:
             raise ValueError(f"kl_coef must be finite and >= 0; got {kl_coef}")
         self.value = float(kl_coef)
 
-    def update(self, current_kl: float, n_steps: int) -> float:
+    def update(self, current_kl: float, n_samples: int) -> float:
         """Leave ``beta`` as it is and return it."""
         return self.value
 
@@ -61,15 +83,17 @@ class FixedKLController:
 class AdaptiveKLController(FixedKLController):
     """Ziegler et al. (2019), section 2.2: steer ``beta`` so that the observed KL tracks a target.
 
-    ``e = clip(KL / target - 1, -0.2, 0.2)`` and ``beta <- beta * (1 + e * n_steps / horizon)``. Old TRL
-    defaults: init 0.2, target 6, horizon 10000. RL4LMs replaces ``n_steps / horizon`` by a fixed gain of
-    0.1 (pass ``gain=0.1``).
+    ``e = clip(KL / target - 1, -0.2, 0.2)`` and ``beta <- beta * (1 + e * n_samples / horizon)``, where
+    ``n_samples`` is the number of texts (samples) the KL was measured on, over all processes: Ziegler et
+    al.'s code (lm-human-preferences, ``kl_ctl.update(kl, ppo.batch_size)``) and TRL's
+    (``kl_ctl.update(kl, batch_size * num_processes)``). Old TRL defaults: init 0.2, target 6, horizon
+    10000. RL4LMs replaces ``n_samples / horizon`` by a fixed gain of 0.1 (pass ``gain=0.1``).
 
     Args:
         kl_coef: the initial ``beta``.
         target: the KL (nats per sequence) to track.
-        horizon: steps over which a full correction is applied.
-        gain: if given, used instead of ``n_steps / horizon``.
+        horizon: samples (texts, not tokens) over which a full correction is applied.
+        gain: if given, used instead of ``n_samples / horizon``.
     """
 
     def __init__(
@@ -89,20 +113,21 @@ class AdaptiveKLController(FixedKLController):
         self.horizon = int(horizon)
         self.gain = None if gain is None else float(gain)
 
-    def update(self, current_kl: float, n_steps: int) -> float:
-        """Move ``beta`` after a rollout of ``n_steps`` whose mean KL was ``current_kl``; return it.
+    def update(self, current_kl: float, n_samples: int) -> float:
+        """Move ``beta`` after a batch of ``n_samples`` texts whose mean KL per text was ``current_kl``;
+        return it.
 
         Raises:
             ValueError: if ``current_kl`` is not finite (it would turn ``beta`` into NaN for good) or
-                ``n_steps`` is negative.
+                ``n_samples`` is negative.
         """
         current_kl = float(current_kl)
         if not math.isfinite(current_kl):
             raise ValueError(f"current_kl must be finite; got {current_kl}")
-        if n_steps < 0:
-            raise ValueError(f"n_steps must be >= 0; got {n_steps}")
+        if n_samples < 0:
+            raise ValueError(f"n_samples must be >= 0; got {n_samples}")
         error = float(np.clip(current_kl / self.target - 1.0, -0.2, 0.2))
-        step = self.gain if self.gain is not None else n_steps / self.horizon
+        step = self.gain if self.gain is not None else n_samples / self.horizon
         self.value *= 1.0 + error * step
         return self.value
 

@@ -4,8 +4,17 @@
 the observations, keeps one KV cache for all rows (:class:`~lm_gym.decoding.BatchedDecoder`), and samples
 the next tokens with temperature / top-k / top-p applied through ``transformers`` logits warpers (drawn
 by :func:`categorical`, an inversion of the CDF, not ``torch.multinomial``: 15x cheaper on CPU for a
-large vocabulary). It returns the log-probabilities of the sampled tokens *under the distribution they
-were drawn from*, which is what the environment's KL term and a PPO ratio need.
+large vocabulary).
+
+**The policy and the sampling filter.** The policy ``pi`` is the tempered softmax over the whole
+vocabulary, ``softmax(logits / temperature)`` (:func:`policy_warpers`); top-k and top-p only restrict which
+tokens may be drawn (:func:`sampling_filters`). The log-probabilities returned are ``log pi(a|s)`` of the
+sampled tokens under ``pi``, which is what the environment's KL term compares with the reference at the same
+temperature: a policy equal to the reference has a log-ratio of exactly 0 at every token, whatever the
+filter, and the log-ratio is always finite. TRL and verl do the same (log-probs from ``logits /
+temperature``, without top-k/top-p). With a filter on, the tokens come from the truncated law, not from
+``pi``: the policy gradient at those tokens is that of ``pi`` (as in TRL and verl), on-policy only without a
+filter.
 
 It follows the environment without being told about resets: a row whose observation is its previous
 sequence plus the token it chose is advanced by one cached step; any other row (a new episode) is
@@ -36,27 +45,32 @@ __all__ = [
     "follow_arrays",
     "last_tokens",
     "observed_sequences",
+    "policy_warpers",
     "sample",
-    "sampling_warpers",
+    "sampling_filters",
 ]
 
 
-def sampling_warpers(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> LogitsProcessorList:
-    """The ``transformers`` warpers for temperature, top-k (0 = off) and top-p (1.0 = off)."""
+def policy_warpers(temperature: float = 1.0) -> LogitsProcessorList:
+    """The ``transformers`` warpers that make logits into the policy's law ``pi = softmax(logits / T)``."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0; got {temperature}")
+    return LogitsProcessorList([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
+
+
+def sampling_filters(top_k: int = 0, top_p: float = 1.0) -> LogitsProcessorList:
+    """The ``transformers`` warpers that restrict the draw to the top-k (0 = off) and top-p (1.0 = off) tokens
+    of the policy's law; they are not part of ``pi``'s log-probs (see the module docstring)."""
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 = off); got {top_k}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1]; got {top_p}")
-    warpers = LogitsProcessorList()
-    if temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(temperature))
+    filters = LogitsProcessorList()
     if top_k > 0:
-        warpers.append(TopKLogitsWarper(top_k))
+        filters.append(TopKLogitsWarper(top_k))
     if top_p < 1.0:
-        warpers.append(TopPLogitsWarper(top_p))
-    return warpers
+        filters.append(TopPLogitsWarper(top_p))
+    return filters
 
 
 class CachedSampler:
@@ -66,9 +80,9 @@ class CachedSampler:
         model: the policy's causal LM.
         num_rows: N, the number of environments.
         pad_token_id: the padding id of the observations.
-        temperature: sampling temperature (pass the same to the env so the KL compares like with like).
-        top_k: keep the k most likely tokens (0 = off).
-        top_p: keep the smallest set with this much probability (1.0 = off).
+        temperature: the policy's temperature (pass the same to the env so the KL compares like with like).
+        top_k: draw among the k most likely tokens (0 = off).
+        top_p: draw among the smallest set with this much probability (1.0 = off).
         generator: a ``torch.Generator`` on the model's device, for reproducible sampling.
     """
 
@@ -84,7 +98,7 @@ class CachedSampler:
         generator: torch.Generator | None = None,
     ) -> None:
         self.decoder = BatchedDecoder(model, num_rows, pad_token_id)
-        self.warpers = sampling_warpers(temperature, top_k, top_p)
+        self.law, self.filters = policy_warpers(temperature), sampling_filters(top_k, top_p)
         self.generator = generator
         self._last_actions: torch.Tensor | None = None  # (N,)
 
@@ -94,12 +108,12 @@ class CachedSampler:
 
         Returns:
             actions: (N,) int64 token ids.
-            log_probs: (N,) float32, ``log pi(action)`` under the warped distribution that was sampled.
+            log_probs: (N,) float32, ``log pi(action)`` under the tempered softmax (top-k/top-p not applied).
         """
         follow_arrays(self.decoder, obs, self._last_actions)
         logits = self.decoder.logits  # (N, V)
-        last = last_tokens(obs, logits.device) if self.warpers else None  # (N, 1): the warpers' input_ids
-        actions, log_probs, _ = sample(logits, last, self.warpers, self.generator, entropy=False)
+        last = last_tokens(obs, logits.device)  # (N, 1): the warpers' input_ids
+        actions, log_probs, _ = sample(logits, last, self.law, self.filters, self.generator, entropy=False)
         self._last_actions = actions
         return actions, log_probs
 
@@ -111,9 +125,9 @@ class SharedForwardSampler:
 
     Args:
         envs: the vector env, built with ``policy_adapter``.
-        temperature: sampling temperature (the env's ``temperature`` should match).
-        top_k: keep the k most likely tokens (0 = off).
-        top_p: keep the smallest set with this much probability (1.0 = off).
+        temperature: the policy's temperature (the env's ``temperature`` should match).
+        top_k: draw among the k most likely tokens (0 = off).
+        top_p: draw among the smallest set with this much probability (1.0 = off).
         generator: a ``torch.Generator`` on the model's device, for reproducible sampling.
     """
 
@@ -127,15 +141,15 @@ class SharedForwardSampler:
         generator: torch.Generator | None = None,
     ) -> None:
         self.envs = envs
-        self.warpers = sampling_warpers(temperature, top_k, top_p)
+        self.law, self.filters = policy_warpers(temperature), sampling_filters(top_k, top_p)
         self.generator = generator
 
     @torch.no_grad()
     def act(self, obs: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Like :meth:`CachedSampler.act`; ``obs`` must be the env's current observation."""
         logits = self.envs.policy_logits  # (N, V)
-        last = last_tokens(obs, logits.device) if self.warpers else None  # (N, 1): the warpers' input_ids
-        return sample(logits, last, self.warpers, self.generator, entropy=False)[:2]
+        last = last_tokens(obs, logits.device)  # (N, 1): the warpers' input_ids
+        return sample(logits, last, self.law, self.filters, self.generator, entropy=False)[:2]
 
 
 def _rows(array: np.ndarray) -> np.ndarray:
@@ -213,22 +227,37 @@ def _follow(
 def sample(
     logits: torch.Tensor,
     last_tokens: torch.Tensor,
-    warpers: LogitsProcessorList,
+    law: LogitsProcessorList,
+    filters: LogitsProcessorList,
     generator: torch.Generator | None,
     *,
     entropy: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Warp ``logits`` (N, V) and sample one token per row (:func:`categorical`).
+    """Draw one token per row from the policy's law, restricted by the sampling filters (:func:`categorical`).
+
+    Args:
+        logits: (N, V) the model's next-token logits.
+        last_tokens: (N, 1) each row's last token (the processors' ``input_ids``).
+        law: the processors that make ``logits`` into the policy's scores (temperature; NLPO's mask).
+        filters: the processors that restrict the draw (top-k, top-p), applied after ``law``.
+        generator: for reproducible draws.
+        entropy: also return the entropy of the policy's law.
 
     Returns:
-        actions (N,), their log-probs under the warped law (N,), and that law's entropy (N,) (None with
-        ``entropy=False``).
+        actions (N,), their log-probs under the policy's law ``softmax(law(logits))`` (N,), and that law's
+        entropy (N,) (None with ``entropy=False``).
     """
-    scores = warpers(last_tokens, logits.clone()) if warpers else logits  # (N, V), -inf outside top-k/top-p
-    log_probs = torch.log_softmax(scores, dim=-1)
-    probs = log_probs.exp()
-    actions = categorical(probs, generator)  # (N,)
-    law_entropy = -(probs * torch.where(probs > 0, log_probs, 0.0)).sum(-1) if entropy else None
+    scores = law(last_tokens, logits.clone()) if law else logits  # (N, V) the policy's scores
+    log_probs = torch.log_softmax(scores, dim=-1)  # (N, V)
+    if filters:  # (N, V) -inf outside the top-k / top-p of the policy's law
+        draw_probs = torch.softmax(filters(last_tokens, scores.clone()), dim=-1)
+    else:
+        draw_probs = log_probs.exp()
+    actions = categorical(draw_probs, generator)  # (N,)
+    law_entropy = None
+    if entropy:
+        probs = log_probs.exp()
+        law_entropy = -(probs * torch.where(probs > 0, log_probs, 0.0)).sum(-1)
     return actions, log_probs.gather(1, actions[:, None])[:, 0], law_entropy
 
 

@@ -7,7 +7,7 @@ import numbers
 import reprlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 from lm_gym.decoding import BatchedDecoder, torch_threads
-from lm_gym.kl import KLEstimator, kl_estimate
+from lm_gym.kl import kl_estimate
 from lm_gym.logprobs import PolicyLogProbCache
 from lm_gym.models import is_seq2seq_lm, load_causal_lm, load_seq2seq_lm
 from lm_gym.rewards import RewardFunction, as_text_list, checked_scores, make_reward
@@ -61,7 +61,7 @@ class TextGenVectorEnv(VectorEnv):
         prompts: Sequence[str] | None = None,
         split: str = "train",
         kl_coef: float = 0.05,
-        kl_estimator: KLEstimator = "k1",
+        kl_estimator: Literal["k1"] = "k1",
         max_new_tokens: int = 48,
         max_prompt_tokens: int = 64,
         temperature: float = 1.0,
@@ -79,8 +79,11 @@ class TextGenVectorEnv(VectorEnv):
     ) -> None:
         _check_positive(num_envs=num_envs, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens)
         self.kl_coef = kl_coef
-        if kl_estimator not in ("k1", "k3"):
-            raise ValueError(f"kl_estimator must be 'k1' or 'k3'; got {kl_estimator!r}")
+        if kl_estimator != "k1":
+            raise ValueError(
+                f"kl_estimator must be 'k1'; got {kl_estimator!r}: as a per-token reward only k1 = log pi - "
+                "log pi_ref has the policy gradient of KL(pi || pi_ref) (k2 and k3 do not; see lm_gym.kl)"
+            )
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0; got {temperature!r}")
         self.autoreset_mode = AutoresetMode(autoreset_mode)
@@ -418,9 +421,13 @@ class TextGenVectorEnv(VectorEnv):
         stops = self.stop_token_ids
         # (np.isin costs ~20 us per step, even for an empty list)
         stopped = actions == stops[0] if len(stops) == 1 else np.isin(actions, stops) if len(stops) else False
-        terminated = running & stopped
-        truncated = running & ~terminated & (self._steps >= self.max_new_tokens)
-        ended = terminated | truncated
+        # The text is final at a stop token or at max_new_tokens, and scored there: both end the task
+        # (terminated). Truncated stays False: a learner that bootstraps on truncation would add gamma * V on
+        # top of a score already paid. A time limit of the caller's own is a wrapper's (TimeLimit).
+        stopped = running & stopped
+        terminated = stopped | (running & (self._steps >= self.max_new_tokens))
+        truncated = np.zeros(self.num_envs, dtype=bool)
+        ended = terminated
         continuing = running & ~ended
         ended_rows = np.flatnonzero(ended).tolist()
 
@@ -429,7 +436,7 @@ class TextGenVectorEnv(VectorEnv):
         if continuing.any():
             self._submit(self._decoder.append, action_ids, torch.from_numpy(continuing))
 
-        texts = self._completions(running, terminated)
+        texts = self._completions(running, stopped)
         scores = np.zeros(self.num_envs)
         if ended_rows:
             # the reference thread is idle unless rows go on: then the scoring may use all the cores

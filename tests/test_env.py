@@ -8,7 +8,7 @@ from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import lm_gym  # noqa: F401  (registers TextGen-v0)
-from lm_gym import PolicyLogProbCache, TextGenEnv
+from lm_gym import PolicyLogProbCache, TextGenEnv, TextGenVectorEnv
 
 
 @pytest.fixture
@@ -80,8 +80,8 @@ def test_reset_with_seed_is_deterministic(make_env):
 
 def test_kl_reward_equals_direct_computation(make_env, tiny):
     model, _ = tiny
-    for estimator, temperature in [("k1", 1.0), ("k3", 0.7)]:
-        env = make_env(kl_coef=0.3, kl_estimator=estimator, temperature=temperature, stop_token_ids=[])
+    for temperature in (1.0, 0.7):
+        env = make_env(kl_coef=0.3, kl_estimator="k1", temperature=temperature, stop_token_ids=[])
         obs, _ = env.reset(seed=3)
         tokens = valid_tokens(obs)
         for t, (action, logp) in enumerate(
@@ -90,15 +90,15 @@ def test_kl_reward_equals_direct_computation(make_env, tiny):
             env.unwrapped.set_policy_log_prob(logp)
             obs, reward, term, trunc, info = env.step(action)
             ref = ref_log_prob(model, tokens, action, temperature)
-            kl = logp - ref if estimator == "k1" else np.expm1(ref - logp) - (ref - logp)
-            expected = -0.3 * kl + (info["score"] if trunc else 0.0)
+            kl = logp - ref
+            expected = -0.3 * kl + (info["score"] if term else 0.0)
             # measured: |diff| <= 4.8e-07 (relative 8.6e-08) under 4 CPU kernel settings (docs/testing.md)
             assert info["ref_log_prob"] == pytest.approx(ref, abs=1e-4)
             # measured: |diff| <= 4.8e-07 (relative 3.3e-06) under 4 CPU kernel settings (docs/testing.md)
             assert info["policy_log_prob"] == logp and info["kl"] == pytest.approx(kl, abs=1e-4)
             # measured: |diff| <= 2.4e-07 (relative 3.2e-06) under 4 CPU kernel settings (docs/testing.md)
             assert reward == pytest.approx(expected, abs=1e-4)
-            assert trunc == (t == 5)
+            assert term == (t == 5) and not trunc
             tokens.append(action)
 
 
@@ -118,7 +118,7 @@ def test_score_is_added_at_the_last_step(make_env):
     env.reset(seed=0)
     for action in [72, 105, 33]:
         obs, r, term, trunc, info = env.step(action)
-    assert trunc and not term
+    assert term and not trunc
     assert texts == ["Hi!"] and info["text"] == "Hi!" and info["score"] == 13.0 and r == 13.0
 
 
@@ -135,11 +135,37 @@ def test_terminates_on_eos(make_env, tiny):
         env.step(72)
 
 
-def test_truncates_at_max_new_tokens(make_env):
+def test_the_end_at_max_new_tokens_is_terminated_not_truncated(make_env, tiny):
+    """The text is final at max_new_tokens and scored there: a terminal state, nothing to bootstrap."""
     env = make_env(max_new_tokens=4, kl_coef=0.0)
     env.reset(seed=0)
-    flags = [env.step(80)[2:4] for _ in range(4)]
-    assert flags == [(False, False)] * 3 + [(False, True)]
+    steps = [env.step(80) for _ in range(4)]
+    assert [step[2:4] for step in steps] == [(False, False)] * 3 + [(True, False)]
+    assert steps[-1][4]["text"] == "PPPP" and "score" in steps[-1][4]  # the last token is part of the text
+    with pytest.raises(RuntimeError, match="after the episode ended"):
+        env.step(80)
+    env.reset(seed=0)  # a stop token as the last token: terminated once, the stop token left out of the text
+    steps = [env.step(a) for a in (80, 80, 80, tiny[1].eos_token_id)]
+    assert steps[-1][2:4] == (True, False) and steps[-1][4]["text"] == "PPP"
+
+
+@pytest.mark.parametrize("estimator", ["k3", "k2"])
+def test_an_estimator_other_than_k1_is_refused(make_env, tiny, toy_task, estimator):
+    """As a per-token reward only k1 has the KL's policy gradient (tests/test_kl.py): k3 or k2 is refused."""
+    message = (
+        rf"^kl_estimator must be 'k1'; got '{estimator}': as a per-token reward only k1 = log pi - log pi_ref "
+        r"has the policy gradient of KL\(pi \|\| pi_ref\) \(k2 and k3 do not; see lm_gym.kl\)$"
+    )
+    model, tokenizer = tiny
+    for make in (
+        lambda: make_env(kl_estimator=estimator),
+        lambda: TextGenEnv(model=model, tokenizer=tokenizer, task=toy_task, kl_estimator=estimator),
+        lambda: TextGenVectorEnv(2, model=model, tokenizer=tokenizer, task=toy_task, kl_estimator=estimator),
+    ):
+        with pytest.raises(ValueError, match=message) as err:
+            make()
+        assert "\n" not in str(err.value)
+    assert make_env(kl_estimator="k1").unwrapped._vec.kl_estimator == "k1"  # still accepted
 
 
 def test_long_prompt_keeps_its_last_tokens(make_env, tiny):
@@ -253,5 +279,5 @@ def test_default_make_loads_the_embedded_model():
     assert env.action_space.n == 49152 and info["prompt"] in env.unwrapped._vec.task.train_prompts
     env.step(504)
     obs, reward, term, trunc, info = env.step(504)
-    assert trunc and "score" in info and -1.0 <= info["score"] <= 1.0
+    assert term and not trunc and "score" in info and -1.0 <= info["score"] <= 1.0
     env.close()

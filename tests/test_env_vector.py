@@ -83,7 +83,7 @@ def test_rows_ending_together_are_scored_in_one_call(kwargs):
     envs.reset(seed=0)
     for _ in range(5):
         obs, rewards, term, trunc, info = envs.step(np.full(4, 65))
-    assert calls == [4] and trunc.all()
+    assert calls == [4] and term.all() and not trunc.any()
 
 
 def test_same_step_autoreset_puts_the_final_observation_in_info(kwargs):
@@ -91,7 +91,7 @@ def test_same_step_autoreset_puts_the_final_observation_in_info(kwargs):
     obs, _ = envs.reset(seed=0, options={"prompts": ["Good", "Bad"]})
     envs.step(np.array([33, 33]))
     obs, rewards, term, trunc, info = envs.step(np.array([63, 63]))
-    assert trunc.all() and info["_final_obs"].all()
+    assert term.all() and not trunc.any() and info["_final_obs"].all()
     final = info["final_obs"][0]
     mask = final["attention_mask"] > 0
     assert final["input_ids"][mask].tolist()[-2:] == [33, 63]
@@ -100,6 +100,30 @@ def test_same_step_autoreset_puts_the_final_observation_in_info(kwargs):
     for i in range(2):  # already the next prompts, with no generated token
         assert tuple(obs["input_ids"][i][obs["attention_mask"][i] > 0]) in prompts
     assert info["text"].tolist() == ["", ""]
+
+
+@pytest.mark.parametrize("mode", list(AutoresetMode))
+def test_the_end_at_max_new_tokens_is_terminated_in_every_autoreset_mode(kwargs, mode):
+    """Scored at max_new_tokens, the text is final: terminated, never truncated (a learner would bootstrap)."""
+    texts = []
+
+    def reward(prompts, completions):
+        texts.extend(completions)
+        return [1.0] * len(completions)
+
+    settings = {**kwargs, "reward": reward, "max_new_tokens": 3, "stop_token_ids": [], "kl_coef": 0.0}
+    envs = TextGenVectorEnv(2, autoreset_mode=mode, **settings)
+    envs.reset(seed=0)
+    steps = [envs.step(np.array([65, 66])) for _ in range(3)]
+    flags = [(term.tolist(), trunc.tolist()) for _, _, term, trunc, _ in steps]
+    assert flags == [([False, False], [False, False])] * 2 + [([True, True], [False, False])]
+    assert texts == ["AAA", "BBB"] and steps[-1][1].tolist() == [1.0, 1.0]  # scored at the last step
+    if mode == AutoresetMode.DISABLED:
+        with pytest.raises(RuntimeError, match=r"episode ended: \[0, 1\]"):
+            envs.step(np.array([65, 66]))
+        return
+    _, rewards, term, trunc, _ = envs.step(np.array([65, 66]))  # the next episodes go on
+    assert not term.any() and not trunc.any() and rewards.tolist() == [0.0, 0.0]
 
 
 def test_disabled_autoreset_requires_explicit_reset(kwargs):

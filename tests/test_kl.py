@@ -84,8 +84,8 @@ def test_k1_and_k3_are_unbiased_for_the_true_kl() -> None:
 
 
 def test_unknown_estimator_raises_value_error() -> None:
-    with pytest.raises(ValueError, match="k2"):
-        kl_estimate(np.zeros(2), np.zeros(2), "k2")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="must be 'k1', 'k2' or 'k3'; got 'k4'"):
+        kl_estimate(np.zeros(2), np.zeros(2), "k4")  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -120,14 +120,14 @@ def test_zero_coefficient_is_allowed() -> None:
 # ---------------------------------------------------------------------------------------------------------
 def test_adaptive_controller_follows_ziegler_formula() -> None:
     ctl = AdaptiveKLController(0.2, target=6.0, horizon=10_000)
-    # KL 6.6 -> e = 6.6/6 - 1 = 0.1 (inside the clip); 256 steps -> beta * (1 + 0.1 * 256/10000)
+    # KL 6.6 -> e = 6.6/6 - 1 = 0.1 (inside the clip); 256 texts -> beta * (1 + 0.1 * 256/10000)
     beta = 0.2 * (1 + 0.1 * 256 / 10_000)
     # measured: equal under 4 CPU kernel settings (docs/testing.md)
     assert ctl.update(6.6, 256) == pytest.approx(beta, rel=1e-12)
-    # KL 3 -> e = -0.5, clipped to -0.2; 512 steps
+    # KL 3 -> e = -0.5, clipped to -0.2; 512 texts
     beta *= 1 - 0.2 * 512 / 10_000
     # measured: equal under 4 CPU kernel settings (docs/testing.md)
-    assert ctl.update(3.0, 512) == pytest.approx(beta, rel=1e-12)
+    assert ctl.update(3.0, n_samples=512) == pytest.approx(beta, rel=1e-12)
     # measured: equal under 4 CPU kernel settings (docs/testing.md)
     assert ctl.value == pytest.approx(beta, rel=1e-12)
 
@@ -140,9 +140,9 @@ def test_adaptive_controller_clips_large_kl_at_plus_twenty_percent() -> None:
     assert ctl.update(1.0, 100) == pytest.approx(1.2)  # on target: no change
 
 
-def test_adaptive_controller_gain_replaces_steps_over_horizon() -> None:
+def test_adaptive_controller_gain_replaces_samples_over_horizon() -> None:
     ctl = AdaptiveKLController(0.1, target=2.0, horizon=10, gain=0.1)
-    # e = 2.2/2 - 1 = 0.1; step = gain, whatever n_steps is
+    # e = 2.2/2 - 1 = 0.1; step = gain, whatever n_samples is
     # measured: equal under 4 CPU kernel settings (docs/testing.md)
     assert ctl.update(2.2, 1_000_000) == pytest.approx(0.1 * (1 + 0.1 * 0.1), rel=1e-12)
     # e = 0/2 - 1 = -1 -> clipped to -0.2
@@ -194,11 +194,11 @@ def test_adaptive_controller_rejects_invalid_arguments(kwargs: dict) -> None:
         AdaptiveKLController(**kwargs)
 
 
-@pytest.mark.parametrize(("kl", "n_steps"), [(float("nan"), 10), (float("inf"), 10), (1.0, -5)])
-def test_adaptive_update_rejects_non_finite_kl_and_negative_steps(kl: float, n_steps: int) -> None:
+@pytest.mark.parametrize(("kl", "n_samples"), [(float("nan"), 10), (float("inf"), 10), (1.0, -5)])
+def test_adaptive_update_rejects_non_finite_kl_and_negative_samples(kl: float, n_samples: int) -> None:
     ctl = AdaptiveKLController(0.2, target=6.0)
     with pytest.raises(ValueError):
-        ctl.update(kl, n_steps)
+        ctl.update(kl, n_samples)
     assert ctl.value == 0.2  # a rejected update leaves beta alone
 
 
@@ -206,3 +206,77 @@ def test_adaptive_load_state_dict_rejects_invalid_settings() -> None:
     ctl = AdaptiveKLController(0.2, target=6.0)
     with pytest.raises(ValueError, match="target"):
         ctl.load_state_dict({"value": 0.2, "target": -1.0, "horizon": 10, "gain": None})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# k2, and which estimator gives which gradient (issue 14; the table of lm_gym/kl.py's docstring)
+# ---------------------------------------------------------------------------------------------------------
+def test_k2_is_half_the_squared_log_ratio() -> None:
+    logp, ref = np.array(LOGP), np.array(REF_LOGP)
+    # measured: equal (float64)
+    np.testing.assert_allclose(kl_estimate(logp, ref, "k2"), [0.125, 0.125, 0.0, 4.5])
+    k2 = kl_estimate(
+        torch.tensor(LOGP, dtype=torch.float64), torch.tensor(REF_LOGP, dtype=torch.float64), "k2"
+    )
+    assert isinstance(k2, torch.Tensor) and k2.tolist() == [0.125, 0.125, 0.0, 4.5]
+    assert kl_estimate(-1.0, -1.5, "k2") == 0.125
+
+
+def _gradients(logits: torch.Tensor, ref_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Gradients with respect to the policy's logits on a categorical, every expectation over ``a ~ pi`` an
+    exact sum over the support: of KL(pi||ref) and KL(ref||pi), and of each estimator used as a per-token
+    reward (REINFORCE: ``E_pi[f * grad log pi]``, ``f`` fixed) and as a loss (``E_pi[grad f]``, ``pi`` fixed)."""
+    theta = logits.clone().requires_grad_(True)
+    logp, ref = torch.log_softmax(theta, -1), torch.log_softmax(ref_logits, -1)  # (V,)
+    pi = logp.exp()
+    objectives = {
+        "KL(pi||ref)": (pi * (logp - ref)).sum(),
+        "KL(ref||pi)": (ref.exp() * (ref - logp)).sum(),
+    }
+    for estimator in ("k1", "k2", "k3"):
+        f = kl_estimate(logp.detach(), ref, estimator)
+        objectives[f"reward {estimator}"] = (pi.detach() * f * logp).sum()
+        objectives[f"loss {estimator}"] = (pi.detach() * kl_estimate(logp, ref, estimator)).sum()
+    return {
+        name: torch.autograd.grad(value, theta, retain_graph=True)[0] for name, value in objectives.items()
+    }
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_which_estimator_gives_which_gradient(seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    logits, ref_logits = torch.randn(2, 8, generator=generator, dtype=torch.float64)
+    g = _gradients(logits, ref_logits)
+    forward, reverse = g["KL(pi||ref)"], g["KL(ref||pi)"]
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> None:
+        # measured: |diff| <= 2.1e-16 under 4 CPU kernel settings (float64, exact sums over the support)
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+    def far(a: torch.Tensor, b: torch.Tensor) -> bool:  # measured: >= 0.31 |grad KL(pi||ref)| apart
+        return bool((a - b).norm() > 0.1 * forward.norm())
+
+    # as a per-token reward: only k1 gives the KL's gradient
+    close(g["reward k1"], forward)
+    close(g["reward k3"], forward - reverse)
+    assert all(far(g[f"reward {k}"], target) for k in ("k2", "k3") for target in (forward, reverse))
+    # in a loss through log pi: k1 gives nothing, k2 the KL's gradient, k3 the reverse KL's
+    close(g["loss k1"], torch.zeros_like(forward))
+    close(g["loss k2"], forward)
+    close(g["loss k3"], reverse)
+    assert far(forward, reverse)  # the two KLs' gradients differ here, so the rows above tell them apart
+
+
+@pytest.mark.parametrize("distance", [1.0, 0.1, 0.01])
+def test_k3_as_a_reward_loses_the_kl_gradient_near_the_reference(distance: float) -> None:
+    """Near pi_ref, k3's REINFORCE gradient vanishes against the KL's (they differ at second order)."""
+    generator = torch.Generator().manual_seed(0)
+    ref_logits, direction = torch.randn(2, 8, generator=generator, dtype=torch.float64)
+    g = _gradients(ref_logits + distance * direction / direction.norm(), ref_logits)
+    ratio = g["reward k3"].norm() / g["KL(pi||ref)"].norm()
+    # measured: ratio 0.14, 0.013, 0.0013 at distances 1, 0.1, 0.01
+    assert ratio < 0.2 * distance, (
+        f"|grad of k3 as a reward| / |grad KL| = {ratio:.3g} at distance {distance}"
+    )
+    # measured: |diff| <= 1.4e-16 under 4 CPU kernel settings (float64, exact sums over the support)
+    torch.testing.assert_close(g["reward k1"], g["KL(pi||ref)"], atol=1e-12, rtol=0)

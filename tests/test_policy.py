@@ -70,8 +70,7 @@ def test_rollout_log_probs_and_values_equal_evaluate_actions(tiny, toy_task, kwa
     # measured: |diff| <= 7.5e-07 (relative 3.4e-05) under 4 CPU kernel settings (docs/testing.md)
     torch.testing.assert_close(values, batch.old_values, atol=1e-4, rtol=1e-4)
     assert (entropy >= 0).all()
-    if "top_k" in kwargs or "top_p" in kwargs:  # a truncated law has less entropy than log V
-        assert entropy.max() < np.log(len(tokenizer))
+    assert entropy.max() < np.log(len(tokenizer))  # the law of a seeded random model is not uniform
 
 
 def test_lora_reference_is_the_model_with_adapters_off(tiny):

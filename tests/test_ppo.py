@@ -8,7 +8,7 @@ from toys import toy_algo
 
 from algorithms.common.buffer import compute_gae
 from algorithms.common.on_policy import NonFiniteLossError
-from algorithms.ppo import PPO
+from algorithms.ppo import PPO, clipped_value_loss
 
 
 def make_ppo(tiny, **kwargs):
@@ -142,23 +142,25 @@ def test_bad_arguments(tiny, kwargs, message):
         make_ppo(tiny, **kwargs)
 
 
-def test_rollout_kl_metric_sums_every_step_of_each_episode(tiny):
-    """With a zero score and beta = 1, an episode's return is minus its KL: the logged KL must match."""
-    eos = tiny[1].eos_token_id
-    algo = make_ppo(tiny, reward=lambda p, c: [0.0] * len(c), kl_coef=1.0, max_new_tokens=5, n_steps=12)
-    with torch.no_grad():  # make EOS likely, so that episodes end (and restart) inside the rollout
-        algo.policy.model.lm_head.weight[eos] *= 0
-        algo.policy.model.lm_head.weight[eos] += algo.policy.model.lm_head.weight[65]
+def test_rollout_kl_metric_sums_every_step_of_each_rows_first_text(tiny):
+    """With a zero score and beta = 1, a text's return is minus its KL: the logged KL must be the mean over
+    rows of their first text's, each counted once, though the rows that stop early write several texts."""
+    zero = lambda prompts, completions: [0.0] * len(completions)  # noqa: E731
+    # a quarter of the vocabulary stops a text: texts end (and restart) early inside the rollout
+    stop = list(range(0, 257, 4))
+    algo = make_ppo(tiny, reward=zero, kl_coef=1.0, max_new_tokens=5, n_steps=12, stop_token_ids=stop)
+    with torch.no_grad():  # a policy away from its reference (the copy made above), so that the KL is not 0
+        algo.policy.model.lm_head.weight.mul_(2.0)
     stats = algo.collect_rollouts()["stats"]
     buffer = algo.buffer
-    returns = [
-        -buffer.rewards[first : last + 1, env].sum()
-        for env, first, last in buffer.segments()
-        if buffer.dones[last, env]
-    ]
-    assert len(returns) > algo.n_envs  # several episodes ended, some before the rollout's end
-    # measured: equal under 4 CPU kernel settings (docs/testing.md)
-    assert stats["rollout/kl"] == pytest.approx(np.mean(returns), abs=1e-6)
+    first_ends = [np.flatnonzero(buffer.dones[:, env])[0] for env in range(algo.n_envs)]
+    kls = [-buffer.rewards[: end + 1, env].sum() for env, end in enumerate(first_ends)]
+    assert stats["rollout/episodes"] > algo.n_envs  # several texts ended, some rows wrote more than one
+    assert len(set(first_ends)) > 1  # and the first texts have different lengths
+    assert min(kls) != max(kls)
+    # measured: equal under 4 CPU kernel settings (docs/testing.md; the same float64 sums)
+    assert stats["rollout/kl"] == pytest.approx(np.mean(kls), abs=1e-12)
+    assert stats["rollout/ep_len"] == np.mean(first_ends) + 1
 
 
 def test_only_the_latest_checkpoints_are_kept(tiny, tmp_path):
@@ -167,3 +169,21 @@ def test_only_the_latest_checkpoints_are_kept(tiny, tmp_path):
     kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("iter_*"))
     assert kept == ["iter_000003", "iter_000004"]
     assert (tmp_path / "checkpoints" / "latest").read_text() == "iter_000004"
+
+
+def test_clipped_value_loss_takes_the_larger_of_the_clipped_and_unclipped_errors():
+    """Issue 14, OpenAI baselines' ppo2 and TRL: 0.5 * max((V - R)^2, (V_clip - R)^2). With V_old = 0, R = 1
+    and V = -0.5 (clip 0.2) the unclipped error is the larger, so its gradient V - R = -1.5 flows; the loss of
+    the clipped value alone (SB3's) would give 0, leaving a value moving away from the return unchecked."""
+    values = torch.tensor([-0.5], requires_grad=True)
+    loss = clipped_value_loss(values, torch.tensor([0.0]), torch.tensor([1.0]), clip_range_vf=0.2)
+    (grad,) = torch.autograd.grad(loss, values)
+    assert grad.item() == -1.5  # exact in float32
+    assert loss.item() == 0.5 * 1.5**2
+    # inside the clip range, and without clipping, the plain squared error
+    values = torch.tensor([0.125], requires_grad=True)
+    for clip in (0.2, None):
+        (grad,) = torch.autograd.grad(
+            clipped_value_loss(values, torch.tensor([0.0]), torch.tensor([1.0]), clip), values
+        )
+        assert grad.item() == 0.125 - 1.0  # exact in float32

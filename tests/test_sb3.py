@@ -117,9 +117,48 @@ def test_sb3_algorithm_trains_the_lm_with_the_kl_reward(name, tiny, toy_task):
     assert not agent.policy.lm.training  # dropout stayed off through SB3's set_training_mode(True)
 
     assert check.steps == steps and check.hits == check.steps  # every step's log pi(a|s) came from the cache
-    rewards = agent.rollout_buffer.rewards  # the last rollout: KL terms (+ SB3's bootstrap at truncation)
+    rewards = agent.rollout_buffer.rewards  # the last rollout: KL terms (the score is 0)
     assert np.isfinite(rewards).all()
     assert (rewards != 0).mean() > 0.9
+    env.close()
+
+
+class EnvRewards(BaseCallback):
+    """A copy of the env's rewards at every step, taken before SB3 adds anything to that array in place (its
+    ``gamma * V(final observation)`` on a truncated episode), and the steps that ended an episode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rewards: list[np.ndarray] = []
+        self.dones: list[np.ndarray] = []
+
+    def _on_step(self) -> bool:
+        self.rewards.append(self.locals["rewards"].copy())
+        self.dones.append(self.locals["dones"].copy())
+        return True
+
+
+@pytest.mark.parametrize("name", ["PPO", "A2C"])
+def test_sb3_adds_no_bootstrap_at_max_new_tokens(name, tiny, toy_task):
+    """The end at max_new_tokens is terminal (scored): SB3's buffer holds the env's rewards as they were, where
+    a truncation would have made it add gamma * V(final text) at the last step of each episode."""
+    algorithm, settings = {"PPO": (PPO, dict(batch_size=16, n_epochs=1)), "A2C": (A2C, {})}[name]
+    model, tokenizer = tiny
+    cache = PolicyLogProbCache()
+    # no stop token: every episode ends at max_new_tokens
+    kwargs = {**env_kwargs(tiny, toy_task, cache), "stop_token_ids": []}
+    env = make_vec_env("TextGen-v0", n_envs=2, seed=0, env_kwargs=kwargs)
+    policy_kwargs = dict(lm=copy.deepcopy(model), tokenizer=tokenizer, log_prob_cache=cache)
+    agent = algorithm(LMSB3Policy, env, n_steps=8, policy_kwargs=policy_kwargs, seed=0, **settings)
+    assert agent.gamma > 0  # SB3's default 0.99: a bootstrap would add gamma * V
+    torch.nn.init.normal_(agent.policy.value_net.weight)  # V != 0, so that a bootstrap would show
+    recorded = EnvRewards()
+    agent.learn(16, callback=recorded)  # one rollout of 8 steps x 2 envs
+
+    dones = np.stack(recorded.dones)  # (8, 2)
+    assert dones[NEW_TOKENS - 1].all() and dones.sum() == 2  # each env ended one episode, at max_new_tokens
+    # measured: equal (float32, the buffer's dtype, on both sides)
+    np.testing.assert_array_equal(agent.rollout_buffer.rewards, np.stack(recorded.rewards))
     env.close()
 
 

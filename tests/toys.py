@@ -10,7 +10,15 @@ from lm_gym.rewards import LowercaseShare
 
 PROMPTS = ["Hello", "The film", "Wow", "It was"]
 lowercase_share = LowercaseShare()
-POLICY_ARGS = ("lora_r", "lora_target_modules", "temperature", "top_k", "top_p", "separate_critic")
+POLICY_ARGS = (
+    "lora_r",
+    "lora_target_modules",
+    "temperature",
+    "top_k",
+    "top_p",
+    "separate_critic",
+    "gradient_checkpointing",
+)
 
 
 def toy_algo(algo_cls, model_and_tokenizer, **kwargs):

@@ -49,6 +49,7 @@ GLOBAL_METRICS = frozenset(
         "rollout/ep_len",
         "rollout/entropy",
         "rollout/episodes",
+        "rollout/unfinished_texts",
         "time/tokens_per_s",
         "train/kl_coef",
         "train/learning_rate",
@@ -76,6 +77,14 @@ class OnPolicyAlgorithm:
     value. Because every iteration is seeded on its own, a run resumed from a checkpoint continues exactly
     as the uninterrupted run would (on CPU).
 
+    **Rollout statistics.** ``rollout/kl``, ``rollout/rm_score`` and ``rollout/ep_len`` are means over the
+    *first text of each env*: every env starts the iteration on a fresh prompt, so its first text is one
+    draw of a text per prompt, whatever its length. The later texts of an env that stopped early still
+    train (they are in the buffer) and count in ``rollout/episodes`` (every finished text), but not in
+    these means, where short texts would count several times and bias the KL low. The adaptive KL
+    controller steers on ``rollout/kl`` and is stepped by the number of these texts over all processes
+    (``n_envs * world_size``), as TRL steps it by its batch size.
+
     **Data parallel.** Under ``accelerate launch`` or ``torchrun`` every process runs this same loop with
     ``n_envs`` environments of its own (so a rollout has ``n_envs * world_size`` texts) and its own seed
     stream (its envs are rows ``rank * n_envs ...`` of one global batch). What is whitened (advantages,
@@ -100,16 +109,21 @@ class OnPolicyAlgorithm:
         n_envs: environments stepped together (texts per rollout), per process when data parallel.
         max_new_tokens: episode length limit.
         max_prompt_tokens: prompts are cut to their last tokens beyond this.
-        n_steps: steps per rollout (default ``max_new_tokens``).
+        n_steps: steps per rollout (default ``max_new_tokens``, so that every env's first text finishes).
+            With fewer, a first text may be cut: it counts in ``rollout/kl`` and ``rollout/ep_len`` over the
+            tokens generated so far, not in ``rollout/rm_score`` (it has no score), and is counted in
+            ``rollout/unfinished_texts``.
         learning_rate: AdamW learning rate.
         lr_schedule: ``"constant"`` or ``"linear"`` (decays to 0 at the last iteration of ``learn``).
         gamma: discount (1.0 as in TRL: the score comes at the end, nothing should shrink it).
         gae_lambda: GAE lambda (0.95, TRL and SB3).
         kl_coef: initial KL coefficient beta.
-        kl_target: if set, an adaptive controller steers beta so the per-episode KL tracks it (Ziegler et
-            al. 2019); else beta stays fixed.
-        kl_horizon: the adaptive controller's horizon (10,000 as in TRL's old default).
-        whiten_rewards: normalise the per-token rewards of each rollout (mean 0, std 1) before GAE.
+        kl_target: if set, an adaptive controller steers beta so that ``rollout/kl``, the KL per text, tracks
+            it (Ziegler et al. 2019); else beta stays fixed.
+        kl_horizon: the adaptive controller's horizon, in texts (10,000 as in TRL's old default).
+        whiten_rewards: divide the per-token rewards of each rollout by their std before GAE, without
+            shifting their mean: a token with no reward keeps none, so a text's return does not depend on its
+            length.
         reward_clip: clip per-token rewards to ``[-reward_clip, reward_clip]`` (None = off).
         normalize_advantage: whiten advantages over each rollout (TRL, SB3).
         max_grad_norm: gradient-norm clip (0.5, SB3).
@@ -288,7 +302,8 @@ class OnPolicyAlgorithm:
         start = time.perf_counter()
         obs, _ = self.envs.reset(seed=seed)
         episode_kl, episode_len = np.zeros(self.n_envs), np.zeros(self.n_envs, dtype=np.int64)
-        scores, kls, lengths, samples = [], [], [], []
+        on_first_text = np.ones(self.n_envs, dtype=bool)  # rows whose first text has not ended yet
+        scores, kls, lengths, samples = [], [], [], []  # scores, KLs and lengths of the first texts
         for t in range(self.n_steps):
             step = self._act(agent, obs)
             self.envs.set_policy_log_probs(step.kl_log_probs)
@@ -301,12 +316,17 @@ class OnPolicyAlgorithm:
             episode_len += 1
             final = infos.get("final_info", {})
             for i in np.flatnonzero(dones):
-                scores.append(final["score"][i])
-                kls.append(episode_kl[i])
-                lengths.append(episode_len[i])
+                if on_first_text[i]:
+                    scores.append(final["score"][i])
+                    kls.append(episode_kl[i])
+                    lengths.append(episode_len[i])
+                    on_first_text[i] = False
                 samples.append((final["prompt"][i], final["text"][i], final["score"][i]))
                 episode_kl[i], episode_len[i] = 0.0, 0
             obs = next_obs
+        # first texts cut by the rollout's end (n_steps < max_new_tokens): their KL and length so far
+        kls.extend(episode_kl[on_first_text])
+        lengths.extend(episode_len[on_first_text])
         last_values = agent.value(obs)
         elapsed = time.perf_counter() - start
         rewards = self.buffer.rewards
@@ -314,25 +334,30 @@ class OnPolicyAlgorithm:
             np.clip(rewards, -self.reward_clip, self.reward_clip, out=rewards)
         group = self.process_group
         if self.whiten_rewards:
-            mean, std = group.mean_std(rewards)
-            rewards[:] = (rewards - mean) / (std + 1e-8)
+            # by the std alone: a shifted mean would reward every token, so returns would depend on length
+            _, std = group.mean_std(rewards)
+            rewards /= std + 1e-8
         self.buffer.compute_returns_and_advantage(last_values, self.gamma, self.gae_lambda)
         tokens = self.n_steps * self.n_envs
         self.num_timesteps += tokens * self.world_size
-        # over the episodes of every process (the same in each: the KL controller steers on rollout/kl)
-        episodes, entropy, tokens_per_s = group.sum([len(scores), agent.mean_entropy, tokens / elapsed])
+        # over every process (the same in each: the KL controller steers on rollout/kl)
+        texts, unfinished, episodes, entropy, tokens_per_s = group.sum(
+            [len(kls), on_first_text.sum(), len(samples), agent.mean_entropy, tokens / elapsed]
+        )
         stats = {
             "rollout/rm_score": group.mean(scores),
             "rollout/kl": group.mean(kls),
             "rollout/ep_len": group.mean(lengths),
             "rollout/entropy": float(entropy / self.world_size),
             "rollout/episodes": int(episodes),
+            "rollout/unfinished_texts": int(unfinished),
             "time/tokens_per_s": float(tokens_per_s),
             "time/rollout_s": elapsed,
         }
         for key, value in stats.items():
             self.logger.record(key, value)
-        return {"stats": stats, "samples": samples}
+        # texts: the number of texts rollout/kl is over, which steps the adaptive KL controller
+        return {"stats": stats, "samples": samples, "texts": int(texts)}
 
     def _act(self, agent: RolloutAgent, obs: dict[str, np.ndarray]) -> AgentStep:
         """The agent's move at one rollout step. An algorithm that changes how actions are drawn (NLPO's
@@ -415,8 +440,8 @@ class OnPolicyAlgorithm:
             self.logger.record("time/train_s", time.perf_counter() - start)
             stop = self.nonfinite.end_round(self._skipped_updates, f"iteration {self.iteration}")
             kl = rollout["stats"]["rollout/kl"]
-            if np.isfinite(kl):
-                self.kl_controller.update(kl, self.n_steps * self.n_envs)
+            if np.isfinite(kl):  # per text, and stepped by texts: Ziegler et al. 2019, section 2.2; TRL
+                self.kl_controller.update(kl, n_samples=rollout["texts"])
             self.logger.record("train/kl_coef", self.kl_controller.value)
             self.logger.record("train/learning_rate", self._current_lr())
             self.logger.record("time/total_timesteps", self.num_timesteps)
