@@ -249,15 +249,13 @@ def sample(
     """
     scores = law(last_tokens, logits.clone()) if law else logits  # (N, V) the policy's scores
     log_probs = torch.log_softmax(scores, dim=-1)  # (N, V)
+    probs = log_probs.exp() if entropy or not filters else None  # (N, V) the policy's law
     if filters:  # (N, V) -inf outside the top-k / top-p of the policy's law
         draw_probs = torch.softmax(filters(last_tokens, scores.clone()), dim=-1)
     else:
-        draw_probs = log_probs.exp()
+        draw_probs = probs
     actions = categorical(draw_probs, generator)  # (N,)
-    law_entropy = None
-    if entropy:
-        probs = log_probs.exp()
-        law_entropy = -(probs * torch.where(probs > 0, log_probs, 0.0)).sum(-1)
+    law_entropy = -(probs * torch.where(probs > 0, log_probs, 0.0)).sum(-1) if entropy else None
     return actions, log_probs.gather(1, actions[:, None])[:, 0], law_entropy
 
 
