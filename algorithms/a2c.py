@@ -27,7 +27,7 @@ __all__ = ["A2C"]
 
 
 class A2C(OnPolicyAlgorithm):
-    """Advantage actor-critic on TextGen-v0: one step per rollout.
+    """Advantage actor-critic on TextGen-v1: one step per rollout.
 
     Args:
         policy: the actor-critic to train.

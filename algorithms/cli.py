@@ -268,7 +268,7 @@ def collect_cmd(args: argparse.Namespace) -> dict[str, float]:
 
 
 def train_rm_cmd(args: argparse.Namespace) -> dict[str, float]:
-    """Reward model (RLHF step 2): Bradley-Terry on preference data; the folder is a TextGen-v0 reward."""
+    """Reward model (RLHF step 2): Bradley-Terry on preference data; the folder is a TextGen-v1 reward."""
     from lm_gym.distributed import is_main_process
     from lm_gym.preferences import load_preferences, train_reward_model
     from lm_gym.preferences.reward_model import accuracy_report
@@ -336,7 +336,7 @@ def pipeline_cmd(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="lm-gym", description="RL fine-tuning of language models on TextGen-v0"
+        prog="lm-gym", description="RL fine-tuning of language models on TextGen-v1"
     )
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -382,7 +382,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(flags=train_flags)
 
     p = sub.add_parser("demo", help="the RLHF demo: PPO on sentiment, before/after table and learning curve")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="initial model (tiny for a smoke run)")
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help="initial model (tiny for a smoke run, with --task letters)"
+    )
+    p.add_argument(
+        "--task",
+        default="sentiment",
+        choices=sorted(TASKS),
+        help="prompt set and gold reward (letters: the toy 'tiny' can learn; VADER scores its bytes 0)",
+    )
     p.add_argument(
         "--seeds",
         type=non_negative_int,
@@ -554,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", default="minilm-l6", help="backbone: minilm-l6, a folder or Hub id (gets a 1-output head)"
     )
-    p.add_argument("--out", required=True, help="reward-model folder; TextGen-v0 takes it as reward=OUT")
+    p.add_argument("--out", required=True, help="reward-model folder; TextGen-v1 takes it as reward=OUT")
     for flag, kind, name, text in (
         ("--epochs", positive_int, "epochs", "passes over the training pairs"),
         ("--lr", positive_float, "learning_rate", "AdamW peak learning rate"),

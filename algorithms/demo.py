@@ -35,7 +35,7 @@ METRICS = {
 
 
 def demo(args: argparse.Namespace) -> dict[int, dict[str, dict[str, float]]]:
-    """RLHF demo: for each seed, PPO on the sentiment task between a before and an after evaluation on
+    """RLHF demo: for each seed, PPO on the task (sentiment) between a before and an after evaluation on
     held-out prompts; then the table of mean and spread over the seeds and the learning curves."""
     from lm_gym.evaluation import evaluate
 
@@ -44,9 +44,8 @@ def demo(args: argparse.Namespace) -> dict[int, dict[str, dict[str, float]]]:
     settings = {**DEMO, "max_new_tokens": args.max_new_tokens, "learning_rate": args.learning_rate}
     if args.model == "tiny":  # smoke run: a random 0.3M model has no sentiment to improve
         settings.update(n_envs=4, learning_rate=1e-3)
-    common = dict(
-        task="sentiment", split="eval", num_prompts=args.eval_prompts, max_new_tokens=args.max_new_tokens
-    )
+    task = getattr(args, "task", "sentiment")
+    common = dict(task=task, split="eval", num_prompts=args.eval_prompts, max_new_tokens=args.max_new_tokens)
     results, histories, start = {}, {}, time.perf_counter()
     for i, seed in enumerate(args.seeds):
         tag = f"seed {seed} ({i + 1}/{len(args.seeds)})"
@@ -58,7 +57,7 @@ def demo(args: argparse.Namespace) -> dict[int, dict[str, dict[str, float]]]:
         print(
             f"[{tag}] PPO for {args.iterations} iterations ({settings['n_envs']} texts each); logs in {seed_dir}"
         )
-        algo = PPO(policy, task="sentiment", run_dir=seed_dir, verbose=0, seed=seed, **settings)
+        algo = PPO(policy, task=task, run_dir=seed_dir, verbose=0, seed=seed, **settings)
         algo.learn(args.iterations, progress_bar=True)
         algo.close()
         print(f"[{tag}] evaluating the fine-tuned model")
@@ -108,8 +107,11 @@ def _demo_report(args, results: dict, histories: dict, elapsed: float, run_dir: 
     def column(side: int, key: str) -> list[float]:  # side 0: before, 1: after
         return [results[s][side].metrics[key] for s in seeds]
 
+    task = getattr(args, "task", "sentiment")
+    labels = METRICS if task == "sentiment" else {**METRICS, "gold": f"gold ({task} task's scorer, mean)"}
+    flag = "" if task == "sentiment" else f" --task {task}"
     lines = [
-        f"`lm-gym demo --model {args.model} --iterations {args.iterations} --seeds {' '.join(map(str, seeds))}`: "
+        f"`lm-gym demo --model {args.model}{flag} --iterations {args.iterations} --seeds {' '.join(map(str, seeds))}`: "
         f"mean ± standard deviation over {len(seeds)} seed(s), {args.eval_prompts} held-out prompts each; "
         f"{elapsed:.0f} s on {cpu_name()} (torch {torch.__version__}, transformers {transformers.__version__}).",
         "",
@@ -117,7 +119,7 @@ def _demo_report(args, results: dict, histories: dict, elapsed: float, run_dir: 
         "|---|---|---|",
     ]
     lines += [
-        f"| {label} | {_mean_sd(column(0, k))} | {_mean_sd(column(1, k))} |" for k, label in METRICS.items()
+        f"| {label} | {_mean_sd(column(0, k))} | {_mean_sd(column(1, k))} |" for k, label in labels.items()
     ]
     lift = [a - b for a, b in zip(column(1, "gold"), column(0, "gold"))]
     ratio = [a / b for a, b in zip(column(1, "perplexity"), column(0, "perplexity"))]

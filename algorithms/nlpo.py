@@ -75,7 +75,7 @@ class TopPMaskLogitsProcessor(LogitsProcessor):
 
 
 class NLPO(PPO):
-    """Natural Language Policy Optimization on TextGen-v0: PPO sampling inside a top-p mask of a delayed copy
+    """Natural Language Policy Optimization on TextGen-v1: PPO sampling inside a top-p mask of a delayed copy
     of the policy.
 
     The masking policy is the actor's trainable weights as they were at the last refresh (with LoRA only the

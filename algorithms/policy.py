@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
+from lm_gym.decoding import RowDecoder
 from lm_gym.sampling import policy_warpers, sample, sampling_filters
 from lm_gym.seq2seq import follow_observation, is_encoder_decoder, last_tokens, make_decoder
 
@@ -171,14 +172,14 @@ class LMActorCriticPolicy(nn.Module):
 
     # ------------------------------------------------------------------------------------------ acting
     def rollout_agent(
-        self, num_rows: int, generator: torch.Generator | None = None, envs=None
+        self, num_rows: int, generator: torch.Generator | None = None, shared: RowDecoder | None = None
     ) -> RolloutAgent:
         """A KV-cached agent that samples actions and reports log-probs and values for ``num_rows`` envs.
 
-        With LoRA and ``envs`` built with ``policy_adapter``, the agent reads the policy's logits and hidden
-        states from the env's shared forward pass instead of running its own.
+        With LoRA and ``shared``, the env's reference decoder from :mod:`algorithms.shared_pass`, the agent
+        reads the policy's logits and hidden states from that shared forward pass instead of running its own.
         """
-        return RolloutAgent(self, num_rows, generator, envs)
+        return RolloutAgent(self, num_rows, generator, shared)
 
     # ------------------------------------------------------------------------------------------ learning
     def evaluate_actions(
@@ -399,15 +400,20 @@ class RolloutAgent:
         policy: the actor-critic.
         num_rows: N.
         generator: ``torch.Generator`` for the sampling.
-        envs: a ``TextGenVectorEnv`` built with ``policy_adapter`` to share its forward pass (LoRA).
+        shared: the shared-pass decoder the env steps as its reference (:mod:`algorithms.shared_pass`, LoRA):
+            its twin rows are the policy's, at the env's current observations.
     """
 
     def __init__(
-        self, policy: LMActorCriticPolicy, num_rows: int, generator: torch.Generator | None, envs=None
+        self,
+        policy: LMActorCriticPolicy,
+        num_rows: int,
+        generator: torch.Generator | None,
+        shared: RowDecoder | None = None,
     ):
         self.policy = policy
         self.generator = generator
-        self.shared = envs if envs is not None and getattr(envs, "shares_policy_pass", False) else None
+        self.shared = shared
         pad = policy.tokenizer.pad_token_id
         # a BatchedDecoder, or a Seq2SeqDecoder for an encoder-decoder (each source encoded once)
         self.decoder = None if self.shared else make_decoder(policy.model, num_rows, pad, keep_hidden=True)
@@ -421,7 +427,7 @@ class RolloutAgent:
 
     def _hidden_and_logits(self, obs: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.shared is not None:
-            logits, hidden = self.shared.policy_logits, self.shared.policy_hidden
+            logits, hidden = self.shared.twin_logits, self.shared.hidden
         else:
             follow_observation(self.decoder, obs, self._last_actions)
             logits, hidden = self.decoder.logits, self.decoder.hidden

@@ -41,7 +41,7 @@ def clipped_value_loss(
 
 
 class PPO(OnPolicyAlgorithm):
-    """Proximal policy optimisation on TextGen-v0.
+    """Proximal policy optimisation on TextGen-v1.
 
     Args:
         policy: the actor-critic to train.

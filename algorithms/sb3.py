@@ -1,22 +1,28 @@
-"""stable-baselines3 compatibility: a causal LM as an SB3 ``ActorCriticPolicy``.
+"""stable-baselines3 compatibility: a causal LM as an SB3 ``ActorCriticPolicy``, and the agent's half of the KL.
 
 :class:`LMSB3Policy` lets *unmodified* ``stable_baselines3.PPO``, ``stable_baselines3.A2C`` and
-``sb3_contrib.TRPO`` train a causal language model on ``TextGen-v0``::
+``sb3_contrib.TRPO`` train a causal language model on ``TextGen-v1``::
 
     import gymnasium as gym, lm_gym
     from stable_baselines3 import PPO
     from stable_baselines3.common.env_util import make_vec_env
-    from algorithms.sb3 import LMSB3Policy
-    from lm_gym import PolicyLogProbCache
+    from algorithms.sb3 import KLRewardCallback, LMSB3Policy
     from lm_gym.models import load_causal_lm
 
     reference, tok = load_causal_lm("tiny")          # the env's frozen reference
-    cache = PolicyLogProbCache()                      # how log pi(a|s) reaches the env (KL term)
-    env = make_vec_env("TextGen-v0", n_envs=2, env_kwargs=dict(  # render_mode: see below
-        model=reference, tokenizer=tok, log_prob_cache=cache, max_new_tokens=16, render_mode=None))
-    model = PPO(LMSB3Policy, env, n_steps=16, batch_size=32,
-                policy_kwargs=dict(lm="tiny", tokenizer=tok, log_prob_cache=cache))
-    model.learn(1024)
+    env = make_vec_env("TextGen-v1", n_envs=2, env_kwargs=dict(  # render_mode: see below
+        model=reference, tokenizer=tok, max_new_tokens=16, render_mode=None))
+    model = PPO(LMSB3Policy, env, n_steps=16, batch_size=32, policy_kwargs=dict(lm="tiny", tokenizer=tok))
+    model.learn(1024, callback=KLRewardCallback())   # the exact KL penalty (see below)
+
+The env pays the reference's half of the KL penalty, ``kl_coef * log pi_ref(a_t|s_t)``, with every step's
+reward, whatever the VecEnv (``DummyVecEnv``, ``SubprocVecEnv``, after ``PPO.load``). The agent's half,
+``-kl_coef * log pi(a_t|s_t)``, is :class:`KLRewardCallback`'s (exact: it adds it to the rewards SB3 stores,
+from the log-probs SB3 sampled with). ``ent_coef=kl_coef`` (SB3's entropy bonus) has the same objective's
+value but leaves the entropy out of the return, so with a stop token the policy learns to stop at once
+(``docs/environment.md``); without either, SB3 optimises the score minus ``kl_coef`` times the cross-entropy
+to the reference (see ``TextGenEnv``'s Rewards). ``VecMonitor`` and ``evaluate_policy`` report the env's own
+returns, without the agent's half.
 
 This is the *compatibility* path: SB3 sees one observation at a time, so every call runs the whole
 left-padded sequence through the LM (no KV cache), and the rollout buffer stores each state as a full
@@ -26,21 +32,23 @@ episode in one teacher-forced pass; they are much faster (``benchmarks/vs_sb3.py
 Points where SB3's conventions meet the LM setting:
 
 * ``make_vec_env`` asks for ``render_mode="rgb_array"`` unless ``env_kwargs`` has a ``render_mode``;
-  ``TextGen-v0`` renders text only, so it warns and turns rendering off. ``render_mode=None`` (or
+  ``TextGen-v1`` renders text only, so it warns and turns rendering off. ``render_mode=None`` (or
   ``"ansi"``) in ``env_kwargs`` avoids the warning.
-* SB3's rollout buffers store observations as float32; token ids below 2**24 are exact, and are turned
-  back into int64 here.
+* SB3's rollout buffers store observations in the observation space's dtype (int64 here) since SB3 2.7.1,
+  as float32 before (token ids below 2**24 are exact; they are turned back into int64 here). ``VecNormalize``
+  must keep the ids: ``norm_obs=False`` (normalised observations
+  are refused with that message); ``norm_reward`` is fine without :class:`KLRewardCallback`, which refuses
+  it (it would add an unnormalised term to normalised rewards).
 * A2C/PPO/TRPO bootstrap the value of the last observation when an episode is *truncated* (SB3 reads
-  ``TimeLimit.truncated``). ``TextGen-v0`` never truncates: a text ends, scored, at a stop token or at
+  ``TimeLimit.truncated``). ``TextGen-v1`` never truncates: a text ends, scored, at a stop token or at
   ``max_new_tokens``, and both are reported as ``terminated``, so SB3 adds no ``gamma * V(final text)`` on
   top of the score, and treats the end as terminal, as lm-gym's algorithms do. (A ``TimeLimit`` of your own
-  below ``max_new_tokens`` truncates texts before their score; SB3 rightly bootstraps those.)
+  below ``max_new_tokens`` becomes the texts' length limit: they are scored and terminated there.)
 * TRPO tells actor from critic parameters by name (``"value" in name``). The head here is ``value_net``;
   an LM whose own parameter names contain ``"value"`` (GPT-NeoX's ``query_key_value``) would be taken
   for critic weights by TRPO. TRPO also differentiates every parameter, so it needs every LM weight to
   require gradients (full fine-tuning; a peft/LoRA model with frozen base weights fails there).
-  Its ``sub_sampling_factor`` > 1 slices the observations as one array and fails on ``Dict``
-  observations: keep it at 1. Its per-parameter loop costs about two backward passes through the LM
+  Its per-parameter loop costs about two backward passes through the LM
   per weight tensor and update, plus double-backward Fisher-vector products (hence ``double_backward``).
 """
 
@@ -52,8 +60,10 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from gymnasium import spaces
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.distributions import CategoricalDistribution
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
@@ -61,14 +71,67 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lm_gym.logprobs import PolicyLogProbCache
 from lm_gym.models import load_causal_lm
+from lm_gym.spaces import PAD
 
-__all__ = ["LMSB3Policy"]
+__all__ = ["KLRewardCallback", "LMSB3Policy"]
+
+
+class KLRewardCallback(BaseCallback):
+    """The agent's half of ``TextGen-v1``'s KL penalty, for stable-baselines3: ``-kl_coef * log pi(a_t|s_t)``
+    added to each step's reward before SB3 stores it, from the log-prob SB3 sampled the action with.
+
+    With the env's half, ``kl_coef * log pi_ref(a_t|s_t)``, the reward SB3 learns from is RLHF's ``score -
+    kl_coef * (log pi - log pi_ref)`` per token, exactly (lm-gym's own algorithms do the same). ``kl_coef`` is
+    read from the envs (``get_attr``) at the start of each rollout, so a change of the envs' ``kl_coef`` between
+    rollouts is followed. Change it with ``venv.env_method("set_wrapper_attr", "kl_coef", beta)``, not
+    ``venv.set_attr("kl_coef", beta)``: SB3's ``set_attr`` sets the attribute on the outermost wrapper (the
+    ``Monitor``), where the env never reads it but ``get_attr`` finds it, so the two halves would differ.
+
+    Args:
+        kl_coef: use this ``beta`` instead of the envs' (it must then equal theirs for the KL to be exact).
+        verbose: SB3's verbosity.
+
+    Raises:
+        ValueError: (at ``learn``) the envs' ``kl_coef`` differ, or a ``VecNormalize`` normalises rewards.
+    """
+
+    def __init__(self, kl_coef: float | None = None, verbose: int = 0) -> None:
+        super().__init__(verbose)
+        self.kl_coef = kl_coef
+        self._beta = 0.0
+
+    def _init_callback(self) -> None:
+        from stable_baselines3.common.vec_env import VecNormalize, unwrap_vec_wrapper
+
+        normalize = unwrap_vec_wrapper(self.training_env, VecNormalize)
+        if normalize is not None and normalize.norm_reward:
+            raise ValueError(
+                "KLRewardCallback adds -kl_coef * log pi to the rewards SB3 stores, which VecNormalize("
+                "norm_reward=True) has already normalised; use norm_reward=False"
+            )
+
+    def _on_rollout_start(self) -> None:
+        if self.kl_coef is not None:
+            self._beta = float(self.kl_coef)
+            return
+        betas = set(self.training_env.get_attr("kl_coef"))
+        if len(betas) != 1:
+            raise ValueError(
+                f"the envs' kl_coef differ ({sorted(betas)}); give KLRewardCallback(kl_coef=...)"
+            )
+        self._beta = float(betas.pop())
+
+    def _on_step(self) -> bool:
+        # SB3's collect_rollouts calls this after env.step and before rollout_buffer.add(rewards, log_probs):
+        # the rewards array is the one it stores
+        log_pi = self.locals["log_probs"].detach().double().cpu().numpy()  # (N,)
+        self.locals["rewards"] -= self._beta * log_pi
+        return True
 
 
 class LMSB3Policy(ActorCriticPolicy):
-    """A causal LM as a stable-baselines3 actor-critic for ``TextGen-v0``.
+    """A causal LM as a stable-baselines3 actor-critic for ``TextGen-v1``.
 
     Every call runs the LM over the batch of left-padded observations in one full forward pass
     (``position_ids = cumsum(attention_mask) - 1``, clamped at 0). The actor is SB3's
@@ -77,10 +140,6 @@ class LMSB3Policy(ActorCriticPolicy):
     start) on the last layer's hidden state at the last position (``hidden_states[-1][:, -1]``, read
     as the input of the LM's output head, see :meth:`_lm_forward`). Dropout stays off for good (the LM is
     kept in eval mode; SB3's ``set_training_mode`` only flips the bookkeeping flag).
-
-    The rollout call (:meth:`forward`) and SB3's ``predict`` record the full next-token log-distribution of
-    every observation of the batch into ``log_prob_cache``; environments sharing that cache read
-    ``log pi(a|s)`` of the action they get from it and put the KL penalty into the reward.
 
     SB3 builds the optimizer over ``policy.parameters()``: here the LM's trainable weights and the value
     head. Without peft every LM weight is made trainable; a peft model keeps its own choice (the adapters).
@@ -93,22 +152,17 @@ class LMSB3Policy(ActorCriticPolicy):
     for every attribute, a cloudpickle of ``policy_kwargs``. Pass ``lm`` by name and that is just the
     name (recommended). A loaded model passed as ``lm`` is pickled there in full (its weights are stored
     twice), and pickling fails if the model was ever called with ``output_hidden_states=True``
-    (transformers 5 then keeps hooks on it that cannot be pickled; this policy never does so). After
-    ``PPO.load(path, env)`` the policy holds an unpickled copy of the cache, disconnected from the new
-    env's: set ``model.policy.log_prob_cache = cache`` (or pass ``custom_objects={"policy_kwargs":
-    dict(lm=..., tokenizer=..., log_prob_cache=cache)}``). :meth:`save_pretrained` exports a plain
-    ``transformers`` folder.
+    (transformers 5 then keeps hooks on it that cannot be pickled; this policy never does so).
+    :meth:`save_pretrained` exports a plain ``transformers`` folder.
 
     Args:
-        observation_space: the env's ``Dict(input_ids=Box(L,), attention_mask=Box(L,))``.
+        observation_space: the env's ``Box(-1, V - 1, (L,), int64)`` (token ids, -1 as padding).
         action_space: ``Discrete(vocab_size)``.
         lr_schedule: SB3's learning-rate schedule (SB3 passes it).
         lm: the causal LM to fine-tune, or a name for :func:`lm_gym.models.load_causal_lm` (``"tiny"``,
             ``"smollm2-135m"``, a folder, a Hub id). Do not pass the env's reference: it would train too.
         tokenizer: the LM's tokenizer (loaded with ``lm`` when that is a name); used by
             :meth:`save_pretrained`.
-        log_prob_cache: the :class:`~lm_gym.logprobs.PolicyLogProbCache` shared with the env(s); None
-            leaves the KL term out of the reward.
         temperature: the logits are divided by it; give the env the same ``temperature``.
         double_backward: run the attention of forward passes that record gradients with PyTorch's math
             SDPA kernel, which (unlike CPU flash attention) has a second derivative: TRPO's Fisher-vector
@@ -119,29 +173,29 @@ class LMSB3Policy(ActorCriticPolicy):
 
     def __init__(
         self,
-        observation_space: spaces.Dict,
+        observation_space: spaces.Box,
         action_space: spaces.Discrete,
         lr_schedule: Schedule,
         *,
         lm: PreTrainedModel | str,
         tokenizer: PreTrainedTokenizerBase | None = None,
-        log_prob_cache: PolicyLogProbCache | None = None,
         temperature: float = 1.0,
         double_backward: bool = True,
         **kwargs: Any,
     ) -> None:
         if not (
-            isinstance(observation_space, spaces.Dict)
-            and {"input_ids", "attention_mask"} <= set(observation_space.spaces)
+            isinstance(observation_space, spaces.Box)
+            and np.issubdtype(observation_space.dtype, np.integer)
+            and len(observation_space.shape) == 1
         ):
-            raise ValueError(
-                "LMSB3Policy needs TextGen-v0's Dict(input_ids=..., attention_mask=...) observations; "
-                f"got {observation_space}"
+            hint = (
+                "; encoder-decoder observations (2, W) are for lm-gym's own algorithms"
+                if isinstance(observation_space, spaces.Box) and len(observation_space.shape) == 2
+                else ""
             )
-        if "decoder_input_ids" in observation_space.spaces:
             raise ValueError(
-                "LMSB3Policy runs causal LMs; encoder-decoder observations (decoder_input_ids) are for "
-                "algorithms.policy.LMActorCriticPolicy and lm-gym's own algorithms"
+                f"LMSB3Policy needs TextGen-v1's token observations, an integer Box of shape (L,); got "
+                f"{observation_space}{hint}"
             )
         if not isinstance(action_space, spaces.Discrete):
             raise ValueError(f"LMSB3Policy needs a Discrete(vocab_size) action space; got {action_space}")
@@ -164,7 +218,6 @@ class LMSB3Policy(ActorCriticPolicy):
                 "build the env with the same model/tokenizer"
             )
         self.tokenizer = tokenizer
-        self.log_prob_cache = log_prob_cache
         self.temperature = float(temperature)
         self.double_backward = double_backward
         base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
@@ -202,7 +255,6 @@ class LMSB3Policy(ActorCriticPolicy):
         data.update(
             lm=self.lm_name if self.lm_name is not None else self.lm,
             tokenizer=self.tokenizer,
-            log_prob_cache=None,  # a pickled cache would be disconnected from the envs; set it again
             temperature=self.temperature,
             double_backward=self.double_backward,
         )
@@ -224,18 +276,28 @@ class LMSB3Policy(ActorCriticPolicy):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The token ids and attention mask of a batch of observations, as int64 on the policy's device.
 
-        Observations from SB3's rollout buffer are float32 (exact for ids below 2**24); those from the env
-        are int64. Columns that are padding in every row are dropped: the sequences are left-padded, so
+        Observations from the env, and from SB3's rollout buffer since SB3 2.7.1, are int64; the buffer of
+        older SB3 versions holds float32 (exact for ids below 2**24). Columns that are padding in every row are dropped: the sequences are left-padded, so
         this changes no position id and no logit at the last position, and saves compute.
 
         Returns:
             input_ids, attention_mask: each (B, L') with L' <= L.
+
+        Raises:
+            ValueError: the observations are not token ids (e.g. normalised by ``VecNormalize``).
         """
-        ids, mask = obs["input_ids"], obs["attention_mask"]  # (B, L) each, or (L,)
-        if ids.is_floating_point():
-            ids = ids.round()
-        ids = ids.to(self.device, torch.long).reshape(-1, ids.shape[-1])  # (B, L)
-        mask = (mask.to(self.device).reshape(-1, mask.shape[-1]) > 0).long()  # (B, L)
+        obs = obs.to(self.device).reshape(-1, obs.shape[-1])  # (B, L)
+        if obs.is_floating_point():
+            ids = obs.round()
+            if not (bool((ids == obs).all()) and bool((ids >= PAD).all())):
+                raise ValueError(
+                    "LMSB3Policy: the observations are not token ids (VecNormalize normalises observations "
+                    "by default): use VecNormalize(venv, norm_obs=False)"
+                )
+            obs = ids
+        obs = obs.long()
+        mask = (obs != PAD).long()  # (B, L)
+        ids = obs.clamp(min=0)  # padding read as id 0, never attended to
         start = int(mask.any(0).long().argmax())  # first column holding a token of some row
         return ids[:, start:], mask[:, start:]
 
@@ -282,30 +344,21 @@ class LMSB3Policy(ActorCriticPolicy):
         """(B, 1) V(s) from the (B, H) hidden states."""
         return self.value_net(hidden.to(self.value_net.weight.dtype))
 
-    def _record(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, distribution: CategoricalDistribution
-    ) -> None:
-        """Hand the batch's next-token log-distributions (B, V) to the envs through the cache."""
-        if self.log_prob_cache is not None:
-            # Categorical's normalised logits: exactly what distribution.log_prob gathers from
-            self.log_prob_cache.record(input_ids, attention_mask, distribution.distribution.logits)
-
     # ------------------------------------------------------------------------------------------ SB3 API
     def forward(
         self, obs: PyTorchObs, deterministic: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The rollout call: sample actions, and record the distributions into the cache.
+        """The rollout call: sample actions.
 
         Returns:
             actions: (B,) token ids.
             values: (B, 1).
             log_prob: (B,) ``log pi(action | obs)``.
         """
-        logits, hidden, input_ids, attention_mask = self._lm_forward(obs)
+        logits, hidden, _, _ = self._lm_forward(obs)
         distribution = self.action_dist.proba_distribution(action_logits=logits)
         actions = distribution.get_actions(deterministic=deterministic)  # (B,)
         log_prob = distribution.log_prob(actions)  # (B,)
-        self._record(input_ids, attention_mask, distribution)
         return actions.reshape((-1, *self.action_space.shape)), self._value(hidden), log_prob
 
     def evaluate_actions(
@@ -323,15 +376,14 @@ class LMSB3Policy(ActorCriticPolicy):
 
     def predict_values(self, obs: PyTorchObs) -> torch.Tensor:
         """(B, 1) the critic's V(s) (SB3 bootstraps the rollout's last observations with it, and a truncated
-        episode's, which TextGen-v0 itself never reports)."""
+        episode's, which TextGen-v1 itself never reports)."""
         _, hidden, _, _ = self._lm_forward(obs)
         return self._value(hidden)
 
     def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> torch.Tensor:
-        """``model.predict``'s action (B,); records into the cache like a rollout, so the KL term stays."""
-        logits, _, input_ids, attention_mask = self._lm_forward(observation)
+        """``model.predict``'s action (B,)."""
+        logits, _, _, _ = self._lm_forward(observation)
         distribution = self.action_dist.proba_distribution(action_logits=logits)
-        self._record(input_ids, attention_mask, distribution)
         return distribution.get_actions(deterministic=deterministic)
 
     # ------------------------------------------------------------------------------------------ export

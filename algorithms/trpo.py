@@ -44,7 +44,7 @@ __all__ = ["TRPO"]
 
 
 class TRPO(OnPolicyAlgorithm):
-    """Trust region policy optimisation on TextGen-v0: one natural-gradient step of the actor per rollout.
+    """Trust region policy optimisation on TextGen-v1: one natural-gradient step of the actor per rollout.
 
     Defaults are sb3-contrib's TRPO (15 CG steps, damping 0.1, line search shrinking by 0.8 over 10 tries,
     target KL 0.01, 10 critic epochs). Adapted to LMs: ``batch_size`` counts episode segments per forward

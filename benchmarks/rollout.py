@@ -1,14 +1,15 @@
-"""Rollout throughput: the TextGen-v0 vector env against plain `transformers`, side by side in one run.
+"""Rollout throughput: the TextGen-v1 vector env against plain `transformers`, side by side in one run.
 
 Both sides produce the same thing for a batch of prompts: sampled continuations of ``--new-tokens``
 tokens, the policy's and the reference's log-prob of every sampled token (so the KL), and a reward-model
 score of every text.
 
 * ours: ``TextGenVectorEnv`` (reference KV-cached, one batched step per token) with the path the RL core
-  takes: for a model under 20M parameters the env runs reference and policy as one twin pass
-  (``policy_model``) and a ``SharedForwardSampler`` samples from it; above, a ``CachedSampler`` runs the
-  policy while the env's reference step runs in a background thread; with LoRA, one doubled batch
-  (``policy_adapter``). The sampler reports its log-probs to the env.
+  takes: with full fine-tuning a ``CachedSampler`` runs the policy while the env's reference step runs in a
+  background thread (20M parameters or more); with LoRA, the env steps the shared pass of
+  ``algorithms.shared_pass`` (reference and policy rows as one doubled batch) as its ``reference_decoder``
+  and the agent samples from the policy's rows. The agent adds its half of the KL, ``-beta * log pi``, to
+  the env's rewards.
 * baseline: ``policy.generate`` (returning the sampling scores for the policy log-probs), then one
   teacher-forced reference forward over prompt + completion, then one reward-model pass.
 
@@ -34,34 +35,47 @@ import torch
 from gymnasium.vector import AutoresetMode
 from peft import LoraConfig, get_peft_model
 
+from algorithms.shared_pass import shared_lora_decoder
 from lm_gym.decoding import torch_threads
 from lm_gym.env import TextGenVectorEnv
 from lm_gym.models import load_causal_lm, load_sequence_classifier
 from lm_gym.rewards import HFRewardModel
-from lm_gym.sampling import CachedSampler, SharedForwardSampler
+from lm_gym.sampling import CachedSampler, policy_warpers, sample, sampling_filters
 from lm_gym.tasks import get_task
-from lm_gym.twin import TWIN_MAX_PARAMETERS
 
 
-def ours(envs: TextGenVectorEnv, policy, prompts: list[str], new_tokens: int, seed: int) -> float:
+class SharedPassSampler:
+    """Samples from the policy's rows of the shared pass the env steps as its reference (LoRA)."""
+
+    def __init__(self, shared, generator: torch.Generator) -> None:
+        self.shared, self.generator = shared, generator
+        self.law, self.filters = policy_warpers(1.0), sampling_filters()
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.shared.twin_logits  # (N, V) at the env's current observations
+        last = torch.as_tensor(obs[:, -1:])  # (N, 1)
+        return sample(logits, last, self.law, self.filters, self.generator, entropy=False)[:2]
+
+
+def ours(
+    envs: TextGenVectorEnv, policy, prompts: list[str], new_tokens: int, seed: int, shared=None
+) -> float:
     generator = torch.Generator(device=envs.reference.device).manual_seed(seed)  # where the sampling runs
-    if envs.shares_policy_pass:  # the env's pass of 2N rows computes the policy's logits too
-        sampler = SharedForwardSampler(envs, generator=generator)
-        threads = torch.get_num_threads()
+    if shared is not None:  # the env's pass of 2N rows computes the policy's logits too
+        sampler = SharedPassSampler(shared, generator)
     else:  # two weight sets: the env's reference runs in its thread while the policy runs in this one
         sampler = CachedSampler(policy, envs.num_envs, envs.pad_token_id, generator=generator)
-        threads = (
-            max(1, torch.get_num_threads() - 1) if envs._executor is not None else torch.get_num_threads()
-        )
-    with torch_threads(threads):
+    busy = envs.reference_threads
+    with torch_threads(max(1, torch.get_num_threads() - busy) if busy else None):
         start = time.perf_counter()
         obs, _ = envs.reset(seed=seed, options={"prompts": prompts})
         for _ in range(new_tokens):
             actions, log_probs = sampler.act(obs)
-            envs.set_policy_log_probs(log_probs)
             obs, rewards, terminated, truncated, infos = envs.step(actions)
+            rewards = rewards - envs.kl_coef * log_probs.double().numpy()  # the agent's half of the KL
         elapsed = time.perf_counter() - start
-    assert terminated.all() and not truncated.any() and "_score" in infos and np.isfinite(rewards).all()
+    assert terminated.all() and not truncated.any() and infos["_score"].all() and np.isfinite(rewards).all()
     return elapsed
 
 
@@ -145,17 +159,11 @@ def main() -> None:
         f"model={args.model} batch={args.batch} new_tokens={args.new_tokens} threads={torch.get_num_threads()}"
     )
 
-    # Full fine-tuning: policy and reference are two copies of the weights.
-    # A small model runs both weight sets in one twin pass; a large one overlaps two passes in two threads.
-    small = sum(p.numel() for p in reference.parameters()) < TWIN_MAX_PARAMETERS
-    envs = TextGenVectorEnv(args.batch, model=reference, policy_model=policy if small else None, **common)
-    how = (
-        "one twin pass of both weight sets"
-        if small
-        else f"async reference {'on' if envs._executor else 'off'}"
-    )
+    # Full fine-tuning: policy and reference are two copies of the weights; from 20M parameters on the env's
+    # reference pass overlaps the policy's in a background thread.
+    envs = TextGenVectorEnv(args.batch, model=reference, **common)
     full = compare(
-        f"full fine-tune (two weight copies; {how})",
+        f"full fine-tune (two weight copies; async reference {'on' if envs.reference_threads else 'off'})",
         lambda r: ours(envs, policy, prompts, args.new_tokens, seed=r),
         lambda r: baseline(policy, tokenizer, reward, prompts, args.new_tokens, seed=r, reference=reference),
         args.repeats,
@@ -166,10 +174,11 @@ def main() -> None:
     # LoRA: the reference is the policy with its adapters off; the env runs both as one doubled batch.
     lora_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
     lora_policy = get_peft_model(copy.deepcopy(reference), lora_config).eval()
-    envs = TextGenVectorEnv(args.batch, model=lora_policy, policy_adapter="default", **common)
+    shared = shared_lora_decoder(lora_policy, args.batch, tokenizer.pad_token_id, "default")
+    envs = TextGenVectorEnv(args.batch, model=lora_policy, reference_decoder=shared, **common)
     lora = compare(
         "LoRA (reference = adapters off; one shared forward per step)",
-        lambda r: ours(envs, None, prompts, args.new_tokens, seed=r),
+        lambda r: ours(envs, None, prompts, args.new_tokens, seed=r, shared=shared),
         lambda r: baseline(lora_policy, tokenizer, reward, prompts, args.new_tokens, seed=r),
         args.repeats,
         tokens,

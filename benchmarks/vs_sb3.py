@@ -1,15 +1,18 @@
 """Training throughput: lm-gym's PPO against unmodified stable-baselines3 PPO with ``LMSB3Policy``.
 
-Both sides train the same model on the same ``TextGen-v0`` settings (task, KL coefficient, prompt and
-episode lengths, ``--n-envs`` environments) with the same PPO settings (epochs, clip ranges, value
+Both sides train the same model on the same ``TextGen-v1`` settings (task, KL coefficient, prompt and
+episode lengths, ``--n-envs`` environments) for the same per-token reward, ``score - kl_coef * (log pi -
+log pi_ref)`` (the env pays the reference's half; ours adds the agent's half in its rollout, SB3's side with
+``algorithms.sb3.KLRewardCallback``), with the same PPO settings (epochs, clip ranges, value
 coefficient, learning rate, gamma 1.0, GAE lambda 0.95, advantage whitening, gradient clip); a minibatch
 holds about the same number of actions (``--batch-seqs`` whole sequences on our side,
 ``min(--batch-seqs, --n-envs) * --new-tokens`` transitions on SB3's).
 
 * ours: ``algorithms.ppo.PPO`` with ``algorithms.policy.LMActorCriticPolicy``: KV-cached batched sampling
   through the native vector env, one teacher-forced forward per sequence in the update.
-* sb3: ``stable_baselines3.PPO`` with ``algorithms.sb3.LMSB3Policy`` over a ``DummyVecEnv`` of single
-  ``TextGen-v0`` envs: a full forward of every padded observation at every step and in the update.
+* sb3: ``stable_baselines3.PPO`` with ``algorithms.sb3.LMSB3Policy`` and ``KLRewardCallback`` over a
+  ``DummyVecEnv`` of single ``TextGen-v1`` envs: a full forward of every padded observation at every step and
+  in the update.
 
 An iteration is ``--new-tokens`` steps of every env (one rollout) and its update. The rate is env steps
 (= generated tokens) per second over rollouts *and* updates. The sides run alternately ``--repeats``
@@ -33,11 +36,10 @@ import torch
 from stable_baselines3 import PPO as SB3PPO
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-import lm_gym  # noqa: F401  (registers TextGen-v0)
+import lm_gym  # noqa: F401  (registers TextGen-v1)
 from algorithms.policy import LMActorCriticPolicy
 from algorithms.ppo import PPO
-from algorithms.sb3 import LMSB3Policy
-from lm_gym import PolicyLogProbCache
+from algorithms.sb3 import KLRewardCallback, LMSB3Policy
 from lm_gym.models import load_causal_lm
 
 
@@ -92,19 +94,17 @@ def run_ours(model, tokenizer, args: argparse.Namespace, seed: int) -> tuple[flo
 
 def run_sb3(model, tokenizer, args: argparse.Namespace, seed: int) -> tuple[float, float]:
     """Seconds of ``learn`` over the same number of env steps (total, rollouts) for SB3's PPO."""
-    cache = PolicyLogProbCache()
     reference = copy.deepcopy(model).requires_grad_(False)  # the env's frozen reference, shared by its envs
 
     def make_env() -> gym.Env:
         return gym.make(
-            "TextGen-v0",
+            "TextGen-v1",
             model=reference,
             tokenizer=tokenizer,
             task=args.task,
             kl_coef=args.kl_coef,
             max_new_tokens=args.new_tokens,
             max_prompt_tokens=args.prompt_tokens,
-            log_prob_cache=cache,
         )
 
     env = DummyVecEnv([make_env] * args.n_envs)
@@ -125,13 +125,11 @@ def run_sb3(model, tokenizer, args: argparse.Namespace, seed: int) -> tuple[floa
         seed=seed,
         verbose=0,
         # PPO needs no second derivative: let SDPA use its fused kernels
-        policy_kwargs=dict(
-            lm=copy.deepcopy(model), tokenizer=tokenizer, log_prob_cache=cache, double_backward=False
-        ),
+        policy_kwargs=dict(lm=copy.deepcopy(model), tokenizer=tokenizer, double_backward=False),
     )
     watch = Stopwatch(algo)
     start = time.perf_counter()
-    algo.learn(args.iterations * args.new_tokens * args.n_envs)
+    algo.learn(args.iterations * args.new_tokens * args.n_envs, callback=KLRewardCallback())
     elapsed = time.perf_counter() - start
     env.close()
     return elapsed, watch.rollout_s

@@ -1,4 +1,4 @@
-"""Plug your own reward function into TextGen-v0.
+"""Plug your own reward function into TextGen-v1.
 
 Shows the reward protocol: any callable ``(prompts, completions) -> scores`` (lists of strings in, one
 float per pair out). The environment calls it once per step with *all* the texts that finished on that
@@ -15,8 +15,9 @@ import argparse
 
 import gymnasium as gym
 import numpy as np
+from gymnasium.vector import AutoresetMode
 
-import lm_gym  # noqa: F401  (registers TextGen-v0)
+import lm_gym  # noqa: F401  (registers TextGen-v1)
 from lm_gym.sampling import CachedSampler
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -48,20 +49,23 @@ reward_fn.calls.clear()
 
 # reward= replaces the task's reward (VADER sentiment); the prompts are still the task's movie reviews.
 envs = gym.make_vec(
-    "TextGen-v0",
+    "TextGen-v1",
     num_envs=args.num_envs,
     model=args.model,
     reward=reward_fn,
     max_new_tokens=args.max_new_tokens,
+    info_text=True,  # prompt and text in the info, to print them
+    autoreset_mode=AutoresetMode.NEXT_STEP,  # a row's last step returns its own text and score
 )
-# The agent: the env's own reference LM, sampled with a KV cache (it returns log pi for the KL term).
+# The agent: the env's own reference LM, sampled with a KV cache (it returns log pi, the agent's half of the KL).
 sampler = CachedSampler(envs.reference, args.num_envs, envs.pad_token_id)
 obs, infos = envs.reset(seed=0)
 done = np.zeros(args.num_envs, bool)
 while not done.all():  # one episode per env; rows that finish restart (autoreset) and are ignored
     actions, log_probs = sampler.act(obs)
-    envs.set_policy_log_probs(log_probs)
     obs, rewards, terminated, truncated, infos = envs.step(actions)
+    # the env pays kl_coef * log pi_ref; the agent's half of the KL penalty is -kl_coef * log pi
+    rewards = rewards - envs.kl_coef * log_probs.double().numpy()
     for i in np.flatnonzero(~done & (terminated | truncated)):
         # The last step's reward = score - kl_coef * KL; the KL is ~0 here: the policy *is* the reference.
         print(

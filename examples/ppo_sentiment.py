@@ -1,14 +1,14 @@
 """PPO on the sentiment task with lm-gym's own algorithm: make a language model write positive reviews.
 
 Shows the actor-critic for LMs (``algorithms.policy.LMActorCriticPolicy``: the LM is the actor, a value
-head on its last hidden state is the critic) trained by ``algorithms.ppo.PPO`` on TextGen-v0. The task
+head on its last hidden state is the critic) trained by ``algorithms.ppo.PPO`` on TextGen-v1. The task
 continues movie-review openings; the reward model (VADER) scores the sentiment of each continuation, and a
 per-token KL penalty keeps the policy near the initial model. We measure the mean score on held-out
 prompts before and after training.
 
 Run:
     python examples/ppo_sentiment.py                      # SmolLM2-135M with LoRA (slow on CPU)
-    python examples/ppo_sentiment.py --model tiny --iterations 2 --n-envs 2 --max-new-tokens 8
+    python examples/ppo_sentiment.py --model tiny --task letters --iterations 2 --n-envs 2 --max-new-tokens 8
 Metrics go to the console and to ``--run-dir`` (TensorBoard, metrics.jsonl, checkpoints, final model).
 """
 
@@ -16,14 +16,18 @@ import argparse
 
 import numpy as np
 import torch
+from gymnasium.vector import AutoresetMode
 
 from algorithms.policy import LMActorCriticPolicy
 from algorithms.ppo import PPO
-from lm_gym import TextGenVectorEnv
+from lm_gym import TextGenVectorEnv, hf_inputs
 from lm_gym.models import load_causal_lm
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", default="smollm2-135m", help="tiny, smollm2-135m, a folder or a Hub id")
+parser.add_argument(
+    "--task", default="sentiment", help="sentiment; letters for tiny, whose random bytes VADER scores 0"
+)
 parser.add_argument("--iterations", type=int, default=10, help="PPO iterations (rollout + update)")
 parser.add_argument("--n-envs", type=int, default=8, help="texts per rollout")
 parser.add_argument("--max-new-tokens", type=int, default=24)
@@ -39,19 +43,21 @@ def mean_eval_score(policy: LMActorCriticPolicy, seed: int = 1234) -> float:
         args.n_envs,
         model=policy.model,
         tokenizer=policy.tokenizer,
+        task=args.task,
         split="eval",
         kl_coef=0.0,
         max_new_tokens=args.max_new_tokens,
+        autoreset_mode=AutoresetMode.NEXT_STEP,  # a row's last step returns its own score
     )  # score only: no KL term
     agent = policy.rollout_agent(args.n_envs, torch.Generator(device=policy.device).manual_seed(seed))
     obs, _ = envs.reset(seed=seed)
     done, scores = np.zeros(args.n_envs, bool), np.zeros(args.n_envs)
     while not done.all():
-        actions, _, _ = agent.act(obs)  # the actor samples; the log-probs and values are for training
+        # the actor samples (the log-probs and values are for training); it reads ids and attention mask
+        actions, _, _ = agent.act(hf_inputs(obs, tokenizer.pad_token_id))
         obs, _, terminated, truncated, infos = envs.step(actions)
         ended = ~done & (terminated | truncated)  # first episode of each env; later ones are ignored
-        if ended.any():  # "score" is in the info only on steps where some text ended
-            scores[ended], done = infos["score"][ended], done | ended
+        scores[ended], done = infos["score"][ended], done | ended
     envs.close()
     return float(scores.mean())
 
@@ -63,12 +69,12 @@ model, tokenizer = load_causal_lm(args.model)
 policy = LMActorCriticPolicy(model, tokenizer, lora_r=args.lora_r)
 before = mean_eval_score(policy)
 
-# PPO builds its own TextGen-v0 vector env (n_envs rows); each iteration collects n_steps = max_new_tokens
+# PPO builds its own TextGen-v1 vector env (n_envs rows); each iteration collects n_steps = max_new_tokens
 # tokens per row, computes GAE advantages from the rewards (score at the end, -beta * KL every token) and
 # the critic's values, then runs a few epochs of clipped-ratio updates on that batch.
 ppo = PPO(
     policy,
-    task="sentiment",
+    task=args.task,
     n_envs=args.n_envs,
     max_new_tokens=args.max_new_tokens,
     learning_rate=args.learning_rate,

@@ -1,4 +1,4 @@
-"""A random agent on TextGen-v0: what an episode of "RL for text generation" looks like.
+"""A random agent on TextGen-v1: what an episode of "RL for text generation" looks like.
 
 Shows the Gymnasium loop on the environment: the observation is the token sequence so far (prompt +
 generated tokens), the action is one token id, the episode ends on EOS or after ``max_new_tokens``, and the
@@ -14,7 +14,7 @@ import argparse
 
 import gymnasium as gym
 
-import lm_gym  # noqa: F401  (importing it registers TextGen-v0)
+import lm_gym  # noqa: F401  (importing it registers TextGen-v1)
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", default="smollm2-135m", help="tiny, smollm2-135m, a folder or a Hub id")
@@ -25,9 +25,12 @@ parser.add_argument(
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
 
-# model= is the *reference* LM: the env runs it to price the KL penalty. Our agent is not an LM and has no
-# log-probs to report, so the KL term cannot be computed: kl_coef=0 says so (else the env warns).
-env = gym.make("TextGen-v0", model=args.model, max_new_tokens=args.max_new_tokens, kl_coef=0.0)
+# model= is the *reference* LM: the env runs it to price its half of the KL penalty, kl_coef * log pi_ref(a).
+# Our agent is not an LM (the agent's half, -kl_coef * log pi(a), would be its own): kl_coef=0, the score alone.
+# info_text=True adds the prompt and the text to the info (numbers only by default).
+env = gym.make(
+    "TextGen-v1", model=args.model, max_new_tokens=args.max_new_tokens, kl_coef=0.0, info_text=True
+)
 env.action_space.seed(args.seed)  # Discrete(vocab_size): one token id per step
 print("observation space:", env.observation_space)
 print("action space:     ", env.action_space)
@@ -45,17 +48,13 @@ for episode in range(args.episodes):
         steps += 1
         done = terminated or truncated  # terminated: EOS or max_new_tokens (the env itself never truncates)
         if steps == 1:
-            # Every step: prompt, text (completion so far), ref_log_prob (the reference LM's log-prob of the
-            # token we chose) and kl_penalty. With no log-probs from the agent there is no KL (no
-            # policy_log_prob/kl keys) and the penalty is 0.
+            # Every step: ref_log_prob (the reference LM's log-prob of the token we chose), score (0 until the
+            # end), prompt_truncated, and with info_text the prompt and the text (completion so far).
             print(f"step-1 info: {info}")
-    # The last step's info also holds "score", the reward model's rating (VADER sentiment here).
-    print(f"final info keys: {sorted(info)}")
+    # The last step's "score" is the reward model's rating (VADER sentiment here).
     print(f"text:   {info['text']!r}")
     print(f"steps {steps}, terminated at {'the length limit' if steps == args.max_new_tokens else 'EOS'}")
-    print(
-        f"score {info['score']:+.3f}  return {episode_return:+.3f}  (return = score: no KL without log-probs)"
-    )
-    # In the observation, the text sits at the right end; attention_mask marks it (left padding).
-    print(f"observation: {int(obs['attention_mask'].sum())} real tokens of {len(obs['input_ids'])}")
+    print(f"score {info['score']:+.3f}  return {episode_return:+.3f}  (return = score: kl_coef is 0)")
+    # In the observation, the text sits at the right end; -1 marks the padding on its left.
+    print(f"observation: {int((obs >= 0).sum())} real tokens of {len(obs)}")
 env.close()

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
-
-from lm_gym.twin import twin_model as make_twin
 
 __all__ = ["CACHE", "AppendLayer", "BatchedDecoder", "append_cache", "left_pad", "torch_threads"]
 
@@ -67,11 +65,17 @@ def left_pad(
 
 class RowDecoder:
     """What the KV-cached decoders share (:class:`BatchedDecoder`, :class:`~lm_gym.seq2seq.Seq2SeqDecoder`):
-    N rows, optionally each with a twin row (the policy's), and the views of their last logits and hidden states.
-    Subclasses set ``num_rows``, ``twins``, ``keep_hidden``, ``model``, ``_logits`` and ``_hidden``."""
+    N rows, optionally each with a twin row, and the views of their last logits and hidden states.
+
+    This is also the protocol by which ``TextGenVectorEnv(reference_decoder=...)`` steps its reference: the
+    env calls :meth:`reset_rows` and :meth:`append` and reads :attr:`logits` (the first N rows). Twin rows
+    are N more rows that follow the same tokens in the same forward pass; a subclass decides how they differ
+    from the N rows by overriding :meth:`_pass_context` (e.g. ``algorithms.shared_pass``: the N rows with a
+    LoRA adapter off, the twins with it on). Subclasses set ``num_rows``, ``twins``, ``keep_hidden``,
+    ``model``, ``_logits`` and ``_hidden``."""
 
     num_rows: int
-    twins: bool  # every row has a twin row (the policy's; the N rows are the reference's)
+    twins: bool  # every row has a twin row, run in the same pass (see _pass_context)
     keep_hidden: bool
     model: torch.nn.Module
     _logits: torch.Tensor | None
@@ -79,14 +83,14 @@ class RowDecoder:
 
     @property
     def logits(self) -> torch.Tensor:
-        """(N, V) next-token logits of each row (with twins: the reference's rows)."""
+        """(N, V) next-token logits of each row (with twins: the first N physical rows)."""
         return self._logits[: self.num_rows]
 
     @property
     def twin_logits(self) -> torch.Tensor:
-        """(N, V) next-token logits of the twin rows (the policy's: the LoRA adapter on, or the twin model)."""
+        """(N, V) next-token logits of the twin rows."""
         if not self.twins:
-            raise RuntimeError("this decoder has no twin rows (neither twin_adapter nor twin_model)")
+            raise RuntimeError("this decoder has no twin rows (built with twins=False)")
         return self._logits[self.num_rows :]
 
     @property
@@ -103,6 +107,11 @@ class RowDecoder:
 
     def _physical(self, rows: list[int]) -> list[int]:
         return rows + [r + self.num_rows for r in rows] if self.twins else rows
+
+    def _pass_context(self, rows: list[int]) -> AbstractContextManager:
+        """The context one forward pass over the physical ``rows`` runs in (twin rows are ``>= num_rows``);
+        nothing by default."""
+        return nullcontext()
 
 
 class AppendLayer(DynamicLayer):
@@ -187,18 +196,14 @@ class BatchedDecoder(RowDecoder):
     per step on small models), so ``logits``, ``hidden`` and the cache are inference tensors: read them
     freely (what is computed from them outside the decoder is an ordinary tensor), never modify them in place.
 
-    With ``twin_adapter``, ``model`` is a peft model and every row has a twin: the N rows run with the
-    adapters off (the frozen base, i.e. the reference of a LoRA policy) and N twin rows with the adapter
-    ``twin_adapter`` on (the policy), in one forward pass of 2N rows through the shared base weights. With
-    ``twin_model`` (full fine-tuning: the policy is a second model of the same architecture) the twin rows
-    run through the policy's weights, again in one pass of 2N rows (:func:`lm_gym.twin.twin_model`).
+    With ``twins``, every row has a twin row that follows the same tokens in the same forward pass of 2N
+    rows; a subclass makes the twins differ (:meth:`RowDecoder._pass_context`).
 
     Args:
         model: a Hugging Face causal LM (kept in eval mode by the caller), or a peft model.
         num_rows: N, the number of sequences.
         pad_token_id: the id written in padded positions (never attended to).
-        twin_adapter: name of the LoRA adapter of the twin rows, or None for no twins.
-        twin_model: the twin rows' own model (same architecture as ``model``), or None.
+        twins: give every row a twin row (see :class:`RowDecoder`).
         keep_hidden: also keep each row's last hidden state (:attr:`hidden`), e.g. for a value head.
     """
 
@@ -208,22 +213,16 @@ class BatchedDecoder(RowDecoder):
         num_rows: int,
         pad_token_id: int,
         *,
-        twin_adapter: str | None = None,
-        twin_model: torch.nn.Module | None = None,
+        twins: bool = False,
         keep_hidden: bool = False,
     ) -> None:
-        if twin_adapter and twin_model is not None:
-            raise ValueError("BatchedDecoder: twin rows run either a LoRA adapter or a twin model, not both")
         self.model = model
         self.keep_hidden = keep_hidden
         self._hidden: torch.Tensor | None = None  # (rows, H)
         self._new_hidden: torch.Tensor | None = None
         self.num_rows = num_rows
         self.pad_token_id = pad_token_id
-        self.twin_adapter = twin_adapter
-        self.twins = bool(twin_adapter) or twin_model is not None
-        # the module each pass runs: the model, or both models at once (lm_gym.twin)
-        self._pass = make_twin(model, twin_model) if twin_model is not None else model
+        self.twins = twins
         rows = 2 * num_rows if self.twins else num_rows  # physical rows: twins follow the N originals
         self.tokens: list[list[int]] = [[] for _ in range(rows)]
         self.version = 0  # counts the changes of ``tokens`` (reset_rows, append)
@@ -235,9 +234,7 @@ class BatchedDecoder(RowDecoder):
         self._logits: torch.Tensor | None = None  # (rows, V)
         forward = model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward
         self._logits_to_keep = "logits_to_keep" in inspect.signature(forward).parameters
-        self._lora_b = _twin_lora_b(model, twin_adapter)
         self._padding_mask_4d = _padding_mask_suffices(model)
-        self._all_twins: torch.Tensor | None = None  # the twin row mask of a pass over every row
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -253,18 +250,8 @@ class BatchedDecoder(RowDecoder):
         rows: list[int],
     ) -> tuple[torch.Tensor, DynamicCache]:
         kwargs: dict = {"logits_to_keep": 1} if self._logits_to_keep else {}
-        twin_mask = None
-        if self.twin_adapter:
-            # one pass for both halves: the base weights are read once, the LoRA update kept on twins only
-            every_row = len(rows) == len(self.tokens)
-            twin_mask = self._all_twins if every_row else None
-            if twin_mask is None:
-                is_twin = [r >= self.num_rows for r in rows]
-                twin_mask = torch.tensor(is_twin, device=self.device, dtype=torch.float32)[:, None, None]
-                if every_row:
-                    self._all_twins = twin_mask
-        with _masked_lora(self._lora_b, twin_mask):
-            out = self._pass(
+        with self._pass_context(rows):
+            out = self.model(
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=positions,
@@ -393,70 +380,6 @@ def _padding_mask_suffices(model: torch.nn.Module) -> bool:
     if layer_types is not None:
         return all(kind == "full_attention" for kind in layer_types)
     return getattr(config, "sliding_window", None) is None
-
-
-def _twin_lora_b(
-    model: torch.nn.Module, twin_adapter: str | None
-) -> list[tuple[torch.nn.Module, str]] | None:
-    """The LoRA layers whose update the twin rows keep, as ``(layer, adapter)`` (None without twins); an
-    error when unusable."""
-    if not twin_adapter:
-        return None
-    layers = _plain_lora_layers(model, twin_adapter)
-    if layers is None:
-        raise ValueError(
-            f"twin rows need plain LoRA layers for adapter {twin_adapter!r} (unmerged, without DoRA or "
-            "another variant); found none or another kind"
-        )
-    return [(layer, twin_adapter) for layer in layers]
-
-
-def _plain_lora_layers(model: torch.nn.Module, adapter: str) -> list[torch.nn.Module] | None:
-    """The peft LoRA layers of ``adapter`` if every one is plain (unmerged, no DoRA or other variant, a
-    number as its scale), else None.
-
-    Such a layer computes ``y = W x + B(A(x)) * scaling[adapter]``, so a scale of 0 on some rows gives the
-    base model's output on those rows: the twin batch needs no per-adapter split of each layer.
-    """
-    found = []
-    for module in model.modules():
-        lora_b = getattr(module, "lora_B", None)
-        if not isinstance(lora_b, torch.nn.ModuleDict) or adapter not in lora_b:
-            continue
-        plain = (
-            not getattr(module, "merged", False)
-            and not getattr(module, "use_dora", {}).get(adapter, False)
-            and adapter not in getattr(module, "lora_variant", {})
-            and isinstance(getattr(module, "scaling", {}).get(adapter), (int, float))
-        )
-        if not plain:
-            return None
-        found.append(module)
-    return found or None
-
-
-@contextmanager
-def _masked_lora(layers: list[tuple[torch.nn.Module, str]] | None, row_mask: torch.Tensor | None):
-    """Multiply the LoRA update by ``row_mask`` (B, 1, 1) for the duration of one forward pass.
-
-    Each layer's scale becomes ``scale * row_mask`` (in the dtype of its LoRA weights), which the layer
-    multiplies its update by anyway: no hook and no extra operation per layer.
-    """
-    if layers is None or row_mask is None:
-        yield
-        return
-    saved = [layer.scaling[adapter] for layer, adapter in layers]
-    masks: dict[tuple[float, torch.dtype], torch.Tensor] = {}  # one tensor per distinct scale and dtype
-    try:
-        for (layer, adapter), scale in zip(layers, saved):
-            key = (scale, layer.lora_B[adapter].weight.dtype)
-            if key not in masks:
-                masks[key] = (row_mask * scale).to(key[1])
-            layer.scaling[adapter] = masks[key]
-        yield
-    finally:
-        for (layer, adapter), scale in zip(layers, saved):
-            layer.scaling[adapter] = scale
 
 
 def _pad_left(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from gymnasium.vector import AutoresetMode
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lm_gym.env import TextGenVectorEnv
@@ -103,6 +104,8 @@ def evaluate(
         temperature=temperature,
         device=reference.device,  # a reward model named by `reward` runs beside the reference, in its dtype
         dtype=reference.dtype,
+        info_text=True,
+        autoreset_mode=AutoresetMode.NEXT_STEP,  # a row's last step returns its own text and score
     )
     samples, lengths, ref_lps = [], [], []
     generator = torch.Generator(device=policy.device).manual_seed(seed)  # the sampler draws on the policy's
@@ -125,10 +128,10 @@ def evaluate(
         kl, length = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=np.int64)
         while not done.all():  # a row that ends restarts (next-step autoreset) and is ignored after
             actions, log_probs = sampler.act(obs)
-            envs.set_policy_log_probs(log_probs)
             obs, _, terminated, truncated, infos = envs.step(actions)
             running = ~done
-            kl[running] += infos["kl"][running]
+            # k1 per token: the sampler's log pi against the env's log pi_ref
+            kl[running] += log_probs.double().cpu().numpy()[running] - infos["ref_log_prob"][running]
             length[running] += 1
             ref_lps.extend(infos["ref_log_prob"][running].tolist())
             for i in np.flatnonzero(running & (terminated | truncated)):

@@ -23,8 +23,8 @@ k3         not a KL gradient: grad KL(pi || pi_ref)           grad KL(pi_ref || 
            often at more than 90 degrees from it far away
 =========  =================================================  ============================================
 
-So ``TextGen-v0``'s per-token reward is k1, always (:class:`lm_gym.env.TextGenEnv`); k3 stays here to log a
-KL's value, and k2 for losses.
+So the per-token KL penalty of ``TextGen-v1`` (the env's reference half plus the agent's own half) is k1,
+always (:class:`lm_gym.env.TextGenEnv`); k3 stays here to log a KL's value, and k2 for losses.
 """
 
 from __future__ import annotations

@@ -13,16 +13,18 @@ import numbers
 import reprlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
+    "REWARD_INPUT",
     "HFRewardModel",
     "LowercaseShare",
     "RewardFunction",
+    "RewardInput",
     "VaderSentiment",
     "as_text_list",
     "checked_scores",
@@ -31,8 +33,28 @@ __all__ = [
 ]
 
 # Written next to a trained reward model by lm_gym.preferences.reward_model: its settings, its metrics and
-# the input it was trained on (``include_prompt``).
+# the input it was trained on (``include_prompt``; folders saved before REWARD_INPUT have only this).
 REWARD_MODEL_INFO = "reward_model.json"
+# The attribute of a reward model's config (so a key of its config.json) that holds the input format it was
+# trained on, a RewardInput as a dict. A PretrainedConfig keeps attributes it does not know and writes them
+# back, so the format travels with the weights (to the Hub too) and a transformers user can read it.
+REWARD_INPUT = "lm_gym_reward_input"
+
+
+class RewardInput(NamedTuple):
+    """The text a reward model reads for a ``(prompt, completion)`` pair: the format it was trained on.
+
+    Attributes:
+        include_prompt: the prompt followed by the completion, rather than the completion alone.
+        append_eos: the tokenizer's EOS token added at the end (unless the text already ends with it).
+        chat_template: the pair as a user turn (the prompt) and an assistant turn (the completion) through the
+            tokenizer's chat template, without a generation prompt; the rendered text is tokenized without
+            adding special tokens (the template writes its own).
+    """
+
+    include_prompt: bool
+    append_eos: bool
+    chat_template: bool
 
 
 @runtime_checkable
@@ -113,8 +135,8 @@ def checked_scores(reward_fn: Callable, prompts: Sequence[str], completions: Seq
     return scores
 
 
-def _texts(prompts: Sequence[str], completions: Sequence[str], include_prompt: bool) -> list[str]:
-    """The texts to score: ``prompt + completion`` or the completion alone, one per pair.
+def _paired(prompts: Sequence[str], completions: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``prompts`` and ``completions`` as lists of equal length.
 
     Raises:
         TypeError: if ``prompts`` or ``completions`` is one string (see :func:`as_text_list`).
@@ -125,9 +147,16 @@ def _texts(prompts: Sequence[str], completions: Sequence[str], include_prompt: b
         raise ValueError(
             f"reward: got {len(prompts)} prompts but {len(completions)} completions; they must pair up"
         )
+    return prompts, completions
+
+
+def _texts(prompts: Sequence[str], completions: Sequence[str], include_prompt: bool) -> list[str]:
+    """The texts to score: ``prompt + completion`` or the completion alone, one per pair (see :func:`_paired`
+    for the errors)."""
+    prompts, completions = _paired(prompts, completions)
     if include_prompt:
         return [p + c for p, c in zip(prompts, completions, strict=True)]
-    return list(completions)
+    return completions
 
 
 class VaderSentiment:
@@ -194,20 +223,39 @@ class HFRewardModel:
     The score is the head's scalar output when it has one label, else the logit (or probability) of
     ``label_index``: e.g. the "positive" class of a sentiment classifier.
 
+    The model reads each pair in the format it was trained on (a :class:`RewardInput`, kept as
+    ``input_format``; :meth:`texts` returns the strings it reads). The arguments ``include_prompt``,
+    ``append_eos`` and ``chat_template`` set it field by field; each one left None comes from the first of:
+
+    1. the model config's ``lm_gym_reward_input`` entry (:data:`REWARD_INPUT`), which lm-gym's reward models
+       carry (:func:`lm_gym.preferences.save_reward_model`);
+    2. the folder's ``reward_model.json`` (lm-gym reward models saved before that entry): its
+       ``include_prompt``, no EOS, no chat template;
+    3. for a model trained elsewhere, the way TRL's ``RewardTrainer`` trains one: the pair through the
+       tokenizer's chat template when it has one, else ``prompt + completion + EOS``.
+
     Args:
         model: a model name/folder/Hub id (see :mod:`lm_gym.models`) or a loaded model.
         tokenizer: required when ``model`` is a loaded model.
         label_index: which output to use when the head has several labels.
         output: ``"logit"`` or ``"probability"`` (softmax over labels) for multi-label heads.
-        include_prompt: score ``prompt + completion`` or the completion alone. Default: what the model
-            folder's ``reward_model.json`` says it was trained on (written by
-            :mod:`lm_gym.preferences.reward_model`), else ``prompt + completion``.
+        include_prompt: score ``prompt + completion`` (True) or the completion alone (False); None: the
+            model's own format, as above.
+        append_eos: end every text with the tokenizer's EOS token, unless it already ends with it; None: the
+            model's own format.
+        chat_template: format each pair with the tokenizer's chat template (a user turn, then an assistant
+            turn); None: the model's own format.
         batch_size: texts per forward pass.
-        max_length: texts are truncated to this many tokens.
+        max_length: texts are truncated to this many tokens, at the tokenizer's truncation side (by default
+            the end, EOS included; TRL drops the longer texts from training instead).
         device: default the model's device.
         dtype: weight dtype when loading by name (``"bf16"``, ``torch.float32``...; default float32); the
             scores are float32 whatever it is.
         trust_remote_code: passed to ``from_pretrained`` when loading by name.
+
+    Raises:
+        ValueError: a bad argument; ``append_eos`` on a tokenizer without an EOS token, or ``chat_template``
+            on one without a chat template; a malformed ``lm_gym_reward_input`` in the model's config.
     """
 
     def __init__(
@@ -218,6 +266,8 @@ class HFRewardModel:
         label_index: int | None = None,
         output: Literal["logit", "probability"] = "logit",
         include_prompt: bool | None = None,
+        append_eos: bool | None = None,
+        chat_template: bool | None = None,
         batch_size: int = 32,
         max_length: int = 512,
         device: str | torch.device | None = None,
@@ -226,8 +276,12 @@ class HFRewardModel:
     ) -> None:
         from lm_gym.models import load_sequence_classifier
 
-        if include_prompt is None:
-            include_prompt = _trained_with_prompt(model) if isinstance(model, str) else True
+        asked = RewardInput(include_prompt, append_eos, chat_template)
+        for field, value in asked._asdict().items():
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(
+                    f"HFRewardModel: {field} must be True, False or None (the model's own format); got {value!r}"
+                )
         if isinstance(model, str):
             model, loaded_tokenizer = load_sequence_classifier(
                 model, device=device, dtype=dtype, trust_remote_code=trust_remote_code
@@ -247,6 +301,12 @@ class HFRewardModel:
             raise ValueError(f"HFRewardModel: output must be 'logit' or 'probability'; got {output!r}")
         if batch_size < 1:
             raise ValueError(f"HFRewardModel: batch_size must be >= 1; got {batch_size}")
+        trained = _trained_input(model, tokenizer)
+        self.input_format = RewardInput(*(t if a is None else a for a, t in zip(asked, trained)))
+        if self.input_format.append_eos and tokenizer.eos_token is None:
+            raise ValueError("HFRewardModel: append_eos is on but the tokenizer has no eos_token")
+        if self.input_format.chat_template and getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("HFRewardModel: chat_template is on but the tokenizer has no chat template")
         self.model = model.eval()
         if device is not None:
             self.model.to(device)
@@ -257,13 +317,46 @@ class HFRewardModel:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.label_index = label_index
         self.output = output
-        self.include_prompt = include_prompt
         self.batch_size = batch_size
         self.max_length = max_length
 
+    @property
+    def include_prompt(self) -> bool:
+        """Whether the prompt is scored with the completion (see :class:`RewardInput`)."""
+        return self.input_format.include_prompt
+
+    @property
+    def append_eos(self) -> bool:
+        """Whether the text ends with the tokenizer's EOS token (see :class:`RewardInput`)."""
+        return self.input_format.append_eos
+
+    @property
+    def chat_template(self) -> bool:
+        """Whether the pair goes through the tokenizer's chat template (see :class:`RewardInput`)."""
+        return self.input_format.chat_template
+
+    def texts(self, prompts: Sequence[str], completions: Sequence[str]) -> list[str]:
+        """The strings the model reads for these pairs, in its input format (before tokenization).
+
+        Raises:
+            TypeError: if ``prompts`` or ``completions`` is one string (see :func:`as_text_list`).
+            ValueError: if there are not as many prompts as completions.
+        """
+        if self.chat_template:
+            texts = [
+                self.tokenizer.apply_chat_template(_turns(p, c, self.include_prompt), tokenize=False)
+                for p, c in zip(*_paired(prompts, completions))
+            ]
+        else:
+            texts = _texts(prompts, completions, self.include_prompt)
+        if self.append_eos:
+            eos = self.tokenizer.eos_token
+            texts = [t if t.endswith(eos) else t + eos for t in texts]
+        return texts
+
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
-        texts = _texts(prompts, completions, self.include_prompt)
+        texts = self.texts(prompts, completions)
         device = next(self.model.parameters()).device
         scores = []
         for start in range(0, len(texts), self.batch_size):
@@ -272,6 +365,7 @@ class HFRewardModel:
                 padding=True,
                 truncation=True,
                 max_length=self.max_length,
+                add_special_tokens=not self.chat_template,  # as apply_chat_template(tokenize=True) does
                 return_tensors="pt",
             ).to(device)
             logits = self.model(**batch).logits.float()  # (B, num_labels)
@@ -286,13 +380,41 @@ class HFRewardModel:
         return torch.cat(scores).cpu().numpy().astype(np.float64)
 
 
-def _trained_with_prompt(name: str) -> bool:
-    """Whether a reward-model folder scores ``prompt + completion``: its ``reward_model.json`` says so
-    (``include_prompt``), or it has none (a model trained elsewhere: the usual whole-text input)."""
-    info = Path(name).expanduser() / REWARD_MODEL_INFO
-    if not info.is_file():
-        return True
-    return bool(json.loads(info.read_text()).get("include_prompt", True))
+def _turns(prompt: str, completion: str, include_prompt: bool) -> list[dict[str, str]]:
+    """A pair as chat messages: the prompt as the user's turn (when included), the completion as the assistant's."""
+    turns = [{"role": "user", "content": prompt}] if include_prompt else []
+    return [*turns, {"role": "assistant", "content": completion}]
+
+
+def _trained_input(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> RewardInput:
+    """The input format ``model`` was trained on: its config's :data:`REWARD_INPUT`, else its folder's
+    ``reward_model.json``, else that of TRL's ``RewardTrainer`` (see :class:`HFRewardModel`)."""
+    saved = getattr(model.config, REWARD_INPUT, None)
+    if saved is not None:
+        if not (
+            isinstance(saved, dict)
+            and set(saved) == set(RewardInput._fields)
+            and all(isinstance(v, bool) for v in saved.values())
+        ):
+            raise ValueError(
+                f"reward model {model.name_or_path!r}: its config's {REWARD_INPUT} must map "
+                f"{', '.join(RewardInput._fields)} each to true or false; got {saved!r}"
+            )
+        return RewardInput(**saved)
+    folder = getattr(model, "name_or_path", "")
+    info = Path(folder).expanduser() / REWARD_MODEL_INFO if folder else None
+    if info is not None and info.is_file():  # an lm-gym reward model saved before REWARD_INPUT
+        return RewardInput(bool(json.loads(info.read_text()).get("include_prompt", True)), False, False)
+    # A model trained elsewhere: read as TRL's RewardTrainer trains one (TRL 1.16, trl/trainer/reward_trainer.py,
+    # RewardTrainer._prepare_dataset, and trl/data_utils.py, _tokenize). A conversational pair (messages) goes
+    # through apply_chat_template(prompt + completion, tokenize=True): no generation prompt, no EOS added (the
+    # template closes the turn), no special tokens added to the rendered text. A plain-text pair is
+    # prompt + completion + eos_token (EOS added only when the text does not already end with it), tokenized
+    # with the tokenizer's special tokens (processing_class(text=...)). Which of the two a model saw is not
+    # recorded, so the chat template is assumed when the tokenizer has one. (TRL's GRPOTrainer scores with a
+    # reward model on prompt + completion alone, add_special_tokens=False: we follow how the model was trained.)
+    templated = getattr(tokenizer, "chat_template", None) is not None
+    return RewardInput(True, not templated and tokenizer.eos_token is not None, templated)
 
 
 def make_reward(spec: str | RewardFunction | Callable, **kwargs) -> RewardFunction:
@@ -302,8 +424,8 @@ def make_reward(spec: str | RewardFunction | Callable, **kwargs) -> RewardFuncti
         spec: a callable ``(prompts, completions) -> scores`` (returned as is); ``"vader"`` for VADER
             sentiment; ``"vader-fluent"`` for VADER with its repetition penalty; ``"lowercase"`` for
             :class:`LowercaseShare`; or a reward-model name, folder or Hub id for :class:`HFRewardModel`.
-        **kwargs: passed to :class:`HFRewardModel` (``label_index``, ``device``, ``dtype``...); ignored by
-            the other kinds.
+        **kwargs: passed to :class:`HFRewardModel` (``label_index``, ``device``, ``dtype``, the input format
+            ``include_prompt``/``append_eos``/``chat_template``...); ignored by the other kinds.
     """
     if callable(spec):
         return spec

@@ -1,4 +1,4 @@
-"""A KV-cached sampling agent for ``TextGen-v0`` observations.
+"""A KV-cached sampling agent for ``TextGen-v1`` observations.
 
 :class:`CachedSampler` turns a causal LM into an agent for the vector (or single) environment: it reads
 the observations, keeps one KV cache for all rows (:class:`~lm_gym.decoding.BatchedDecoder`), and samples
@@ -11,7 +11,8 @@ vocabulary, ``softmax(logits / temperature)`` (:func:`policy_warpers`); top-k an
 tokens may be drawn (:func:`sampling_filters`). The log-probabilities returned are ``log pi(a|s)`` of the
 sampled tokens under ``pi``, which is what the environment's KL term compares with the reference at the same
 temperature: a policy equal to the reference has a log-ratio of exactly 0 at every token, whatever the
-filter, and the log-ratio is always finite. TRL and verl do the same (log-probs from ``logits /
+filter, and the log-ratio is always finite. (The environment pays the reference's half of the KL; an agent
+that adds its own half, ``-kl_coef * log pi``, to the reward takes these log-probs: see ``TextGenEnv``.) TRL and verl do the same (log-probs from ``logits /
 temperature``, without top-k/top-p). With a filter on, the tokens come from the truncated law, not from
 ``pi``: the policy gradient at those tokens is that of ``pi`` (as in TRL and verl), on-policy only without a
 filter.
@@ -36,10 +37,10 @@ from transformers import (
 )
 
 from lm_gym.decoding import BatchedDecoder
+from lm_gym.spaces import hf_inputs
 
 __all__ = [
     "CachedSampler",
-    "SharedForwardSampler",
     "categorical",
     "follow",
     "follow_arrays",
@@ -74,13 +75,13 @@ def sampling_filters(top_k: int = 0, top_p: float = 1.0) -> LogitsProcessorList:
 
 
 class CachedSampler:
-    """Sample actions for N rows of ``TextGen-v0`` observations with one KV cache.
+    """Sample actions for N rows of ``TextGen-v1`` observations with one KV cache.
 
     Args:
         model: the policy's causal LM.
         num_rows: N, the number of environments.
         pad_token_id: the padding id of the observations.
-        temperature: the policy's temperature (pass the same to the env so the KL compares like with like).
+        temperature: the policy's temperature (pass the same to the env so that the KL compares like with like).
         top_k: draw among the k most likely tokens (0 = off).
         top_p: draw among the smallest set with this much probability (1.0 = off).
         generator: a ``torch.Generator`` on the model's device, for reproducible sampling.
@@ -103,53 +104,21 @@ class CachedSampler:
         self._last_actions: torch.Tensor | None = None  # (N,)
 
     @torch.no_grad()
-    def act(self, obs: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample the next token of every row.
+    def act(self, obs: np.ndarray | dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample the next token of every row of the observation (N, L) (or its :func:`~lm_gym.spaces.hf_inputs`).
 
         Returns:
             actions: (N,) int64 token ids.
             log_probs: (N,) float32, ``log pi(action)`` under the tempered softmax (top-k/top-p not applied).
         """
+        if not isinstance(obs, dict):
+            obs = hf_inputs(obs, self.decoder.pad_token_id)
         follow_arrays(self.decoder, obs, self._last_actions)
         logits = self.decoder.logits  # (N, V)
         last = last_tokens(obs, logits.device)  # (N, 1): the warpers' input_ids
         actions, log_probs, _ = sample(logits, last, self.law, self.filters, self.generator, entropy=False)
         self._last_actions = actions
         return actions, log_probs
-
-
-class SharedForwardSampler:
-    """Sample from the LoRA policy logits that a ``TextGenVectorEnv(policy_adapter=...)`` computed.
-
-    The env runs reference and policy in one doubled batch per step, so this agent runs no forward pass.
-
-    Args:
-        envs: the vector env, built with ``policy_adapter``.
-        temperature: the policy's temperature (the env's ``temperature`` should match).
-        top_k: draw among the k most likely tokens (0 = off).
-        top_p: draw among the smallest set with this much probability (1.0 = off).
-        generator: a ``torch.Generator`` on the model's device, for reproducible sampling.
-    """
-
-    def __init__(
-        self,
-        envs,
-        *,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        self.envs = envs
-        self.law, self.filters = policy_warpers(temperature), sampling_filters(top_k, top_p)
-        self.generator = generator
-
-    @torch.no_grad()
-    def act(self, obs: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Like :meth:`CachedSampler.act`; ``obs`` must be the env's current observation."""
-        logits = self.envs.policy_logits  # (N, V)
-        last = last_tokens(obs, logits.device)  # (N, 1): the warpers' input_ids
-        return sample(logits, last, self.law, self.filters, self.generator, entropy=False)[:2]
 
 
 def _rows(array: np.ndarray) -> np.ndarray:
@@ -165,7 +134,7 @@ def last_tokens(obs: dict[str, np.ndarray], device: torch.device | None = None) 
 
 
 def observed_sequences(obs: dict[str, np.ndarray]) -> list[list[int]]:
-    """The token list of each row of a (batched or single) ``TextGen-v0`` observation, padding removed."""
+    """The token list of each row of a (batched or single) observation in HF layout, padding removed."""
     ids, mask = _rows(obs["input_ids"]), _rows(obs["attention_mask"])
     return [row[m > 0].tolist() for row, m in zip(ids, mask)]
 

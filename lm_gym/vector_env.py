@@ -1,10 +1,9 @@
-"""``TextGenVectorEnv``: N ``TextGen-v0`` environments stepped together, the engine of both envs."""
+"""``TextGenVectorEnv``: N ``TextGen-v1`` environments stepped together, the engine of both envs."""
 
 from __future__ import annotations
 
 import math
 import numbers
-import reprlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
@@ -18,37 +17,46 @@ from gymnasium.vector.utils import batch_space
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
-from lm_gym.decoding import BatchedDecoder, torch_threads
-from lm_gym.kl import kl_estimate
-from lm_gym.logprobs import PolicyLogProbCache
+from lm_gym.decoding import BatchedDecoder, RowDecoder, torch_threads
 from lm_gym.models import is_seq2seq_lm, load_causal_lm, load_seq2seq_lm
 from lm_gym.rewards import RewardFunction, as_text_list, checked_scores, make_reward
-from lm_gym.seq2seq import Seq2SeqDecoder, is_encoder_decoder, seq2seq_cache_arrays, seq2seq_observation
-from lm_gym.spaces import seq2seq_observation_space, token_observation_space
+from lm_gym.seq2seq import Seq2SeqDecoder, is_encoder_decoder, seq2seq_observation
+from lm_gym.spaces import pack_observation, seq2seq_observation_space, token_observation_space
 from lm_gym.tasks import Task, get_task
-from lm_gym.twin import TWIN_MAX_PARAMETERS
 
-__all__ = ["DEFAULT_MODEL", "TextGenVectorEnv"]
+__all__ = ["ASYNC_MIN_PARAMETERS", "DEFAULT_MODEL", "TextGenVectorEnv"]
 
 DEFAULT_MODEL = "smollm2-135m"
 
+# From this many reference parameters on, a forward pass is mostly matrix kernels (which release the GIL),
+# so running it in a background thread overlaps with the agent's own pass (async_reference's default).
+ASYNC_MIN_PARAMETERS = 20_000_000
+
 
 class TextGenVectorEnv(VectorEnv):
-    """N ``TextGen-v0`` environments stepped together: one batched reference forward per step.
+    """N ``TextGen-v1`` environments stepped together: one batched reference forward per step.
 
     Same reward, observations and info as :class:`lm_gym.env.TextGenEnv` (see its docstring for the semantics and the
     arguments); seeded with ``reset(seed=s)``, row ``i`` is the single env seeded with ``s + i``. Rows that
-    end restart on a new prompt following ``autoreset_mode`` (Gymnasium's next-step default, same-step, or
-    disabled); only the new prompts are prefilled, the other rows' caches are kept (see
-    :mod:`lm_gym.decoding`).
+    end restart on a new prompt following ``autoreset_mode``; only the new prompts are prefilled, the other
+    rows' caches are kept (see :mod:`lm_gym.decoding`).
+
+    The default is ``SAME_STEP`` (a row that ends restarts within the same ``step``; its last observation and
+    info are in ``info["final_obs"]`` / ``info["final_info"]``): every step of every row is then a step of an
+    episode, as stable-baselines3's VecEnvs and CleanRL-style loops expect, and TorchRL's ``GymWrapper``
+    accepts it (it refuses ``NEXT_STEP``). ``NEXT_STEP`` (Gymnasium's own vector envs' default: a row spends
+    one ``step`` restarting, its action ignored, its reward 0) and ``DISABLED`` (rows restart only through
+    ``reset(options={"reset_mask": ...})``) are there too.
 
     Args:
         num_envs: N, the number of rows.
-        autoreset_mode: an ``AutoresetMode`` (or its value string).
+        max_episode_steps: a time limit (``gym.make_vec(..., max_episode_steps=k)``): below
+            ``max_new_tokens`` it is the texts' length limit, so every text is scored (see Episode End).
+        autoreset_mode: an ``AutoresetMode`` (or its value string); default ``SAME_STEP``.
         **kwargs: the arguments of :class:`lm_gym.env.TextGenEnv`.
     """
 
-    metadata = {"render_modes": ["ansi"], "autoreset_mode": AutoresetMode.NEXT_STEP}
+    metadata = {"render_modes": ["ansi"], "autoreset_mode": AutoresetMode.SAME_STEP}
 
     def __init__(
         self,
@@ -63,21 +71,23 @@ class TextGenVectorEnv(VectorEnv):
         kl_coef: float = 0.05,
         kl_estimator: Literal["k1"] = "k1",
         max_new_tokens: int = 48,
+        max_episode_steps: int | None = None,
         max_prompt_tokens: int = 64,
         temperature: float = 1.0,
         stop_token_ids: Sequence[int] | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         trust_remote_code: bool = False,
-        log_prob_cache: PolicyLogProbCache | None = None,
-        policy_adapter: str | None = None,
-        policy_model: PreTrainedModel | None = None,
+        reference_decoder: RowDecoder | None = None,
+        info_text: bool = False,
         async_reference: bool | None = None,
         reference_threads: int | None = None,
-        autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
+        autoreset_mode: AutoresetMode | str = AutoresetMode.SAME_STEP,
         render_mode: str | None = None,
     ) -> None:
         _check_positive(num_envs=num_envs, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens)
+        if max_episode_steps is not None:
+            _check_positive(max_episode_steps=max_episode_steps)
         self.kl_coef = kl_coef
         if kl_estimator != "k1":
             raise ValueError(
@@ -94,7 +104,7 @@ class TextGenVectorEnv(VectorEnv):
         self.max_new_tokens = max_new_tokens
         self.max_prompt_tokens = max_prompt_tokens
         self.temperature = float(temperature)
-        self.log_prob_cache = log_prob_cache
+        self.info_text = bool(info_text)
 
         task = get_task(task) if isinstance(task, str) else task
         self.task = task
@@ -147,57 +157,27 @@ class TextGenVectorEnv(VectorEnv):
         self.action_space = batch_space(self.single_action_space, num_envs)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
 
-        if policy_model is not None and (policy_adapter is not None or self.is_encoder_decoder):
-            raise ValueError(
-                "policy_model is for a fully fine-tuned decoder-only policy; a LoRA policy shares its forward "
-                "pass through policy_adapter, and an encoder-decoder's policy runs its own decoder"
-            )
-        if policy_adapter is not None and policy_adapter not in getattr(self.reference, "peft_config", {}):
-            raise ValueError(
-                f"policy_adapter={policy_adapter!r} needs model= to be a peft model with that LoRA adapter; "
-                f"adapters found: {sorted(getattr(self.reference, 'peft_config', {}))}"
-            )
-        self.policy_adapter = policy_adapter
-        self.policy_model = policy_model
-        # the env computes the policy's logits too (LoRA twin rows, or the twin pass over both models)
-        self.shares_policy_pass = policy_adapter is not None or policy_model is not None
-        if self.is_encoder_decoder:
-            self._decoder = Seq2SeqDecoder(
-                self.reference,
-                num_envs,
-                self.pad_token_id,
-                twin_adapter=policy_adapter,
-                keep_hidden=bool(policy_adapter),
-            )
+        if reference_decoder is not None:
+            self._check_reference_decoder(reference_decoder, num_envs, async_reference)
+            self._decoder = reference_decoder
+        elif self.is_encoder_decoder:
+            self._decoder = Seq2SeqDecoder(self.reference, num_envs, self.pad_token_id)
         else:
-            self._decoder = BatchedDecoder(
-                self.reference,
-                num_envs,
-                self.pad_token_id,
-                twin_adapter=policy_adapter,
-                twin_model=policy_model,
-                keep_hidden=self.shares_policy_pass,
-            )
+            self._decoder = BatchedDecoder(self.reference, num_envs, self.pad_token_id)
         if async_reference is None:
             # Overlap pays when a forward pass is mostly matrix kernels (which release the GIL); for a tiny
-            # model it is mostly Python, and two threads only contend for the GIL. With a shared forward the
-            # agent needs this step's result at once: nothing to overlap.
+            # model it is mostly Python, and two threads only contend for the GIL. An injected decoder may
+            # compute what its owner needs at once (a shared pass): nothing to overlap.
             n_params = sum(p.numel() for p in self.reference.parameters())
-            async_reference = not self.shares_policy_pass and n_params >= TWIN_MAX_PARAMETERS
-        threads = reference_threads or max(1, torch.get_num_threads() // 2)
-        # The agent's share of the cores while the reference runs beside it (oversubscribed OpenMP threads
-        # spin against each other: measured slower than running the two forwards one after the other).
-        self.agent_threads = max(1, torch.get_num_threads() - threads) if async_reference else None
-        self._executor = (
-            ThreadPoolExecutor(
-                1,
-                thread_name_prefix="lm-gym-reference",
-                initializer=torch.set_num_threads,
-                initargs=(threads,),
-            )
-            if async_reference
-            else None
+            async_reference = reference_decoder is None and n_params >= ASYNC_MIN_PARAMETERS
+        # The torch threads of the background reference (None: it runs in the caller's thread). An agent in
+        # the same process should take the rest of the cores meanwhile: oversubscribed OpenMP threads spin
+        # against each other (measured slower than running the two forwards one after the other).
+        self.reference_threads = (
+            (reference_threads or max(1, torch.get_num_threads() // 2)) if async_reference else None
         )
+        self._executor: ThreadPoolExecutor | None = None
+        self._start_executor()
         self._pending: Future | None = None
         # while the reference thread is idle (scoring the ended rows), the env's own work may use every core
         self._all_threads = torch.get_num_threads() if async_reference else None
@@ -209,11 +189,34 @@ class TextGenVectorEnv(VectorEnv):
         self._steps = np.zeros(num_envs, dtype=np.int64)
         self._ended = np.zeros(num_envs, dtype=bool)  # the row's episode is over (DISABLED mode)
         self._fresh = np.zeros(num_envs, dtype=bool)  # NEXT_STEP: the row restarts on this step
-        self._policy_log_probs: np.ndarray | None = None
-        self._warned_no_policy = False
-        self._obs: dict[str, np.ndarray] = {}  # the last observation returned (never written to afterwards)
-        self._decode = _fast_decoder(self.tokenizer, vocab_size)
+        # the last observation, in HF layout (never written to afterwards)
+        self._obs: dict[str, np.ndarray] = {}
+        self._decode = FastDecoder(self.tokenizer, vocab_size)
         self._needs_reset = True
+        # a text's length limit: max_new_tokens, or a shorter time limit (make_vec's max_episode_steps; the
+        # single env's TimeLimit), so that the text a time limit ends is scored
+        self.length_limit = min(max_new_tokens, max_episode_steps or max_new_tokens)
+        self.episode_limit = self.length_limit
+
+    def _start_executor(self) -> None:
+        if self.reference_threads is not None:
+            self._executor = ThreadPoolExecutor(
+                1,
+                thread_name_prefix="lm-gym-reference",
+                initializer=torch.set_num_threads,
+                initargs=(self.reference_threads,),
+            )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (deepcopy, spawn-started workers): the background thread is left behind and restarted.
+        The reference model must pickle too (a transformers 5 model once called with ``output_hidden_states=True``
+        keeps hooks that do not; ``gym.make`` with a model name loads a fresh one)."""
+        self._wait()
+        return {**self.__dict__, "_executor": None, "_pending": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._start_executor()
 
     @property
     def kl_coef(self) -> float:
@@ -227,6 +230,37 @@ class TextGenVectorEnv(VectorEnv):
         ):
             raise ValueError(f"kl_coef must be a finite number >= 0; got {value!r}")
         self._kl_coef = float(value)
+
+    def _check_reference_decoder(self, decoder: Any, num_envs: int, async_reference: bool | None) -> None:
+        """Refuse a ``reference_decoder`` the env cannot step as its reference, with what was wrong."""
+        if not isinstance(decoder, RowDecoder):
+            raise ValueError(
+                "reference_decoder must be a lm_gym.decoding.RowDecoder (a BatchedDecoder, a Seq2SeqDecoder, "
+                f"or a subclass such as algorithms.shared_pass.LoRASharedDecoder); got {type(decoder).__name__}"
+            )
+        if decoder.model is not self.reference:
+            raise ValueError(
+                f"reference_decoder steps another model ({type(decoder.model).__name__} at "
+                f"{id(decoder.model):#x}) than model= ({type(self.reference).__name__} at {id(self.reference):#x}): "
+                "pass the model it steps as model="
+            )
+        if decoder.num_rows != num_envs:
+            raise ValueError(
+                f"reference_decoder has {decoder.num_rows} rows; the env has num_envs={num_envs}"
+            )
+        if isinstance(decoder, Seq2SeqDecoder) != self.is_encoder_decoder:
+            kind = "an encoder-decoder" if self.is_encoder_decoder else "a causal"
+            raise ValueError(
+                f"model= is {kind} LM: reference_decoder must be a "
+                f"{'Seq2SeqDecoder' if self.is_encoder_decoder else 'BatchedDecoder'} (or a subclass); got "
+                f"{type(decoder).__name__}"
+            )
+        if async_reference:
+            raise ValueError(
+                "async_reference=True with a reference_decoder: its owner reads the decoder right after step() "
+                "(a shared pass), which a background step would leave one token behind; leave async_reference "
+                "unset"
+            )
 
     def _check_positions(self) -> None:
         """Refuse observations longer than the model's positions (``config.max_position_embeddings``, which
@@ -298,54 +332,14 @@ class TextGenVectorEnv(VectorEnv):
             pending.result()
 
     # ------------------------------------------------------------------------------------------ API
-    def set_policy_log_probs(self, log_probs: np.ndarray | torch.Tensor | Sequence[float]) -> None:
-        """Tell the env ``log pi(a_i|s_i)`` (N,) of the actions passed to the next ``step`` (used once).
-
-        Raises:
-            TypeError: the values are not real numbers.
-            ValueError: not N values, or one is not a finite number <= 0 (NaN, infinite or positive: no
-                log-probability; a NaN would otherwise drop the KL penalty without a word).
-        """
-        if isinstance(log_probs, torch.Tensor):  # numpy has no bfloat16
-            log_probs = log_probs.detach().cpu()
-            log_probs = log_probs.double() if log_probs.is_floating_point() else log_probs
-        values = np.asarray(log_probs)
-        if values.dtype.kind not in "biuf":
-            raise TypeError(f"set_policy_log_prob(s) expects real numbers; got {reprlib.repr(log_probs)}")
-        values = values.astype(np.float64).reshape(-1)  # a copy
-        if values.shape != (self.num_envs,):
-            raise ValueError(f"set_policy_log_probs expects {self.num_envs} values; got shape {values.shape}")
-        bad = np.flatnonzero(~(np.isfinite(values) & (values <= 0)))
-        if bad.size:
-            raise _bad_log_prob("set_policy_log_prob(s)", int(bad[0]), float(values[bad[0]]))
-        self._policy_log_probs = values
-
-    @property
-    def policy_logits(self) -> torch.Tensor:
-        """(N, V) the policy's next-token logits at the current observations (needs ``policy_adapter`` or
-        ``policy_model``).
-
-        Computed in the same forward pass as the reference's (twin rows with the adapter on, or through the
-        policy's weights), so an agent that samples from them runs no forward pass of its own: see
-        :class:`lm_gym.sampling.SharedForwardSampler`.
-        """
-        if not self.shares_policy_pass:
-            raise RuntimeError(
-                "policy_logits needs the env to be built with policy_adapter=<LoRA adapter name> or "
-                "policy_model=<the policy's model>"
-            )
-        self._wait()
-        return self._decoder.twin_logits
-
-    @property
-    def policy_hidden(self) -> torch.Tensor:
-        """(N, H) the policy's last-layer hidden state at the current observations (for a value head)."""
-        _ = self.policy_logits
-        return self._decoder.hidden
+    def action_masks(self) -> np.ndarray:
+        """(N, V) bool: the tokens each row may take next, all of them (for sb3-contrib's ``MaskablePPO`` and
+        other action-masking clients; no task of lm-gym restricts its vocabulary)."""
+        return np.ones((self.num_envs, self.single_action_space.n), dtype=bool)
 
     def reset(
         self, *, seed: int | Sequence[int] | None = None, options: dict[str, Any] | None = None
-    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         """Start every row (or the rows of ``options["reset_mask"]``) on a new prompt.
 
         Args:
@@ -375,13 +369,13 @@ class TextGenVectorEnv(VectorEnv):
         self._start_rows(rows, prompts)
         self._fresh[rows] = False
         self._needs_reset = False
-        infos = self._columns_to_infos(self._reset_columns(mask))
+        infos = self._columns_to_infos(self._info_columns(restarted=mask))
         self._obs = self._observe()
-        return self._obs, infos
+        return pack_observation(self._obs), infos
 
     def step(
         self, actions: np.ndarray | Sequence[int] | torch.Tensor
-    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         if self._needs_reset:
             raise RuntimeError("call reset() before step()")
         actions = self._check_actions(actions)
@@ -390,7 +384,6 @@ class TextGenVectorEnv(VectorEnv):
                 f"step() on envs whose episode ended: {np.flatnonzero(self._ended).tolist()}; "
                 "reset them first (reset(options={'reset_mask': mask}))"
             )
-        policy_lp = self._take_policy_log_probs(actions)  # (N,) nan where unknown
         self._wait()
         logits = self._decoder.logits  # (N, V)
         if self.temperature != 1.0:
@@ -401,17 +394,11 @@ class TextGenVectorEnv(VectorEnv):
         ref_lp = torch.log_softmax(logits, dim=-1).gather(1, action_ids[:, None])[:, 0]
         ref_lp = ref_lp.double().cpu().numpy()  # (N,)
 
+        # NEXT_STEP: a fresh row restarted at the last step; its action is ignored, its reward is 0
         running = ~self._fresh
-        known = running & ~np.isnan(policy_lp)
-        if self.kl_coef > 0 and (running & ~known).any() and not self._warned_no_policy:
-            gym.logger.warn(
-                "TextGen-v0: no policy log-prob for some steps, so their KL penalty is 0; tell the env with "
-                "set_policy_log_prob(s) or a PolicyLogProbCache (see lm_gym.logprobs)"
-            )
-            self._warned_no_policy = True
-        kl = np.where(known, kl_estimate(np.where(known, policy_lp, 0.0), ref_lp, self.kl_estimator), 0.0)
-        kl_penalty = -self.kl_coef * kl + 0.0  # + 0.0: no -0.0 when there is no KL term
-        rewards = np.where(running, kl_penalty, 0.0)
+        # The reference's part of the KL penalty, beta * log pi_ref(a_t|s_t): with the agent's own part,
+        # -beta * log pi(a_t|s_t), the penalty is -beta * (log pi - log pi_ref), the k1 estimate (see Rewards).
+        rewards = np.where(running, self.kl_coef * ref_lp, 0.0) + 0.0  # + 0.0: no -0.0 when beta = 0
 
         self._steps[running] += 1
         running_rows = np.flatnonzero(running).tolist()
@@ -421,11 +408,11 @@ class TextGenVectorEnv(VectorEnv):
         stops = self.stop_token_ids
         # (np.isin costs ~20 us per step, even for an empty list)
         stopped = actions == stops[0] if len(stops) == 1 else np.isin(actions, stops) if len(stops) else False
-        # The text is final at a stop token or at max_new_tokens, and scored there: both end the task
+        # The text is final at a stop token or at its length limit, and scored there: both end the task
         # (terminated). Truncated stays False: a learner that bootstraps on truncation would add gamma * V on
-        # top of a score already paid. A time limit of the caller's own is a wrapper's (TimeLimit).
+        # top of a score already paid.
         stopped = running & stopped
-        terminated = stopped | (running & (self._steps >= self.max_new_tokens))
+        terminated = stopped | (running & (self._steps >= self.episode_limit))
         truncated = np.zeros(self.num_envs, dtype=bool)
         ended = terminated
         continuing = running & ~ended
@@ -436,7 +423,12 @@ class TextGenVectorEnv(VectorEnv):
         if continuing.any():
             self._submit(self._decoder.append, action_ids, torch.from_numpy(continuing))
 
-        texts = self._completions(running, stopped)
+        # the texts: every row's for the info (info_text), else only the ended rows' for the reward model
+        texts = (
+            self._completions(running if self.info_text else ended, stopped)
+            if self.info_text or ended_rows
+            else None
+        )
         scores = np.zeros(self.num_envs)
         if ended_rows:
             # the reference thread is idle unless rows go on: then the scoring may use all the cores
@@ -447,22 +439,10 @@ class TextGenVectorEnv(VectorEnv):
             scores[ended_rows] = got
             rewards[ended_rows] += got
 
-        # the info, one (key, values, present) column per key (see _columns_to_infos)
-        everyone = np.ones(self.num_envs, dtype=bool)
-        # NEXT_STEP: the fresh rows restarted at the last step, their action was ignored; their info is the
-        # reset info (prompt, empty text, prompt_truncated: _reset_columns)
-        fresh = ~running
-        columns = [
-            ("prompt", _objects(self._prompt_text), everyone),
-            ("text", _objects(texts), everyone),
-            ("ref_log_prob", ref_lp, running),
-            ("kl_penalty", kl_penalty, running),
-            ("policy_log_prob", policy_lp, known),
-            ("kl", kl, known),
-            ("score", scores, ended),
-            ("prompt_truncated", self._truncated_prompt.copy(), fresh),
-        ]
-
+        # NEXT_STEP: the fresh rows' info is their reset info (see _info_columns)
+        columns = self._info_columns(
+            restarted=~running, ref_log_prob=(ref_lp, running), score=(scores, ended), texts=texts
+        )
         self._fresh[:] = False
         obs = self._advance_observation(running, actions)
         extra: dict[str, Any] = {}
@@ -473,23 +453,24 @@ class TextGenVectorEnv(VectorEnv):
                 self._start_rows(ended_rows)
                 self._fresh[ended_rows] = True
         elif ended_rows:  # SAME_STEP: the final observation and info go into the info; the row restarts now
-            extra["final_obs"] = np.array([_row(obs, i) if ended[i] else None for i in range(self.num_envs)])
+            final_obs = pack_observation(obs)
+            extra["final_obs"] = _objects([final_obs[i] if ended[i] else None for i in range(self.num_envs)])
             extra["_final_obs"] = ended.copy()
-            extra["final_info"] = self._columns_to_infos([(k, v, m & ended) for k, v, m in columns])
+            extra["final_info"] = self._columns_to_infos([(k, v, m & ended, f) for k, v, m, f in columns])
             extra["_final_info"] = ended.copy()
             self._start_rows(ended_rows)
-            obs = {key: value.copy() for key, value in obs.items()}  # final_obs holds views of the old arrays
+            obs = {key: value.copy() for key, value in obs.items()}  # the old arrays may be views
             self._write_observation_rows(obs, ended_rows)
-            for row in ended_rows:
-                texts[row] = ""
-            restarted = {  # the restarted rows' info is their reset info (_reset_columns)
-                "prompt": (_objects(self._prompt_text), everyone),
-                "text": (_objects(texts), everyone),
-                "prompt_truncated": (self._truncated_prompt.copy(), fresh | ended),
-            }
-            columns = [(k, *restarted[k]) if k in restarted else (k, v, m & ~ended) for k, v, m in columns]
+            # the restarted rows' info is their reset info
+            columns = self._info_columns(restarted=ended, ref_log_prob=(ref_lp, continuing), texts=texts)
         self._obs = obs
-        return obs, rewards, terminated, truncated, {**self._columns_to_infos(columns), **extra}
+        return (
+            pack_observation(obs),
+            rewards,
+            terminated,
+            truncated,
+            {**self._columns_to_infos(columns), **extra},
+        )
 
     def render(self) -> tuple[str, ...]:
         """Each row's prompt and completion so far, ``"prompt|completion"``."""
@@ -521,27 +502,6 @@ class TextGenVectorEnv(VectorEnv):
             )
         return actions.astype(np.int64)
 
-    def _take_policy_log_probs(self, actions: np.ndarray) -> np.ndarray:
-        """log pi(a_i|s_i) from set_policy_log_probs (used once) or the shared cache; NaN where unknown."""
-        told, self._policy_log_probs = self._policy_log_probs, None
-        if told is not None:
-            return told
-        values = np.full(self.num_envs, np.nan)
-        if self.log_prob_cache is not None:
-            obs = self._obs
-            ids, mask = (
-                seq2seq_cache_arrays(obs)
-                if self.is_encoder_decoder
-                else (obs["input_ids"], obs["attention_mask"])
-            )
-            for i in range(self.num_envs):
-                found = self.log_prob_cache.lookup(ids[i], mask[i], int(actions[i]))
-                if found is not None:
-                    if not (math.isfinite(found) and found <= 0):
-                        raise _bad_log_prob("the PolicyLogProbCache", i, found)
-                    values[i] = found
-        return values
-
     def _completions(self, rows: np.ndarray, drop_stop: np.ndarray) -> list[str]:
         """The decoded completion of each row in the mask ``rows`` (others: "")."""
         decode, seqs = self._decode, self._seq
@@ -552,30 +512,48 @@ class TextGenVectorEnv(VectorEnv):
             )
         ]
 
-    def _reset_columns(self, rows: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
-        """The info columns (see :meth:`_columns_to_infos`) of the rows of the mask ``rows`` that (re)start:
-        their prompt, an empty text and whether the prompt was truncated."""
-        return [
-            ("prompt", _objects(self._prompt_text), rows),
-            ("text", _objects([""] * self.num_envs), rows),
-            ("prompt_truncated", self._truncated_prompt.copy(), rows),
-        ]
+    def _info_columns(
+        self,
+        restarted: np.ndarray,
+        ref_log_prob: tuple[np.ndarray, np.ndarray] | None = None,
+        score: tuple[np.ndarray, np.ndarray] | None = None,
+        texts: list[str] | None = None,
+    ) -> list[tuple[str, np.ndarray, np.ndarray, Any]]:
+        """The info as ``(key, values (N,), present (N,) bool, fill)`` columns (see :meth:`_columns_to_infos`):
+        every key at every step, for clients that fix the info's layout from its first step (TorchRL).
 
-    def _columns_to_infos(self, columns: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> dict[str, Any]:
-        """``(key, values (N,), present (N,) bool)`` columns -> Gymnasium's vector info layout, as
-        ``VectorEnv._add_info`` row by row would give: ``info[key]`` the values where present (zero or None
-        elsewhere), ``info["_" + key]`` the mask; keys present nowhere left out."""
+        ``restarted`` (N,) marks the rows that start a prompt (at reset, or at an autoreset): their text is
+        empty. ``ref_log_prob`` and ``score`` are ``(values, present)``.
+        """
+        n, nowhere = self.num_envs, np.zeros(self.num_envs, dtype=bool)
+        ref_lp, ref_present = ref_log_prob if ref_log_prob is not None else (np.zeros(n), nowhere)
+        scores, scored = score if score is not None else (np.zeros(n), nowhere)
+        columns = [
+            ("ref_log_prob", ref_lp, ref_present, 0.0),
+            ("score", scores, scored, 0.0),
+            # a property of each row's current episode, so present on every row at every step
+            ("prompt_truncated", self._truncated_prompt.copy(), np.ones(n, dtype=bool), False),
+        ]
+        if self.info_text:
+            everyone = np.ones(n, dtype=bool)
+            text = _objects(texts if texts is not None else [""] * n)
+            text[restarted] = ""
+            columns += [("prompt", _objects(self._prompt_text), everyone, ""), ("text", text, everyone, "")]
+        return columns
+
+    def _columns_to_infos(self, columns: Sequence[tuple[str, np.ndarray, np.ndarray, Any]]) -> dict[str, Any]:
+        """``(key, values (N,), present (N,) bool, fill)`` columns -> Gymnasium's vector info layout:
+        ``info[key]`` the values where present and ``fill`` elsewhere, ``info["_" + key]`` the mask. Every key
+        is there at every step, present somewhere or not."""
         infos: dict[str, Any] = {}
-        for key, values, present in columns:
-            if not present.any():
-                continue
+        for key, values, present, fill in columns:
             if present.all():
                 array = values  # every column is a new array at each step: nothing to copy
             elif values.dtype == object:
-                array = np.full(self.num_envs, None, dtype=object)
+                array = np.full(self.num_envs, fill, dtype=object)
                 array[present] = values[present]
             else:
-                array = np.where(present, values, np.zeros((), dtype=values.dtype))
+                array = np.where(present, values, np.asarray(fill, dtype=values.dtype))
             infos[key], infos["_" + key] = array, present.copy()
         return infos
 
@@ -627,38 +605,44 @@ class TextGenVectorEnv(VectorEnv):
         return obs
 
 
-def _fast_decoder(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> Callable[[list[int]], str]:
+class FastDecoder:
     """``ids -> tokenizer.decode(ids, skip_special_tokens=True)`` for ids in ``[0, vocab_size)``, by the
-    shortest exact path: the info's text is decoded at every step, and ``decode``'s Python layers cost more
-    than the decoding itself.
+    shortest exact path: the text is decoded at every step, and ``decode``'s Python layers cost more than the
+    decoding itself.
 
     When ``decode`` would do nothing but call the Rust tokenizer (a ``tokenizers``-backed tokenizer without
     space clean-up) and that tokenizer's decoder is GPT-2's byte-level one (GPT-2, Llama 3, Qwen, SmolLM,
     ``tiny``), decoding is the concatenation of the tokens' bytes read as UTF-8 with invalid bytes replaced,
     which a table of each token's bytes does in C (:func:`_byte_level_table`, checked against the tokenizer
-    when built); with another decoder, the Rust tokenizer is called directly.
+    when built); with another decoder, the Rust tokenizer is called directly. (A class, not a closure: the
+    environment pickles.)
     """
-    from transformers.tokenization_utils_base import PreTrainedTokenizerBase as Base
 
-    try:
-        from transformers.tokenization_utils_tokenizers import TokenizersBackend
-    except ImportError:  # transformers 4: PreTrainedTokenizerFast
-        from transformers import PreTrainedTokenizerFast as TokenizersBackend
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> None:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase as Base
 
-    backend = getattr(tokenizer, "_tokenizer", None)
-    plain = (
-        isinstance(tokenizer, TokenizersBackend)
-        and type(tokenizer).decode is Base.decode
-        and type(tokenizer)._decode is TokenizersBackend._decode
-        and not tokenizer.clean_up_tokenization_spaces
-        and hasattr(backend, "decode")
-    )
-    if not plain:
-        return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
-    table = _byte_level_table(backend, vocab_size)
-    if table is None:
-        return lambda ids: backend.decode(ids, skip_special_tokens=True)
-    return lambda ids: _decode_bytes(table, ids)
+        try:
+            from transformers.tokenization_utils_tokenizers import TokenizersBackend
+        except ImportError:  # transformers 4: PreTrainedTokenizerFast
+            from transformers import PreTrainedTokenizerFast as TokenizersBackend
+
+        backend = getattr(tokenizer, "_tokenizer", None)
+        plain = (
+            isinstance(tokenizer, TokenizersBackend)
+            and type(tokenizer).decode is Base.decode
+            and type(tokenizer)._decode is TokenizersBackend._decode
+            and not tokenizer.clean_up_tokenization_spaces
+            and hasattr(backend, "decode")
+        )
+        self.tokenizer, self.backend = tokenizer, backend if plain else None
+        self.table = _byte_level_table(backend, vocab_size) if plain else None
+
+    def __call__(self, ids: list[int]) -> str:
+        if self.table is not None:
+            return _decode_bytes(self.table, ids)
+        if self.backend is not None:
+            return self.backend.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def _byte_level_table(backend: Any, vocab_size: int) -> list[bytes] | None:
@@ -712,29 +696,14 @@ def _gpt2_byte_alphabet() -> dict[int, str]:
 def _objects(values: Sequence[Any]) -> np.ndarray:
     """A 1-D object array of ``values`` (never a 2-D one, whatever the values are)."""
     array = np.empty(len(values), dtype=object)
-    array[:] = values
+    for i, value in enumerate(values):  # one by one: a list of equal-length arrays would broadcast as 2-D
+        array[i] = value
     return array
 
 
-def _row(obs: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
-    return {k: v[i] for k, v in obs.items()}
-
-
 def _row_info(infos: dict[str, Any], i: int) -> dict[str, Any]:
-    """Row ``i`` of a vector env's info (the keys whose ``_key`` mask is set there), as plain Python values."""
-    out = {}
-    for key, value in infos.items():
-        if key.startswith("_") or not infos.get("_" + key, np.ones(i + 1, dtype=bool))[i]:
-            continue
-        item = value[i]
-        out[key] = item.item() if isinstance(item, np.generic) else item
-    return out
-
-
-def _bad_log_prob(channel: str, row: int, value: float) -> ValueError:
-    return ValueError(
-        f"{channel}: the policy's log-prob log pi(a|s) of env {row} must be a finite number <= 0; got {value}"
-    )
+    """Row ``i`` of a vector env's info: every key (not the ``_key`` masks), numpy scalars and strings."""
+    return {key: value[i] for key, value in infos.items() if not key.startswith("_")}
 
 
 def _check_positive(**values: int) -> None:

@@ -1,7 +1,8 @@
 """Issue 13 on the environment side: every mistake in what user code hands the env gets one line naming the
-argument, the value received and what is allowed; nothing is silently changed (a NaN log-prob that would
-drop the KL, a string split into one-character prompts, a score of NaN) or slowly retried (the Hub)."""
+argument, the value received and what is allowed; nothing is silently changed (a reference decoder of another
+model, a string split into one-character prompts, a score of NaN) or slowly retried (the Hub)."""
 
+import copy
 import re
 from types import SimpleNamespace
 
@@ -13,9 +14,10 @@ from huggingface_hub import is_offline_mode
 from huggingface_hub.errors import RepositoryNotFoundError
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import lm_gym  # noqa: F401  (registers TextGen-v0)
+import lm_gym  # noqa: F401  (registers TextGen-v1)
 import lm_gym.models as models
-from lm_gym import PolicyLogProbCache, TextGenEnv, TextGenVectorEnv
+from lm_gym import TextGenEnv, TextGenVectorEnv
+from lm_gym.decoding import BatchedDecoder
 from lm_gym.models import tiny_causal_lm, tiny_seq2seq_lm, tiny_tokenizer
 from lm_gym.preferences import data
 from lm_gym.rewards import LowercaseShare, VaderSentiment
@@ -116,7 +118,7 @@ def test_the_single_env_and_a_reward_class_are_named(tiny, toy_task):
 
     model, tokenizer = tiny
     env = gym.make(
-        "TextGen-v0",
+        "TextGen-v1",
         model=model,
         tokenizer=tokenizer,
         task=toy_task,
@@ -199,54 +201,95 @@ def test_kl_coef_takes_any_real_number(make_envs):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 4. the policy's log-prob: NaN, infinite or positive is an error, not a KL of 0
+# 4. the reference decoder and the time limit
 # ---------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 0.5])
-def test_a_bad_policy_log_prob_is_an_error(make_envs, tiny, toy_task, value):
-    message = (
-        r"^set_policy_log_prob\(s\): the policy's log-prob log pi\(a\|s\) of env 1 must be a finite number "
-        rf"<= 0; got {value}$"
-    )
-    envs = make_envs(kl_coef=0.1)
-    envs.reset(seed=0)
-    with pytest.raises(ValueError, match=message):
-        envs.set_policy_log_probs([-1.0, value])
-    with pytest.raises(ValueError, match=message):
-        envs.set_policy_log_probs(torch.tensor([-1.0, value]))
-    env = TextGenEnv(model=tiny[0], tokenizer=tiny[1], task=toy_task)
-    env.reset(seed=0)
-    with pytest.raises(ValueError, match=message.replace("env 1", "env 0")):
-        env.set_policy_log_prob(value)
+def _other_model(model):
+    """A model of the same architecture and weights, but another object than ``model``."""
+    other = type(model)(model.config).eval()
+    other.load_state_dict(model.state_dict())
+    return other
 
 
-@pytest.mark.parametrize("value", [None, "a", 1j])
-def test_a_policy_log_prob_that_is_no_real_number_is_a_type_error(tiny, toy_task, value):
-    env = TextGenEnv(model=tiny[0], tokenizer=tiny[1], task=toy_task)
-    env.reset(seed=0)
-    with pytest.raises(TypeError, match=r"set_policy_log_prob\(s\) expects real numbers; got \["):
-        env.set_policy_log_prob(value)
+def _shared_lora(model, num_rows, pad):
+    """The shared-pass decoder of a LoRA copy of ``model`` (whose env must take the peft model as model=)."""
+    from peft import LoraConfig, get_peft_model
+
+    from algorithms.shared_pass import shared_lora_decoder
+
+    lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj"]))
+    return shared_lora_decoder(lora, num_rows, pad, "default")
 
 
-def test_a_log_prob_of_zero_is_allowed(make_envs):
-    envs = make_envs(kl_coef=0.1)
-    envs.reset(seed=0)
-    envs.set_policy_log_probs([0.0, -0.0])
-    *_, infos = envs.step(np.array([72, 72]))
-    assert infos["_kl"].all()
+@pytest.mark.parametrize(
+    "decoder, message",
+    [
+        (lambda model, pad: BatchedDecoder(_other_model(model), 2, pad), "steps another model"),
+        (lambda model, pad: BatchedDecoder(model, 3, pad), "has 3 rows; the env has num_envs=2"),
+        (lambda model, pad: BatchedDecoder(model, 1, pad), "has 1 rows; the env has num_envs=2"),
+        (lambda model, pad: _shared_lora(model, 2, pad), r"steps another model \(PeftModel"),
+        (lambda model, pad: "x", "must be a lm_gym.decoding.RowDecoder .*; got str"),
+    ],
+    ids=[
+        "another model",
+        "more rows",
+        "fewer rows",
+        "the LoRA model's decoder with the base model",
+        "a string",
+    ],
+)
+def test_a_reference_decoder_of_another_model_or_row_count_is_refused(make_envs, tiny, decoder, message):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="^reference_decoder " + message) as err:
+        make_envs(reference_decoder=decoder(model, tokenizer.pad_token_id))
+    one_line(err)
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), 0.5])
-def test_a_bad_log_prob_from_the_cache_is_an_error(tiny, toy_task, value):
-    cache = PolicyLogProbCache()
-    env = TextGenEnv(model=tiny[0], tokenizer=tiny[1], task=toy_task, log_prob_cache=cache, kl_coef=0.5)
-    obs, _ = env.reset(seed=1)
-    log_probs = torch.log_softmax(torch.randn(1, len(tiny[1])), -1)
-    log_probs[0, 55] = value
-    cache.record(obs["input_ids"][None], obs["attention_mask"][None], log_probs)
+def test_a_reference_decoder_of_another_kind_or_in_the_background_is_refused(make_envs, tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="^async_reference=True with a reference_decoder") as err:
+        make_envs(reference_decoder=BatchedDecoder(model, 2, tokenizer.pad_token_id), async_reference=True)
+    one_line(err)
+    t5, t5_tokenizer = tiny_seq2seq_lm(seed=0)
     with pytest.raises(
-        ValueError, match=rf"^the PolicyLogProbCache: .* of env 0 must be .* <= 0; got {value}$"
+        ValueError, match="^model= is an encoder-decoder LM: reference_decoder must be a Seq2Seq"
     ):
-        env.step(55)
+        TextGenVectorEnv(
+            2,
+            model=t5,
+            tokenizer=t5_tokenizer,
+            reference_decoder=BatchedDecoder(t5, 2, t5_tokenizer.pad_token_id),
+        )
+
+
+def test_a_reference_decoder_of_the_model_in_as_many_rows_is_stepped(make_envs, tiny):
+    model, tokenizer = tiny
+    decoder = BatchedDecoder(model, 2, tokenizer.pad_token_id)
+    envs = make_envs(reference_decoder=decoder)
+    obs, _ = envs.reset(seed=0)
+    assert [decoder.tokens[i] for i in range(2)] == [row[row >= 0].tolist() for row in obs]
+    *_, infos = envs.step(np.array([72, 72]))  # one-token episodes: the step's info is in final_info
+    final = infos["final_info"]
+    assert final["_ref_log_prob"].all() and (final["ref_log_prob"] < 0).all()
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.0, "3", True])
+def test_a_time_limit_that_is_no_positive_integer_is_refused(make_envs, value):
+    with pytest.raises(
+        ValueError, match="^max_episode_steps must be an integer >= 1; got " + re.escape(repr(value))
+    ):
+        make_envs(max_episode_steps=value)
+    with pytest.raises(ValueError, match="^max_episode_steps must be an integer >= 1"):
+        gym.make_vec("TextGen-v1", num_envs=2, model="tiny", max_episode_steps=value)
+
+
+def test_a_time_limit_of_zero_on_the_single_env_is_refused(tiny, toy_task):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="^max_episode_steps must be an integer >= 1; got 0$"):
+        TextGenEnv(model=model, tokenizer=tokenizer, task=toy_task, max_episode_steps=0)
+    with pytest.raises(
+        ValueError, match="max_episode_steps.* positive, actually: 0"
+    ):  # Gymnasium's TimeLimit
+        gym.make("TextGen-v1", model=model, tokenizer=tokenizer, task=toy_task, max_episode_steps=0)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -26,6 +26,21 @@ CASES = {
         ["--n-envs", "2", "--new-tokens", "4", "--prompt-tokens", "8", "--iterations", "1", "--epochs", "1"],
         r"ratio ours/sb3: \d+\.\d\d",
     ),
+    "kl_routes": (
+        [
+            "--seeds",
+            "1",
+            "--iterations",
+            "2",
+            "--num-envs",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--eval-batches",
+            "1",
+        ],
+        r"beta 0\.1: exact score [+-]\d\.\d+ ± \d\.\d+ KL [+-]\d+\.\d+ ± \d+\.\d+; entropy score .*; none score ",
+    ),
     "memory": (
         ["--batch", "2", "--new-tokens", "4"],
         r"peak GiB \(minibatch \d+\): full \d+\.\d+, LoRA \d+\.\d+",

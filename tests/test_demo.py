@@ -29,6 +29,17 @@ def test_demo_reports_the_mean_and_spread_over_seeds_and_the_machine(tmp_path):
         assert [r["iteration"] for r in rows] == [1]
 
 
+def test_the_tiny_smoke_run_on_letters_has_a_reward_to_learn(tmp_path):
+    """The smoke command of the README: tiny on the letters task, whose reward is not identically 0 (VADER
+    scores tiny's random bytes 0)."""
+    argv = ["demo", "--model", "tiny", "--task", "letters", "--iterations", "1", "--eval-prompts", "2"]
+    main([*argv, "--max-new-tokens", "3", "--seeds", "0", "--run-dir", str(tmp_path)])
+    report = (tmp_path / "demo_report.md").read_text()
+    assert "--task letters" in report and "| gold (letters task's scorer, mean) | " in report
+    row = json.loads((tmp_path / "seed0" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["rollout/rm_score"] > 0
+
+
 def test_same_seed_is_bit_for_bit_on_one_machine(tmp_path):
     """The README's claim: with the same machine and package versions, a seed fixes the whole demo."""
     first, again = run_demo(tmp_path / "a", 0, 1, iterations=2), run_demo(tmp_path / "b", 0, iterations=2)

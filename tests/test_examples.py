@@ -13,23 +13,23 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = {
     "random_agent": (
         ["--episodes", "1", "--max-new-tokens", "6"],
-        [r"score [+-]\d", r"final info keys: .*'score'"],
+        [r"score [+-]\d", r"step-1 info: .*'score'"],
     ),
     "custom_reward": (
         ["--num-envs", "2", "--max-new-tokens", "6"],
         [r"direct call: \[1\.5\]", r"\[0\] score [+-]\d", r"\[1\] score [+-]\d", r"called \d+ times"],
     ),
     "reinforce_from_scratch": (
-        ["--iterations", "2", "--num-envs", "2", "--max-new-tokens", "6"],
-        [r"iter 0: mean score [+-]\d.* mean KL", r"iter 1: mean score"],
+        ["--iterations", "2", "--num-envs", "2", "--max-new-tokens", "6", "--task", "letters"],
+        [r"iter 0: mean score \+0\.\d*[1-9].* mean KL", r"iter 1: mean score"],
     ),
     "ppo_sentiment": (
-        ["--iterations", "2", "--n-envs", "2", "--max-new-tokens", "6"],
+        ["--iterations", "2", "--n-envs", "2", "--max-new-tokens", "6", "--task", "letters"],
         [r"rollout/rm_score", r"mean eval score before [+-]\d\.\d+\s+after [+-]\d\.\d+"],
     ),
     "sb3_ppo": (
-        ["--steps", "24", "--n-envs", "2", "--n-steps", "6", "--max-new-tokens", "6"],
-        # the KL reaches the env through the shared cache: a number, not "n/a"
+        ["--steps", "24", "--n-envs", "2", "--n-steps", "6", "--max-new-tokens", "6", "--task", "letters"],
+        # the finished texts' score, and the per-token KL (SB3's sampling log-prob against info["ref_log_prob"])
         [
             r"timesteps 12: \d+ texts finished, mean score [+-]\d.*KL per token [+-]\d",
             r"policy_gradient_loss",

@@ -102,15 +102,15 @@ def test_env_kl_uses_the_unmasked_log_probs(tiny):
     algo = make_nlpo(
         tiny, reward=lambda p, c: [0.0] * len(c), kl_coef=1.0, mask_top_p=0.5, min_tokens_to_keep=10
     )
-    told = []
-    set_policy_log_probs = algo.envs.set_policy_log_probs
-    algo.envs.set_policy_log_probs = lambda lp: (told.append(np.asarray(lp).copy()), set_policy_log_probs(lp))
+    told = []  # the log pi of the agent's half of the KL penalty, step by step
+    act = algo._act
+    algo._act = lambda agent, obs: (step := act(agent, obs), told.append(step.kl_log_probs.numpy().copy()))[0]
     algo.collect_rollouts()
     told = np.stack(told)  # (T, N)
     buffer = algo.buffer
     assert (buffer.log_probs - told > 0.1).all()  # the buffer has the masked law's log-probs
     # measured: equal under 3 CPU kernel settings (docs/testing.md)
-    np.testing.assert_allclose(buffer.rewards, 0.0, atol=1e-4)  # the env's KL penalty: unmasked vs reference
+    np.testing.assert_allclose(buffer.rewards, 0.0, atol=1e-4)  # the KL penalty: unmasked vs reference
     batch = full_batch(algo)
     with torch.no_grad():
         unmasked, _, _ = algo.policy.evaluate_actions(

@@ -103,3 +103,28 @@ def test_adaptive_controller_counts_the_rollouts_texts(tiny, monkeypatch):
     error = np.clip(kl / 1e-3 - 1, -0.2, 0.2)  # Ziegler et al. 2019, section 2.2
     # measured: equal under 4 CPU kernel settings (docs/testing.md; the same float64 operations)
     assert algo.kl_controller.value == pytest.approx(0.1 * (1 + error * algo.n_envs / 100), rel=1e-12)
+
+
+def test_the_core_adds_the_agents_half_of_the_kl_to_the_envs_reward(tiny):
+    """The env pays beta * log pi_ref(a_t); the core adds -beta * log pi(a_t) with the sampling log-prob, so the
+    stored reward is RLHF's -beta * (log pi - log pi_ref) (+ the score at the end), token for token."""
+    algo = scripted(toy_algo(PPO, tiny, kl_coef=0.3, whiten_rewards=False), {0: {3}})
+    env_steps = []
+    step = algo.envs.step
+
+    def recorded_step(actions):
+        out = step(actions)
+        env_steps.append(out)
+        return out
+
+    algo.envs.step = recorded_step
+    algo.collect_rollouts()
+    algo.close()
+    for t, (_, env_rewards, terminated, truncated, infos) in enumerate(env_steps):
+        done = terminated | truncated  # same-step autoreset: the ended rows' info is in final_info
+        final = infos.get("final_info", {})
+        ref = np.where(done, final.get("ref_log_prob", 0.0), infos["ref_log_prob"])
+        score = np.where(done, final.get("score", 0.0), 0.0)
+        np.testing.assert_array_equal(env_rewards, 0.3 * ref + score)  # the env: the reference's half
+        # float64 sums of the same values, only in another order (no CPU kernel involved)
+        np.testing.assert_allclose(algo.buffer.rewards[t], -0.3 * (-5.0 - ref) + score, rtol=0, atol=1e-12)

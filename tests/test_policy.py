@@ -9,31 +9,33 @@ from transformers import AutoModelForCausalLM
 
 from algorithms.common.buffer import RolloutBuffer
 from algorithms.policy import LMActorCriticPolicy
+from algorithms.shared_pass import shared_lora_decoder
 from lm_gym.env import TextGenVectorEnv
+from lm_gym.spaces import hf_inputs
 
 
-def rollout(policy, toy_task, steps=6, n=3, seed=0, twin=False):
-    """Run the policy's rollout agent in the env; return the filled buffer. With ``twin`` the env runs the
-    fully fine-tuned policy and its reference in one pass (policy_model) and the agent reads its logits."""
-    reference = policy.model if policy.adapter else policy.reference_copy()
+def rollout(policy, toy_task, steps=6, n=3, seed=0):
+    """Run the policy's rollout agent in the env; return the filled buffer. With LoRA the env steps the
+    shared pass (algorithms.shared_pass) as its reference and the agent reads the policy's rows of it."""
+    pad = policy.tokenizer.pad_token_id
+    shared = shared_lora_decoder(policy.model, n, pad, policy.adapter) if policy.adapter else None
     envs = TextGenVectorEnv(
         n,
-        model=reference,
+        model=policy.model if policy.adapter else policy.reference_copy(),
         tokenizer=policy.tokenizer,
         task=toy_task,
         max_new_tokens=steps,
         max_prompt_tokens=80,
         temperature=policy.temperature,
-        policy_adapter=policy.adapter,
-        policy_model=policy.model if twin else None,
+        reference_decoder=shared,
         autoreset_mode="SameStep",
     )
-    agent = policy.rollout_agent(n, torch.Generator().manual_seed(seed), envs)
+    agent = policy.rollout_agent(n, torch.Generator().manual_seed(seed), shared)
     buffer = RolloutBuffer(steps, n, 80 + steps)
     obs, _ = envs.reset(seed=seed)
     for t in range(steps):
+        obs = hf_inputs(obs, pad)
         actions, log_probs, values = agent.act(obs)
-        envs.set_policy_log_probs(log_probs)
         next_obs, rewards, term, trunc, _ = envs.step(actions)
         buffer.add(t, obs, actions, log_probs, values, rewards, term | trunc)
         obs = next_obs
@@ -48,16 +50,13 @@ def rollout(policy, toy_task, steps=6, n=3, seed=0, twin=False):
         {"temperature": 0.7, "top_k": 20, "top_p": 0.9},
         {"lora_r": 4, "top_p": 0.8},
         {"separate_critic": True, "top_k": 50},
-        {"twin": True, "top_p": 0.9},
     ],
 )
 def test_rollout_log_probs_and_values_equal_evaluate_actions(tiny, toy_task, kwargs):
     model, tokenizer = tiny
-    kwargs = dict(kwargs)
-    twin = kwargs.pop("twin", False)
     policy = LMActorCriticPolicy(copy.deepcopy(model), tokenizer, **kwargs)
     torch.nn.init.normal_(policy.value_head.weight, std=0.1)  # a non-trivial critic
-    buffer = rollout(policy, toy_task, twin=twin)
+    buffer = rollout(policy, toy_task)
     buffer.advantages = buffer.returns = np.zeros_like(buffer.rewards)
     batch = next(buffer.minibatches(100, np.random.default_rng(0), policy.device, tokenizer.pad_token_id))
     with torch.no_grad():

@@ -13,8 +13,10 @@ from algorithms.cli import main
 from algorithms.common.buffer import RolloutBuffer
 from algorithms.policy import LMActorCriticPolicy
 from algorithms.ppo import PPO
+from algorithms.shared_pass import shared_lora_decoder
 from lm_gym.env import TextGenVectorEnv
 from lm_gym.rewards import LowercaseShare
+from lm_gym.spaces import hf_inputs
 
 
 def bf16_policy(tiny, **kwargs) -> LMActorCriticPolicy:
@@ -28,25 +30,29 @@ def test_sampling_and_teacher_forced_log_probs_agree_in_bf16(tiny, toy_task, lor
     torch.nn.init.normal_(policy.value_head.weight, std=0.1)
     reference = policy.model if policy.adapter else policy.reference_copy()
     steps, n = 6, 3
+    pad = policy.tokenizer.pad_token_id
+    shared = shared_lora_decoder(policy.model, n, pad, policy.adapter) if policy.adapter else None
     envs = TextGenVectorEnv(
         n,
         model=reference,
         tokenizer=policy.tokenizer,
         task=toy_task,
         max_new_tokens=steps,
-        policy_adapter=policy.adapter,
+        reference_decoder=shared,
         autoreset_mode="SameStep",
     )
-    agent = policy.rollout_agent(n, torch.Generator().manual_seed(0), envs)
+    agent = policy.rollout_agent(n, torch.Generator().manual_seed(0), shared)
     buffer = RolloutBuffer(steps, n, 64 + steps)
     obs, _ = envs.reset(seed=0)
     for t in range(steps):
+        obs = hf_inputs(obs, pad)
         actions, log_probs, values = agent.act(obs)
         assert log_probs.dtype == torch.float32 and values.dtype == torch.float32
-        envs.set_policy_log_probs(log_probs)
         next_obs, rewards, term, trunc, infos = envs.step(actions)
-        # policy == reference at the start, computed the same way in bf16: the KL is exactly 0
-        assert np.all(infos.get("kl", np.zeros(n))[infos.get("_kl", np.ones(n, bool))] == 0)
+        # policy == reference at the start, computed the same way in bf16: the log-ratio is exactly 0
+        done = term | trunc  # (same-step autoreset: the info of the rows that ended is in final_info)
+        ref = np.where(done, infos.get("final_info", {}).get("ref_log_prob", 0.0), infos["ref_log_prob"])
+        np.testing.assert_array_equal(log_probs.double().numpy(), ref)
         buffer.add(t, obs, actions, log_probs, values, rewards, term | trunc)
         obs = next_obs
     envs.close()

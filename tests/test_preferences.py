@@ -10,10 +10,9 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from toys import tiny_bert_classifier
 
-import lm_gym  # noqa: F401  (registers TextGen-v0)
-from lm_gym.models import tiny_tokenizer
+import lm_gym  # noqa: F401  (registers TextGen-v1)
 from lm_gym.preferences import (
     Annotator,
     AnnotatorPanel,
@@ -215,23 +214,6 @@ def test_collect_on_tiny_model_is_seeded_and_writes_records_and_elo(tiny, tmp_pa
 
 
 # ---------------------------------------------------------------------------------------------- reward model
-def _tiny_bert(seed: int = 0) -> tuple[BertForSequenceClassification, object]:
-    tokenizer = tiny_tokenizer()
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        num_labels=1,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return BertForSequenceClassification(config), tokenizer
-
-
 def _planted_records(n_prompts: int = 40) -> list[PreferenceRecord]:
     """Chosen completions contain the marker word 'zap'; rejected ones never do."""
     rng = np.random.default_rng(0)
@@ -279,7 +261,7 @@ def test_split_by_prompt_keeps_prompts_on_one_side():
 
 @pytest.fixture(scope="module")
 def trained_rm(tmp_path_factory):
-    model, tokenizer = _tiny_bert()
+    model, tokenizer = tiny_bert_classifier()
     out = tmp_path_factory.mktemp("rm")
     result = train_reward_model(
         _planted_records(),
@@ -337,7 +319,7 @@ def test_trained_folder_is_the_env_reward_model(trained_rm):
     # measured: |diff| <= 3.0e-08 (relative 9.9e-08) under 4 CPU kernel settings (docs/testing.md)
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
     assert scores[0] > scores[1]
-    env = gym.make("TextGen-v0", model="tiny", reward=str(out), max_new_tokens=3, kl_coef=0.0)
+    env = gym.make("TextGen-v1", model="tiny", reward=str(out), max_new_tokens=3, kl_coef=0.0)
     env.reset(seed=0)
     done, info = False, {}
     while not done:
@@ -351,7 +333,7 @@ def test_folder_records_whether_the_prompt_is_scored(trained_rm, tmp_path):
     result, _ = trained_rm
     folder = save_reward_model(result, tmp_path / "completion_only", include_prompt=False)
     reward = make_reward(str(folder))
-    assert reward.include_prompt is False  # read from reward_model.json
+    assert reward.include_prompt is False  # read from config.json (lm_gym_reward_input)
     scores = reward(["Review 1: zap zap", "x"], [" the plot ends", " the plot zap"])
     expected = score_texts(result.model, result.tokenizer, [" the plot ends", " the plot zap"])
     # measured: |diff| <= 1.5e-08 (relative 6.8e-08) under 4 CPU kernel settings (docs/testing.md)
@@ -369,7 +351,7 @@ def test_reward_model_resumes_after_a_crash_as_the_uninterrupted_run(tmp_path, m
     settings.update(gold=_marker_gold, seed=0, log=None)
 
     def run(folder, **extra):
-        model, tokenizer = _tiny_bert()
+        model, tokenizer = tiny_bert_classifier()
         return train_reward_model(
             records,
             model=model,
@@ -403,7 +385,7 @@ def test_reward_model_resumes_after_a_crash_as_the_uninterrupted_run(tmp_path, m
     with pytest.raises(ValueError, match=r"was run with learning_rate=0\.002, now 0\.001"):
         run("run", resume=True, learning_rate=1e-3)
     with pytest.raises(ValueError, match="was run with data="):
-        model, tokenizer = _tiny_bert()
+        model, tokenizer = tiny_bert_classifier()
         train_reward_model(
             records[3:],
             model=model,
@@ -419,7 +401,7 @@ def test_reward_model_resumes_after_a_crash_as_the_uninterrupted_run(tmp_path, m
 def test_cli_collect_and_train_rm_on_tiny(tmp_path, capsys):
     from algorithms.cli import main
 
-    model, tokenizer = _tiny_bert()
+    model, tokenizer = tiny_bert_classifier()
     backbone = tmp_path / "backbone"
     model.save_pretrained(backbone)
     tokenizer.save_pretrained(backbone)

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from toys import tiny_bert_classifier
+from transformers import BertForSequenceClassification
 
-from lm_gym.models import tiny_tokenizer
 from lm_gym.rewards import HFRewardModel, RewardFunction, VaderSentiment, make_reward, repeated_bigram_share
 from lm_gym.tasks import get_task
 
@@ -24,20 +24,7 @@ TEXTS = [
 
 def _save_tiny_bert(folder: Path, num_labels: int, seed: int) -> Path:
     """A 1-layer BERT classifier over the tiny byte tokenizer, saved with that tokenizer."""
-    tokenizer = tiny_tokenizer()
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-        num_labels=num_labels,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = BertForSequenceClassification(config)
+    model, tokenizer = tiny_bert_classifier(seed, num_labels, max_positions=512)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -56,8 +43,9 @@ def two_label_rm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _logits_by_hand(model: BertForSequenceClassification, tokenizer, text: str) -> torch.Tensor:
-    """The classifier's logits for one unpadded text: CLS state -> tanh pooler -> linear head."""
-    ids = torch.tensor([tokenizer.encode(text)])
+    """The classifier's logits for one unpadded text read as TRL trains a reward model (these folders have no
+    lm-gym input format): text + EOS, then CLS state -> tanh pooler -> linear head."""
+    ids = torch.tensor([tokenizer.encode(text) + [tokenizer.eos_token_id]])
     with torch.no_grad():
         cls = model.bert.embeddings(input_ids=ids)
         cls = model.bert.encoder(cls).last_hidden_state[:, 0]
@@ -132,7 +120,7 @@ def test_hf_reward_model_loads_folder_and_scores_with_scalar_head(scalar_rm_dir:
     scores = rm([""] * len(TEXTS), TEXTS)
     assert scores.dtype == np.float64 and scores.shape == (len(TEXTS),)
     expected = [_logits_by_hand(rm.model, rm.tokenizer, t)[0].item() for t in TEXTS]
-    # measured: |diff| <= 1.9e-09 (relative 2.2e-06) under 4 CPU kernel settings (docs/testing.md)
+    # measured: |diff| <= 3.7e-09 (relative 1.4e-06) under 4 CPU kernel settings (docs/testing.md)
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
     assert np.ptp(scores) > 0  # the texts really get different scores
 
@@ -166,7 +154,7 @@ def test_hf_reward_model_probability_is_hand_softmax(two_label_rm_dir: Path) -> 
 def test_hf_reward_model_logit_output_picks_label(two_label_rm_dir: Path) -> None:
     rm = HFRewardModel(str(two_label_rm_dir), label_index=0, device="cpu")
     expected = [_logits_by_hand(rm.model, rm.tokenizer, t)[0].item() for t in TEXTS]
-    # measured: |diff| <= 5.6e-09 (relative 4.6e-07) under 4 CPU kernel settings (docs/testing.md)
+    # measured: |diff| <= 3.7e-09 (relative 3.0e-07) under 4 CPU kernel settings (docs/testing.md)
     np.testing.assert_allclose(rm([""] * len(TEXTS), TEXTS), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -175,9 +163,9 @@ def test_hf_reward_model_batch_size_does_not_change_scores(scalar_rm_dir: Path) 
     small = HFRewardModel(big.model, big.tokenizer, batch_size=2)
     one = HFRewardModel(big.model, big.tokenizer, batch_size=1)  # no padding at all
     prompts = [""] * len(TEXTS)
-    # measured: |diff| <= 1.9e-09 (relative 3.2e-07) under 4 CPU kernel settings (docs/testing.md)
+    # measured: |diff| <= 3.7e-09 (relative 1.4e-06) under 4 CPU kernel settings (docs/testing.md)
     np.testing.assert_allclose(small(prompts, TEXTS), big(prompts, TEXTS), rtol=1e-5, atol=1e-6)
-    # measured: |diff| <= 1.9e-09 (relative 2.2e-06) under 4 CPU kernel settings (docs/testing.md)
+    # measured: |diff| <= 3.7e-09 (relative 1.4e-06) under 4 CPU kernel settings (docs/testing.md)
     np.testing.assert_allclose(one(prompts, TEXTS), big(prompts, TEXTS), rtol=1e-5, atol=1e-6)
 
 

@@ -13,11 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_preferences import _planted_records, _tiny_bert
+from test_preferences import _planted_records
 from test_sft import DEMOS
-from toys import toy_algo
+from toys import tiny_bert_classifier, toy_algo
 
 from algorithms.cli import main
+from algorithms.common.logger import Logger
 from algorithms.common.on_policy import NonFiniteLossError
 from algorithms.ppo import PPO
 from algorithms.sft import SFT
@@ -37,7 +38,7 @@ def inputs(tmp_path_factory):
     demos = folder / "demos.jsonl"
     demos.write_text("".join(json.dumps(d._asdict()) + "\n" for d in DEMOS))
     prefs = write_jsonl(_planted_records(6), folder / "prefs.jsonl")
-    model, tokenizer = _tiny_bert()
+    model, tokenizer = tiny_bert_classifier()
     model.save_pretrained(folder / "backbone")
     tokenizer.save_pretrained(folder / "backbone")
     return {"demos": str(demos), "prefs": str(prefs), "backbone": str(folder / "backbone")}
@@ -142,7 +143,7 @@ WRITERS = {  # every path that writes weights, given weights holding NaN or inf
 
 
 def _nan_reward_model() -> RewardModelResult:
-    model, tokenizer = _tiny_bert()
+    model, tokenizer = tiny_bert_classifier()
     with torch.no_grad():
         model.classifier.bias.fill_(math.nan)
     return RewardModelResult(model, tokenizer, {}, [])
@@ -361,3 +362,17 @@ def test_a_non_finite_stop_leaves_a_checkpoint_of_the_last_finite_weights(tiny, 
     assert resumed.iteration == 2
     for name, value in resumed.policy.trainable_state_dict().items():
         assert torch.isfinite(value).all() and torch.equal(value, before[name]), name
+
+
+def test_a_nan_metric_is_logged_not_dropped(tmp_path):
+    """An undefined metric (explained variance of constant returns) is a NaN point in TensorBoard, so the key
+    does not vanish from the run (issue 15)."""
+    logger = Logger(tmp_path, verbose=0)
+    logger.record("train/explained_variance", float("nan"))
+    logger.record("train/loss", 1.5)
+    logger.dump(1)
+    logger.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert math.isnan(events.Scalars("train/explained_variance")[0].value)
+    assert events.Scalars("train/loss")[0].value == 1.5

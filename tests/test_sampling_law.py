@@ -11,10 +11,12 @@ from toys import toy_algo
 from algorithms.nlpo import NLPO, TopPMaskLogitsProcessor
 from algorithms.policy import LMActorCriticPolicy
 from algorithms.ppo import PPO
+from algorithms.shared_pass import shared_lora_decoder
 from algorithms.trpo import TRPO
 from lm_gym.env import TextGenVectorEnv
 from lm_gym.rewards import LowercaseShare
 from lm_gym.sampling import CachedSampler, policy_warpers, sample, sampling_filters
+from lm_gym.spaces import hf_inputs
 
 SETTINGS = [
     {},
@@ -27,8 +29,9 @@ SETTINGS = [
 ]
 
 
-def env_kls(policy, reference, tokenizer, temperature, steps=24, **env_kwargs):
-    """Every ``info["kl"]`` of a rollout of ``policy`` (a RolloutAgent's log-probs told to the env)."""
+def env_kls(policy, reference, tokenizer, temperature, steps=24, shared=None):
+    """Every per-token log-ratio ``log pi - log pi_ref`` of a rollout of ``policy``: the RolloutAgent's
+    log-probs against the env's ``ref_log_prob`` (``shared``: the LoRA shared pass as the env's reference)."""
     envs = TextGenVectorEnv(
         4,
         model=reference,
@@ -39,19 +42,19 @@ def env_kls(policy, reference, tokenizer, temperature, steps=24, **env_kwargs):
         max_new_tokens=8,
         temperature=temperature,
         stop_token_ids=[],
+        reference_decoder=shared,
         autoreset_mode="SameStep",
-        **env_kwargs,
     )
-    agent = policy.rollout_agent(4, torch.Generator().manual_seed(0), envs)
+    agent = policy.rollout_agent(4, torch.Generator().manual_seed(0), shared)
+    hf = lambda o: hf_inputs(o, tokenizer.pad_token_id, encoder_decoder=policy.is_encoder_decoder)  # noqa: E731
     obs, _ = envs.reset(seed=0)
     kls = []
     for _ in range(steps):
-        actions, log_probs, _ = agent.act(obs)
-        envs.set_policy_log_probs(log_probs)
-        obs, _, _, _, infos = envs.step(actions)
-        for source in (infos, infos.get("final_info", {})):
-            if "kl" in source:
-                kls.extend(source["kl"][source["_kl"]].tolist())
+        actions, log_probs, _ = agent.act(hf(obs))
+        obs, _, term, trunc, infos = envs.step(actions)
+        done = term | trunc  # (same-step autoreset: the info of the rows that ended is in final_info)
+        ref = np.where(done, infos.get("final_info", {}).get("ref_log_prob", 0.0), infos["ref_log_prob"])
+        kls.extend((log_probs.double().numpy() - ref).tolist())
     envs.close()
     return np.array(kls)
 
@@ -71,9 +74,8 @@ def test_a_lora_policy_at_its_initialisation_has_kl_zero_with_a_sampling_filter(
     """LoRA (the reference is the model with the adapters off, shared forward pass): B = 0 at first."""
     model, tokenizer = tiny
     policy = LMActorCriticPolicy(copy.deepcopy(model), tokenizer, lora_r=4, **settings)
-    kls = env_kls(
-        policy, policy.model, tokenizer, settings.get("temperature", 1.0), policy_adapter=policy.adapter
-    )
+    shared = shared_lora_decoder(policy.model, 4, tokenizer.pad_token_id, policy.adapter)
+    kls = env_kls(policy, policy.model, tokenizer, settings.get("temperature", 1.0), shared=shared)
     # measured: |kl| <= 9.5e-07 under 4 CPU kernel settings
     assert np.abs(kls).max() < 1e-5, np.abs(kls).max()
 
@@ -112,10 +114,10 @@ def test_the_cached_sampler_reports_the_tempered_softmax_log_prob(tiny):
     obs, _ = envs.reset(seed=1)
     for _ in range(5):
         actions, log_probs = sampler.act(obs)
-        envs.set_policy_log_probs(log_probs)
         obs, _, _, _, infos = envs.step(actions.numpy())
-        # measured: kl = 0 under 4 CPU kernel settings
-        assert np.abs(infos["kl"][infos["_kl"]]).max() < 1e-5
+        present = infos["_ref_log_prob"]
+        # measured: log pi - log pi_ref = 0 under 4 CPU kernel settings
+        assert np.abs(log_probs.double().numpy() - infos["ref_log_prob"])[present].max() < 1e-5
     envs.close()
 
 
@@ -180,7 +182,7 @@ def test_an_encoder_decoder_policy_equal_to_the_reference_has_kl_zero_with_a_sam
 
 @pytest.mark.parametrize("lora_r", [0, 4])
 def test_the_core_rollout_of_an_untrained_policy_has_kl_zero_with_a_sampling_filter(tiny, lora_r):
-    """Through the training core: the twin pass (full fine-tuning of a small model) and LoRA's shared pass."""
+    """Through the training core: full fine-tuning, and LoRA's shared pass."""
     algo = toy_algo(PPO, tiny, lora_r=lora_r, temperature=0.7, top_k=40, top_p=0.9, kl_coef=0.5)
     stats = algo.collect_rollouts()["stats"]
     algo.close()

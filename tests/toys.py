@@ -4,8 +4,10 @@ random model, learnable in seconds), 8 envs x 8 tokens, no KL penalty, one seed.
 import copy
 
 import torch
+from transformers import BertConfig, BertForSequenceClassification
 
 from algorithms.policy import LMActorCriticPolicy
+from lm_gym.models import tiny_tokenizer
 from lm_gym.rewards import LowercaseShare
 
 PROMPTS = ["Hello", "The film", "Wow", "It was"]
@@ -39,3 +41,22 @@ def toy_algo(algo_cls, model_and_tokenizer, **kwargs):
         seed=0,
     )
     return algo_cls(policy, **{**settings, **kwargs})
+
+
+def tiny_bert_classifier(seed: int = 0, num_labels: int = 1, max_positions: int = 128):
+    """A 1-layer BERT sequence classifier over the tiny byte tokenizer (a reward model for tests), its
+    weights fixed by ``seed`` without touching the global RNG; ``(model, tokenizer)``."""
+    tokenizer = tiny_tokenizer()
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=max_positions,
+        num_labels=num_labels,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return BertForSequenceClassification(config), tokenizer

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -68,7 +67,7 @@ class Logger:
         if self.run_dir is not None:
             writer = self._open()
             for key, value in values.items():
-                if key != "iteration" and math.isfinite(value):
+                if key != "iteration":  # NaN too (an undefined explained variance): a gap, not a lost key
                     writer.add_scalar(key, value, step)
             writer.flush()
             with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:

@@ -1,4 +1,4 @@
-"""The shared on-policy core: rollouts through TextGen-v0, the learn loop, logging and checkpoints.
+"""The shared on-policy core: rollouts through TextGen-v1, the learn loop, logging and checkpoints.
 
 An algorithm subclasses :class:`OnPolicyAlgorithm` and writes only :meth:`~OnPolicyAlgorithm.train`
 (stable-baselines3's layout). Everything that is the same for PPO, A2C, TRPO and NLPO lives here.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -21,6 +22,7 @@ from algorithms.common.distributed import ProcessGroup
 from algorithms.common.logger import Logger
 from algorithms.common.precision import MasterWeights, check_trainable_dtype
 from algorithms.policy import LMActorCriticPolicy, RolloutAgent
+from algorithms.shared_pass import shared_lora_decoder
 from lm_gym.checkpoints import (
     latest_checkpoint,
     load_weights,
@@ -35,9 +37,8 @@ from lm_gym.env import TextGenVectorEnv
 from lm_gym.kl import AdaptiveKLController, FixedKLController
 from lm_gym.nonfinite import NonFiniteGuard, NonFiniteLossError, check_finite, step_if_finite
 from lm_gym.rewards import RewardFunction
-from lm_gym.seq2seq import is_encoder_decoder
+from lm_gym.spaces import hf_inputs
 from lm_gym.tasks import Task
-from lm_gym.twin import TWIN_MAX_PARAMETERS
 
 __all__ = ["AgentStep", "NonFiniteLossError", "OnPolicyAlgorithm"]
 
@@ -213,20 +214,21 @@ class OnPolicyAlgorithm:
         torch.manual_seed(seed)
         trainable = [p for p in policy.parameters() if p.requires_grad]
         self.process_group.broadcast_parameters(trainable)  # the same starting weights in every process
-        # The reference: the policy with its adapters off (LoRA, shared forward), or a frozen copy of it now.
+        # The reference: the policy with its adapters off (LoRA), or a frozen copy of it now. With LoRA, the
+        # env's reference rows and the agent's rows run as one pass (algorithms.shared_pass), which the env
+        # takes as its reference_decoder and the agent reads.
         if reference is not None and policy.adapter:
             raise ValueError(
                 "reference: with LoRA the reference is the model with its adapters off; pass none"
             )
-        # A small decoder-only policy and its reference copy run as one twin pass per step (lm_gym.twin).
-        twin = (
-            reference is None
-            and not policy.adapter
-            and not is_encoder_decoder(policy.model)
-            and sum(p.numel() for p in policy.model.parameters()) < TWIN_MAX_PARAMETERS
-        )
-        if reference is None:
-            reference = policy.model if policy.adapter else policy.reference_copy()
+        self.shared_pass = None
+        if policy.adapter:
+            reference = policy.model
+            self.shared_pass = shared_lora_decoder(
+                policy.model, n_envs, policy.tokenizer.pad_token_id, policy.adapter
+            )
+        elif reference is None:
+            reference = policy.reference_copy()
         self.envs = TextGenVectorEnv(
             n_envs,
             model=reference,
@@ -239,19 +241,20 @@ class OnPolicyAlgorithm:
             max_prompt_tokens=max_prompt_tokens,
             temperature=policy.temperature,
             stop_token_ids=stop_token_ids,
-            policy_adapter=policy.adapter,
-            policy_model=policy.model if twin else None,
+            reference_decoder=self.shared_pass,
+            info_text=True,  # the samples logged
             autoreset_mode=AutoresetMode.SAME_STEP,
             device=policy.device,  # for a reward model given by name
             dtype=policy.dtype,
         )
-        space = self.envs.single_observation_space  # an encoder-decoder's also holds the decoder prefix
+        # an encoder-decoder's observation also holds the decoder prefix: (2, W), each W wide in HF layout
+        shape = self.envs.single_observation_space.shape
         self.buffer = RolloutBuffer(
             self.n_steps,
             n_envs,
-            space["input_ids"].shape[0],
+            shape[-1],
             self.process_group,
-            decoder_len=space["decoder_input_ids"].shape[0] if "decoder_input_ids" in space.spaces else None,
+            decoder_len=shape[-1] if len(shape) == 2 else None,
         )
         self.optimizer = self.make_optimizer(trainable)
         main = self.process_group.is_main_process
@@ -290,29 +293,42 @@ class OnPolicyAlgorithm:
 
     def collect_rollouts(self) -> dict[str, Any]:
         """Fill the buffer with ``n_steps`` steps of every env; compute advantages and returns."""
-        with torch_threads(self.envs.agent_threads):  # share the cores with the env's reference thread
+        # share the cores with the env's background reference thread, if it has one
+        busy = self.envs.reference_threads
+        with torch_threads(max(1, torch.get_num_threads() - busy) if busy else None):
             return self._collect_rollouts()
+
+    def _hf(self, obs: np.ndarray) -> dict[str, np.ndarray]:
+        """The env's observations (N, L) (encoder-decoder: (N, 2, W)) in the HF layout of the policy."""
+        return hf_inputs(
+            obs, self.policy.tokenizer.pad_token_id, encoder_decoder=self.policy.is_encoder_decoder
+        )
 
     def _collect_rollouts(self) -> dict[str, Any]:
         # this process's envs are rows rank * n_envs ... of one global batch: prompts and samples of their own
         seed = self._iteration_seed(self.iteration) + self.rank * self.n_envs
         generator = torch.Generator(device=self.policy.device).manual_seed(seed)
-        agent = self.policy.rollout_agent(self.n_envs, generator, self.envs)
-        self.envs.kl_coef = self.kl_controller.value
+        agent = self.policy.rollout_agent(self.n_envs, generator, self.shared_pass)
+        beta = self.envs.kl_coef = self.kl_controller.value
         start = time.perf_counter()
         obs, _ = self.envs.reset(seed=seed)
+        obs = self._hf(obs)
         episode_kl, episode_len = np.zeros(self.n_envs), np.zeros(self.n_envs, dtype=np.int64)
         on_first_text = np.ones(self.n_envs, dtype=bool)  # rows whose first text has not ended yet
         scores, kls, lengths, samples = [], [], [], []  # scores, KLs and lengths of the first texts
         for t in range(self.n_steps):
             step = self._act(agent, obs)
-            self.envs.set_policy_log_probs(step.kl_log_probs)
             next_obs, rewards, terminated, truncated, infos = self.envs.step(step.actions)
             dones = terminated | truncated
+            # The env pays beta * log pi_ref(a_t); the agent's half of the k1 penalty is -beta * log pi(a_t),
+            # from the log-prob it sampled with: r_t = score - beta * (log pi - log pi_ref), exactly.
+            log_pi = step.kl_log_probs.double().cpu().numpy()  # (N,)
+            rewards = rewards - beta * log_pi
             self.buffer.add(
                 t, obs, step.actions, step.log_probs, step.values, rewards, dones, step.action_masks
             )
-            episode_kl += _step_values(infos, "kl", dones)
+            # every row took a step (SAME_STEP autoreset: no row idles on a reset step)
+            episode_kl += log_pi - _step_values(infos, "ref_log_prob", dones)
             episode_len += 1
             final = infos.get("final_info", {})
             for i in np.flatnonzero(dones):
@@ -323,7 +339,7 @@ class OnPolicyAlgorithm:
                     on_first_text[i] = False
                 samples.append((final["prompt"][i], final["text"][i], final["score"][i]))
                 episode_kl[i], episode_len[i] = 0.0, 0
-            obs = next_obs
+            obs = self._hf(next_obs)
         # first texts cut by the rollout's end (n_steps < max_new_tokens): their KL and length so far
         kls.extend(episode_kl[on_first_text])
         lengths.extend(episode_len[on_first_text])
@@ -356,6 +372,14 @@ class OnPolicyAlgorithm:
         }
         for key, value in stats.items():
             self.logger.record(key, value)
+        all_scores = [score for _, _, score in samples]
+        if self.iteration == 0 and len(all_scores) > 1 and np.ptp(all_scores) == 0:
+            warnings.warn(
+                f"every text of the first rollout scored {all_scores[0]}: the reward gives this policy nothing to "
+                "learn from (e.g. VADER scores the random bytes of the 'tiny' test model 0; its toy task is "
+                "task='letters')",
+                stacklevel=2,
+            )
         # texts: the number of texts rollout/kl is over, which steps the adaptive KL controller
         return {"stats": stats, "samples": samples, "texts": int(texts)}
 

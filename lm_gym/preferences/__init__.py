@@ -6,7 +6,7 @@
   rankings -> pairs;
 * :mod:`~lm_gym.preferences.elo`: Elo ratings of the compared completions and scalar rewards from them;
 * :mod:`~lm_gym.preferences.reward_model`: Bradley-Terry training of a scalar reward model whose folder
-  ``TextGen-v0`` takes as ``reward=FOLDER``.
+  ``TextGen-v1`` takes as ``reward=FOLDER``.
 
 Nothing here imports from ``algorithms``.
 """

@@ -6,7 +6,7 @@ simulated :class:`~lm_gym.preferences.panel.AnnotatorPanel`, and every annotator
 games of an Elo table over the completions (the "Illustrating RLHF" blog), from which each record gets the
 normalized scalar rewards ``chosen_score``/``rejected_score``.
 
-Completions are sampled the way ``TextGen-v0`` generates them: the prompt tokenized with the tokenizer's
+Completions are sampled the way ``TextGen-v1`` generates them: the prompt tokenized with the tokenizer's
 special tokens and cut to its last ``max_prompt_tokens`` tokens, the text ending at the first stop token
 (excluded). Empty completions and repeats of the same text within a prompt are dropped before ranking (a
 pair of equal texts teaches nothing), so a prompt may end up with fewer than K.
@@ -67,7 +67,7 @@ def sample_completions(
         top_k: keep the k most likely tokens (0 = off; ``generate`` would otherwise apply the model's
             generation config, often an implicit top-k of 50).
         top_p: nucleus sampling (1.0 = off).
-        max_prompt_tokens: a prompt keeps its last ``max_prompt_tokens`` tokens, as in ``TextGen-v0``.
+        max_prompt_tokens: a prompt keeps its last ``max_prompt_tokens`` tokens, as in ``TextGen-v1``.
         batch_size: sequences generated side by side (a multiple of ``k`` is best).
         seed: batch ``b`` is sampled with seed ``seed + b``; the global RNG is left untouched.
         progress: show a progress bar over the batches.

@@ -27,7 +27,11 @@ themselves agree with gold on those pairs (what a model that copied the labels w
 on the pairs the annotators agree on (``eval/accuracy_gold_confident``, see :func:`evaluate_reward_model`).
 
 The saved folder (``save_pretrained``: ``config.json``, ``model.safetensors``, the tokenizer, and
-``reward_model.json`` with the settings and metrics) is what ``TextGen-v0`` takes as ``reward=FOLDER``.
+``reward_model.json`` with the settings and metrics) is what ``TextGen-v1`` takes as ``reward=FOLDER``. Its
+``config.json`` says what the model reads, ``"lm_gym_reward_input": {"include_prompt": true, "append_eos":
+false, "chat_template": false}`` (:class:`lm_gym.rewards.RewardInput`), and ``"problem_type": "regression"``,
+so that ``transformers.pipeline("text-classification", model=FOLDER)`` returns the raw score (no sigmoid) of
+``prompt + completion`` (or of the completion alone), the score the environment gives.
 
 Under ``accelerate launch``/``torchrun`` (data parallel, :mod:`lm_gym.distributed`) every process forms the
 same global batches (the same seed) and takes a contiguous share of each; its loss is weighted by its share of
@@ -66,7 +70,7 @@ from lm_gym.checkpoints import (
 from lm_gym.distributed import ProcessGroup
 from lm_gym.nonfinite import NonFiniteGuard, check_finite, step_if_finite
 from lm_gym.preferences.data import PreferenceRecord
-from lm_gym.rewards import REWARD_MODEL_INFO, RewardFunction
+from lm_gym.rewards import REWARD_INPUT, REWARD_MODEL_INFO, RewardFunction, RewardInput
 
 __all__ = [
     "RewardModelResult",
@@ -163,8 +167,17 @@ def score_texts(
 
 
 def _text(prompt: str, completion: str, include_prompt: bool) -> str:
-    # The same text HFRewardModel scores in the environment (lm_gym.rewards._texts).
+    # The same text HFRewardModel scores in the environment (lm_gym.rewards._texts), as _record_input says.
     return prompt + completion if include_prompt else completion
+
+
+def _record_input(model: PreTrainedModel, include_prompt: bool) -> None:
+    """Write into the model's config the input it was trained on (:func:`_text`: no EOS, no chat template),
+    which ``HFRewardModel`` reads, and ``problem_type="regression"``: transformers' text-classification
+    pipeline then returns the raw score instead of its sigmoid (TextClassificationPipeline.postprocess)."""
+    fmt = RewardInput(include_prompt=include_prompt, append_eos=False, chat_template=False)
+    setattr(model.config, REWARD_INPUT, fmt._asdict())
+    model.config.problem_type = "regression"
 
 
 def evaluate_reward_model(
@@ -349,8 +362,9 @@ def train_reward_model(
             :func:`bradley_terry_loss`).
         confident: held-out pairs with at least this annotator agreement are also scored apart
             (``eval/accuracy_gold_confident``; see :func:`evaluate_reward_model`).
-        include_prompt: score ``prompt + completion`` (as ``HFRewardModel`` does by default) or the
-            completion alone.
+        include_prompt: score ``prompt + completion`` or the completion alone; recorded in the returned
+            model's config (``lm_gym_reward_input``, see :func:`save_reward_model`), which ``HFRewardModel``
+            follows.
         max_length: texts are truncated to this many tokens.
         weight_decay: AdamW weight decay.
         warmup_ratio: share of the steps spent warming the learning rate up.
@@ -527,6 +541,7 @@ def train_reward_model(
         "data/train_pairs": float(len(train_records)),
         "data/eval_pairs": float(len(held_out)),
     }
+    _record_input(model, include_prompt)
     result = RewardModelResult(model, tokenizer, metrics, history)
     if out_dir is not None and group.is_main_process:
         save_reward_model(
@@ -573,17 +588,31 @@ def save_reward_model(
     result: RewardModelResult,
     out_dir: str | Path,
     *,
-    include_prompt: bool = True,
+    include_prompt: bool | None = None,
     settings: dict | None = None,
 ) -> Path:
     """Save the model (safetensors) and tokenizer with ``save_pretrained``, and ``reward_model.json``.
 
-    ``reward_model.json`` holds ``include_prompt`` (the input format the model was trained on), the
-    training ``settings``, the final ``metrics`` and the per-epoch ``history``.
+    The model's config (so ``config.json``) is given the input format the model was trained on,
+    ``lm_gym_reward_input`` (``include_prompt``, no EOS, no chat template; see
+    :class:`lm_gym.rewards.RewardInput`), and ``problem_type="regression"``, so that transformers' text
+    classification pipeline returns its raw score. ``reward_model.json`` holds ``include_prompt`` too (for
+    lm-gym versions that read only this file), the training ``settings``, the final ``metrics`` and the
+    per-epoch ``history``.
+
+    Args:
+        result: what :func:`train_reward_model` returned.
+        out_dir: the folder to write (created if needed).
+        include_prompt: whether the model was trained on ``prompt + completion`` (True) or the completion
+            alone; None: what :func:`train_reward_model` recorded in the model's config, else True.
+        settings: the training settings to record.
     """
+    if include_prompt is None:
+        include_prompt = getattr(result.model.config, REWARD_INPUT, {}).get("include_prompt", True)
     out = Path(out_dir)
     check_finite(result.model.named_parameters(), f"reward model {out}")
     out.mkdir(parents=True, exist_ok=True)
+    _record_input(result.model, include_prompt)
     result.model.save_pretrained(out, safe_serialization=True)
     result.tokenizer.save_pretrained(out)
     info = {
