@@ -55,6 +55,19 @@ def assert_kl_in_rewards(without_kl, with_kl) -> None:
     )
 
 
+def fixed_token_rollout(envs) -> tuple[np.ndarray, list[dict], np.ndarray]:
+    """Every row of a vector env takes the tokens of ``TOKENS`` (one episode of ``MAX_NEW_TOKENS``) from seed
+    0; the rewards (T, N), the infos (reset first) and the last step's ``terminated``. The env is closed."""
+    _, info = envs.reset(seed=0)
+    rewards, infos = [], [info]
+    for token in TOKENS[:MAX_NEW_TOKENS]:
+        _, reward, terminated, _, info = envs.step(np.full(NUM_ENVS, token))
+        rewards.append(reward)
+        infos.append(info)
+    envs.close()
+    return np.array(rewards), infos, terminated
+
+
 @pytest.fixture
 def torchrl_envs():
     """``torchrl.envs``, with the start method TorchRL's import sets in a fresh process (spawn, unless one was
@@ -96,14 +109,9 @@ def test_single_env_with_record_episode_statistics():
 def test_gymnasium_sync_and_async_vector_env(mode):
     def run(kl_coef: float) -> np.ndarray:
         envs = gym.make_vec(ENV_ID, num_envs=NUM_ENVS, vectorization_mode=mode, **env_kwargs(kl_coef))
-        envs.reset(seed=0)
-        rewards = []
-        for token in TOKENS[:MAX_NEW_TOKENS]:
-            _, reward, terminated, _, info = envs.step(np.full(NUM_ENVS, token))
-            rewards.append(reward)
-        envs.close()
-        assert terminated.all() and np.isfinite(info["score"]).all()
-        return np.array(rewards)
+        rewards, infos, terminated = fixed_token_rollout(envs)
+        assert terminated.all() and np.isfinite(infos[-1]["score"]).all()
+        return rewards
 
     assert_kl_in_rewards(run(0.0), run(KL_COEF))
 
@@ -112,13 +120,7 @@ def test_native_vector_env_and_its_info():
     def run(kl_coef: float) -> np.ndarray:
         envs = gym.make_vec(ENV_ID, num_envs=NUM_ENVS, **env_kwargs(kl_coef))
         assert envs.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP  # the default
-        _, info = envs.reset(seed=0)
-        rewards, infos = [], [info]
-        for token in TOKENS[:MAX_NEW_TOKENS]:
-            _, reward, terminated, _, info = envs.step(np.full(NUM_ENVS, token))
-            rewards.append(reward)
-            infos.append(info)
-        envs.close()
+        rewards, infos, terminated = fixed_token_rollout(envs)
         for info in infos:  # the same keys every step: one value per env and Gymnasium's "_key" mask
             for key in ("ref_log_prob", "score", "prompt_truncated"):
                 assert info[key].shape == info["_" + key].shape == (NUM_ENVS,), key
@@ -127,7 +129,7 @@ def test_native_vector_env_and_its_info():
         final = infos[-1]["final_info"]
         assert terminated.all() and final["_score"].all() and np.isfinite(final["score"]).all()
         assert set(final) == set(infos[-1]) - {"final_info", "_final_info", "final_obs", "_final_obs"}
-        return np.array(rewards)
+        return rewards
 
     assert_kl_in_rewards(run(0.0), run(KL_COEF))
 
@@ -137,14 +139,9 @@ def test_native_vector_env_with_vector_record_episode_statistics():
         envs = gym.wrappers.vector.RecordEpisodeStatistics(
             gym.make_vec(ENV_ID, num_envs=NUM_ENVS, **env_kwargs(kl_coef))
         )
-        envs.reset(seed=0)
-        rewards = []
-        for token in TOKENS[:MAX_NEW_TOKENS]:
-            _, reward, _, _, info = envs.step(np.full(NUM_ENVS, token))
-            rewards.append(reward)
-        envs.close()
-        assert info["_episode"].all()
-        return np.array(rewards), info["episode"]["r"]
+        rewards, infos, _ = fixed_token_rollout(envs)
+        assert infos[-1]["_episode"].all()
+        return rewards, infos[-1]["episode"]["r"]
 
     rewards, episode_returns = run(0.0)
     rewards_kl, episode_returns_kl = run(KL_COEF)
