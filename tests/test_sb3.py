@@ -306,7 +306,11 @@ def test_a_subprocess_env_carries_the_kl_in_its_rewards(tiny, toy_task):
             _, remote_rewards, remote_dones, remote_infos = remote.step(np.array([token]))
             _, local_rewards, local_dones, local_infos = local.step(np.array([token]))
             ref_log_prob = remote_infos[0]["ref_log_prob"]
-            assert local_infos[0]["ref_log_prob"] == ref_log_prob < 0  # one reference, one text
+            # one reference, one text; another process may sum in another order (its own torch threads)
+            # measured: |diff| <= 4.8e-07 under the sse kernel setting; 0 under the default and avx2 ones
+            assert (
+                local_infos[0]["ref_log_prob"] == pytest.approx(ref_log_prob, abs=1e-5) and ref_log_prob < 0
+            )
             assert local_rewards[0] == 0.0 and remote_rewards[0] == KL_COEF * ref_log_prob
             assert remote_dones[0] == local_dones[0] == (t == NEW_TOKENS - 1)
         agent = PPO("MlpPolicy", remote, n_steps=4, batch_size=4, n_epochs=1, seed=0)
