@@ -24,7 +24,7 @@ from lm_gym.seq2seq import Seq2SeqDecoder, is_encoder_decoder, seq2seq_observati
 from lm_gym.spaces import pack_observation, seq2seq_observation_space, token_observation_space
 from lm_gym.tasks import Task, get_task
 
-__all__ = ["ASYNC_MIN_PARAMETERS", "DEFAULT_MODEL", "TextGenVectorEnv"]
+__all__ = ["ASYNC_MIN_PARAMETERS", "DEFAULT_MODEL", "TextGenVectorEnv", "step_values"]
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -691,6 +691,23 @@ def _gpt2_byte_alphabet() -> dict[int, str]:
     ]
     others = [b for b in range(256) if b not in printable]
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + k) for k, b in enumerate(others)}}
+
+
+def step_values(infos: dict[str, Any], key: str, dones: np.ndarray) -> np.ndarray:
+    """A vector step's ``infos[key]`` per row (N,), 0 where absent. With same-step autoreset a row that ended
+    has restarted in the same step: its info is the new episode's, and this step's is in ``final_info``.
+
+    Args:
+        infos: the info of a vector env's step.
+        key: a numeric info key (``"ref_log_prob"``, ``"score"``).
+        dones: (N,) ``terminated | truncated`` of the step.
+    """
+    out = np.zeros(len(dones))
+    for source, rows in ((infos, ~dones), (infos.get("final_info", {}), dones)):
+        if key in source:
+            present = source["_" + key] & rows
+            out[present] = source[key][present]
+    return out
 
 
 def _objects(values: Sequence[Any]) -> np.ndarray:

@@ -7,6 +7,7 @@ from gymnasium.vector import AutoresetMode
 
 import lm_gym  # noqa: F401
 from lm_gym import TextGenVectorEnv
+from lm_gym.vector_env import step_values
 
 
 @pytest.fixture
@@ -189,8 +190,7 @@ def test_kl_of_a_policy_equal_to_the_reference_is_zero(kwargs, tiny):
     kls = []
     for _ in range(12):
         actions, log_probs = sampler.act(obs)
-        obs, _, _, _, info = envs.step(actions)
-        ref, done = info["ref_log_prob"], info.get("_final_info", np.zeros(4, bool))
-        ref = np.where(done, info.get("final_info", {}).get("ref_log_prob", 0.0), ref)  # same-step autoreset
+        obs, _, terminated, truncated, info = envs.step(actions)
+        ref = step_values(info, "ref_log_prob", terminated | truncated)  # same-step autoreset: final_info
         kls += (log_probs.double().numpy() - ref).tolist()
     assert len(kls) == 48 and max(abs(k) for k in kls) <= 1e-7

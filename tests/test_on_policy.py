@@ -7,6 +7,7 @@ from toys import toy_algo
 
 from algorithms.common.on_policy import AgentStep
 from algorithms.ppo import PPO
+from lm_gym.vector_env import step_values
 
 LETTER = 65  # "A"
 
@@ -122,9 +123,7 @@ def test_the_core_adds_the_agents_half_of_the_kl_to_the_envs_reward(tiny):
     algo.close()
     for t, (_, env_rewards, terminated, truncated, infos) in enumerate(env_steps):
         done = terminated | truncated  # same-step autoreset: the ended rows' info is in final_info
-        final = infos.get("final_info", {})
-        ref = np.where(done, final.get("ref_log_prob", 0.0), infos["ref_log_prob"])
-        score = np.where(done, final.get("score", 0.0), 0.0)
+        ref, score = step_values(infos, "ref_log_prob", done), step_values(infos, "score", done)
         np.testing.assert_array_equal(env_rewards, 0.3 * ref + score)  # the env: the reference's half
         # float64 sums of the same values, only in another order (no CPU kernel involved)
         np.testing.assert_allclose(algo.buffer.rewards[t], -0.3 * (-5.0 - ref) + score, rtol=0, atol=1e-12)

@@ -17,6 +17,7 @@ from algorithms.shared_pass import shared_lora_decoder
 from lm_gym.env import TextGenVectorEnv
 from lm_gym.rewards import LowercaseShare
 from lm_gym.spaces import hf_inputs
+from lm_gym.vector_env import step_values
 
 
 def bf16_policy(tiny, **kwargs) -> LMActorCriticPolicy:
@@ -51,7 +52,7 @@ def test_sampling_and_teacher_forced_log_probs_agree_in_bf16(tiny, toy_task, lor
         next_obs, rewards, term, trunc, infos = envs.step(actions)
         # policy == reference at the start, computed the same way in bf16: the log-ratio is exactly 0
         done = term | trunc  # (same-step autoreset: the info of the rows that ended is in final_info)
-        ref = np.where(done, infos.get("final_info", {}).get("ref_log_prob", 0.0), infos["ref_log_prob"])
+        ref = step_values(infos, "ref_log_prob", done)
         np.testing.assert_array_equal(log_probs.double().numpy(), ref)
         buffer.add(t, obs, actions, log_probs, values, rewards, term | trunc)
         obs = next_obs

@@ -17,6 +17,7 @@ from lm_gym.env import TextGenVectorEnv
 from lm_gym.rewards import LowercaseShare
 from lm_gym.sampling import CachedSampler, policy_warpers, sample, sampling_filters
 from lm_gym.spaces import hf_inputs
+from lm_gym.vector_env import step_values
 
 SETTINGS = [
     {},
@@ -53,7 +54,7 @@ def env_kls(policy, reference, tokenizer, temperature, steps=24, shared=None):
         actions, log_probs, _ = agent.act(hf(obs))
         obs, _, term, trunc, infos = envs.step(actions)
         done = term | trunc  # (same-step autoreset: the info of the rows that ended is in final_info)
-        ref = np.where(done, infos.get("final_info", {}).get("ref_log_prob", 0.0), infos["ref_log_prob"])
+        ref = step_values(infos, "ref_log_prob", done)
         kls.extend((log_probs.double().numpy() - ref).tolist())
     envs.close()
     return np.array(kls)

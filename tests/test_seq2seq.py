@@ -26,6 +26,7 @@ from lm_gym.env import TextGenVectorEnv
 from lm_gym.models import is_seq2seq_lm, load_causal_lm, load_seq2seq_lm, tiny_seq2seq_lm
 from lm_gym.seq2seq import Seq2SeqDecoder, observed_seq2seq
 from lm_gym.spaces import PAD, hf_inputs
+from lm_gym.vector_env import step_values
 
 PROMPTS = ["The film opens on", "A slow", "Critics have been kind to", "Hello"]
 STOPS = list(range(64))  # a quarter of the bytes end an episode: rows restart at different times
@@ -46,13 +47,6 @@ def next_log_probs(model, source, prefix, temperature=1.0):
     """log-softmax of the next decoder token, from one uncached forward pass of the whole sequence."""
     out = model(input_ids=torch.tensor([source]), decoder_input_ids=torch.tensor([prefix]))
     return torch.log_softmax(out.logits[0, -1].float() / temperature, -1)
-
-
-def step_ref_log_probs(infos, done):
-    """The env's ``log pi_ref(a_t|s_t)`` of a step (N,): a row that ended has it in ``final_info`` (same-step
-    autoreset: its info is the new episode's reset info)."""
-    final = infos.get("final_info", {}).get("ref_log_prob", np.zeros(len(done)))
-    return np.where(done, final, infos["ref_log_prob"])
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -133,7 +127,9 @@ def test_reward_is_the_reference_half_of_the_kl_plus_the_score(t5):
         ).double()
         obs, rewards, terminated, truncated, infos = envs.step(actions)
         # measured: |diff| <= 1.4e-06 (relative 5.9e-07) under 4 CPU kernel settings (docs/testing.md)
-        np.testing.assert_allclose(step_ref_log_probs(infos, terminated), ref_logp.numpy(), atol=1e-5)
+        np.testing.assert_allclose(
+            step_values(infos, "ref_log_prob", terminated), ref_logp.numpy(), atol=1e-5
+        )
         # measured: |diff| <= 4.3e-07 (relative 6.1e-07) under 4 CPU kernel settings (docs/testing.md)
         np.testing.assert_allclose(rewards, kl_coef * ref_logp.numpy() + score * terminated, atol=1e-5)
         assert not truncated.any()  # the end at max_new_tokens is terminated too
@@ -272,7 +268,9 @@ def rollout(policy, steps=8, n=3, max_new_tokens=5, seed=0):
                 ]
             # measured: |diff| <= 9.5e-07 (relative 5.7e-07) under 4 CPU kernel settings (docs/testing.md)
             np.testing.assert_allclose(
-                step_ref_log_probs(infos, terminated | truncated), torch.stack(ref_logp).double(), atol=1e-5
+                step_values(infos, "ref_log_prob", terminated | truncated),
+                torch.stack(ref_logp).double(),
+                atol=1e-5,
             )
         buffer.add(t, obs, actions, log_probs, values, rewards, terminated | truncated)
         obs = next_obs

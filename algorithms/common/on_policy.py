@@ -39,6 +39,7 @@ from lm_gym.nonfinite import NonFiniteGuard, NonFiniteLossError, check_finite, s
 from lm_gym.rewards import RewardFunction
 from lm_gym.spaces import hf_inputs
 from lm_gym.tasks import Task
+from lm_gym.vector_env import step_values
 
 __all__ = ["AgentStep", "NonFiniteLossError", "OnPolicyAlgorithm"]
 
@@ -328,7 +329,7 @@ class OnPolicyAlgorithm:
                 t, obs, step.actions, step.log_probs, step.values, rewards, dones, step.action_masks
             )
             # every row took a step (SAME_STEP autoreset: no row idles on a reset step)
-            episode_kl += log_pi - _step_values(infos, "ref_log_prob", dones)
+            episode_kl += log_pi - step_values(infos, "ref_log_prob", dones)
             episode_len += 1
             final = infos.get("final_info", {})
             for i in np.flatnonzero(dones):
@@ -594,17 +595,6 @@ def _release_free_memory() -> None:
 
 
 _MALLOC_TRIM: Any = None
-
-
-def _step_values(infos: dict[str, Any], key: str, dones: np.ndarray) -> np.ndarray:
-    """This step's ``infos[key]`` per row (0 where absent); rows that ended restarted in the same step, so
-    theirs is in ``final_info``."""
-    out = np.zeros(len(dones))
-    for source, rows in ((infos, ~dones), (infos.get("final_info", {}), dones)):
-        if key in source:
-            present = source["_" + key] & rows
-            out[present] = source[key][present]
-    return out
 
 
 def _check(name: str, value: Any, ok: Callable[[Any], bool], allowed: str) -> None:
