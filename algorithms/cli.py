@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from algorithms.a2c import A2C
+from algorithms.common.checkpoints import check_same_settings, prepare_run_dir
 from algorithms.common.on_policy import NonFiniteLossError, OnPolicyAlgorithm
 from algorithms.demo import DEMO, DEMO_EVAL_PROMPTS, DEMO_ITERATIONS, DEMO_SEEDS, demo
 from algorithms.flags import (
@@ -40,7 +41,6 @@ from algorithms.pipeline import PipelineConfig
 from algorithms.policy import LMActorCriticPolicy
 from algorithms.ppo import PPO
 from algorithms.trpo import TRPO
-from lm_gym.checkpoints import check_same_settings, prepare_run_dir
 from lm_gym.env import DEFAULT_MODEL
 from lm_gym.tasks import TASKS
 
@@ -269,9 +269,9 @@ def collect_cmd(args: argparse.Namespace) -> dict[str, float]:
 
 def train_rm_cmd(args: argparse.Namespace) -> dict[str, float]:
     """Reward model (RLHF step 2): Bradley-Terry on preference data; the folder is a TextGen-v1 reward."""
-    from lm_gym.distributed import is_main_process
-    from lm_gym.preferences import load_preferences, train_reward_model
-    from lm_gym.preferences.reward_model import accuracy_report
+    from algorithms.common.distributed import is_main_process
+    from algorithms.reward_model import accuracy_report, train_reward_model
+    from lm_gym.preferences import load_preferences
     from lm_gym.tasks import get_task
 
     records = load_preferences(args.data)
@@ -312,8 +312,8 @@ PIPELINE_RL_FLAGS = ("n_envs", "max_new_tokens", "kl_coef", "learning_rate")
 
 
 def pipeline_cmd(args: argparse.Namespace) -> dict[str, Any]:
+    from algorithms.common.distributed import is_main_process
     from algorithms.pipeline import PRESETS, run_pipeline
-    from lm_gym.distributed import is_main_process
 
     preset = PRESETS[args.preset]
     fields = {f.name for f in dataclasses.fields(PipelineConfig)} - {"rl_settings", "policy_settings"}
@@ -516,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format("--output-dir"))
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     p.set_defaults(func=sft_cmd, sft_names=add_class_flags(p, SFT, "SFT"))
-    from lm_gym.preferences.reward_model import train_reward_model
+    from algorithms.reward_model import train_reward_model
 
     rm_defaults = {n: q.default for n, q in inspect.signature(train_reward_model).parameters.items()}
     p = sub.add_parser(
@@ -664,7 +664,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         message = " ".join(str(err).split()) or type(err).__name__  # a multi-line message on one line
         sys.exit(f"lm-gym {args.command}: error: {message}")
-    from lm_gym.distributed import is_main_process
+    from algorithms.common.distributed import is_main_process
 
     if is_main_process():
         print(f"done in {time.perf_counter() - start:.0f} s")

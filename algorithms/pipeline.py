@@ -5,7 +5,7 @@ Round ``r`` (Anthropic 2022's iterated online RLHF when ``rounds > 1``):
 1. the current policy (the initial model in round 0) writes ``k`` completions for fresh training prompts and
    the annotator panel ranks them (:func:`lm_gym.preferences.collect_preferences`);
 2. a reward model is trained from scratch on every comparison collected so far
-   (:func:`lm_gym.preferences.train_reward_model`), and its held-out accuracy against the panel and the
+   (:func:`algorithms.reward_model.train_reward_model`), and its held-out accuracy against the panel and the
    gold scorer is recorded;
 3. the policy continues RL against that reward model (any algorithm of the zoo), the KL always measured to
    the *initial* model. Every ``eval_every`` iterations the policy is scored on held-out prompts by the
@@ -43,9 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.common.on_policy import OnPolicyAlgorithm
-from algorithms.policy import LMActorCriticPolicy
-from lm_gym.checkpoints import (
+from algorithms.common.checkpoints import (
     check_same_settings,
     latest_checkpoint,
     load_weights,
@@ -53,8 +51,10 @@ from lm_gym.checkpoints import (
     write_folder,
     write_json_atomic,
 )
-from lm_gym.distributed import ProcessGroup
-from lm_gym.nonfinite import check_finite
+from algorithms.common.distributed import ProcessGroup
+from algorithms.common.nonfinite import check_finite
+from algorithms.common.on_policy import OnPolicyAlgorithm
+from algorithms.policy import LMActorCriticPolicy
 
 __all__ = ["PRESETS", "PipelineConfig", "run_pipeline"]
 
@@ -178,15 +178,10 @@ def run_pipeline(
             are required.
         overwrite: delete a run already in ``out_dir`` first (without it, or ``resume``, one is refused).
     """
+    from algorithms.reward_model import train_reward_model
     from lm_gym.evaluation import evaluate
     from lm_gym.models import load_causal_lm, load_sequence_classifier
-    from lm_gym.preferences import (
-        AnnotatorPanel,
-        collect_preferences,
-        load_preferences,
-        train_reward_model,
-        write_collection,
-    )
+    from lm_gym.preferences import AnnotatorPanel, collect_preferences, load_preferences, write_collection
     from lm_gym.preferences.collect import sample_completions
     from lm_gym.rewards import HFRewardModel
     from lm_gym.tasks import get_task

@@ -9,14 +9,14 @@ given, not learned (TRL's ``completion_only_loss``). The prompt is tokenized exa
 verbatim (so it carries its own leading space), then the EOS token, which is the env's stop token: the
 fine-tuned model learns where a completion ends.
 
-Under ``accelerate launch``/``torchrun`` (data parallel, :mod:`lm_gym.distributed`) every process forms the
+Under ``accelerate launch``/``torchrun`` (data parallel, :mod:`algorithms.common.distributed`) every process forms the
 same global batches (the same seed) and runs its contiguous share of each; the loss is weighted by the global
 batch's target-token count and the gradients are averaged, so N processes take the step one process takes
 on the whole batch. Only the main process prints and writes the model folder.
 
 With a ``checkpoint_dir`` the main process writes a checkpoint at the end of every epoch (weights, optimizer
 and scheduler state, the shuffling generator, every process's torch RNG state and the history;
-:mod:`lm_gym.checkpoints`); ``learn(..., resume=True)`` continues from the latest one and, on CPU, ends with
+:mod:`algorithms.common.checkpoints`); ``learn(..., resume=True)`` continues from the latest one and, on CPU, ends with
 the weights and metrics of the uninterrupted run.
 """
 
@@ -38,8 +38,7 @@ import torch.nn.functional as F
 from huggingface_hub import is_offline_mode
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
-from algorithms.common.on_policy import _check
-from lm_gym.checkpoints import (
+from algorithms.common.checkpoints import (
     check_same_settings,
     latest_checkpoint,
     load_training_state,
@@ -48,8 +47,9 @@ from lm_gym.checkpoints import (
     save_training_state,
     write_checkpoint,
 )
-from lm_gym.distributed import ProcessGroup
-from lm_gym.nonfinite import NonFiniteGuard, check_finite, step_if_finite
+from algorithms.common.distributed import ProcessGroup
+from algorithms.common.nonfinite import NonFiniteGuard, check_finite, step_if_finite
+from algorithms.common.on_policy import _check
 from lm_gym.preferences.data import is_local_path
 
 __all__ = [

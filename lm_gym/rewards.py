@@ -32,7 +32,7 @@ __all__ = [
     "repeated_bigram_share",
 ]
 
-# Written next to a trained reward model by lm_gym.preferences.reward_model: its settings, its metrics and
+# Written next to a trained reward model by algorithms.reward_model: its settings, its metrics and
 # the input it was trained on (``include_prompt``; folders saved before REWARD_INPUT have only this).
 REWARD_MODEL_INFO = "reward_model.json"
 # The attribute of a reward model's config (so a key of its config.json) that holds the input format it was
@@ -228,7 +228,7 @@ class HFRewardModel:
     ``append_eos`` and ``chat_template`` set it field by field; each one left None comes from the first of:
 
     1. the model config's ``lm_gym_reward_input`` entry (:data:`REWARD_INPUT`), which lm-gym's reward models
-       carry (:func:`lm_gym.preferences.save_reward_model`);
+       carry (:func:`algorithms.reward_model.save_reward_model`);
     2. the folder's ``reward_model.json`` (lm-gym reward models saved before that entry): its
        ``include_prompt``, no EOS, no chat template;
     3. for a model trained elsewhere, the way TRL's ``RewardTrainer`` trains one: the pair through the

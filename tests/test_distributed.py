@@ -15,15 +15,16 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from algorithms.common.checkpoints import latest_checkpoint
+from algorithms.common.distributed import ProcessGroup
 from algorithms.pipeline import PRESETS, _collect_sharded
 from algorithms.policy import LMActorCriticPolicy
 from algorithms.ppo import PPO
+from algorithms.reward_model import train_reward_model
 from algorithms.sft import SFT, Demonstration
 from algorithms.trpo import TRPO
-from lm_gym.checkpoints import latest_checkpoint
-from lm_gym.distributed import ProcessGroup
 from lm_gym.models import tiny_causal_lm
-from lm_gym.preferences import AnnotatorPanel, PreferenceRecord, collect_preferences, train_reward_model
+from lm_gym.preferences import AnnotatorPanel, PreferenceRecord, collect_preferences
 from lm_gym.preferences.data import write_jsonl
 from lm_gym.rewards import LowercaseShare
 from lm_gym.tasks import get_task
@@ -241,7 +242,7 @@ def _rm_job() -> dict:
 
 
 def _rm_job_initial() -> dict:
-    from lm_gym.preferences.reward_model import _load
+    from algorithms.reward_model import _load
 
     with torch.random.fork_rng(devices=[]):
         model, _ = _load("tiny", None, 0, "cpu")
@@ -251,7 +252,7 @@ def _rm_job_initial() -> dict:
 def _rm_resume_job(folder: Path, phase: str) -> dict:
     """``crash``: an uninterrupted 2-epoch run, then a run that crashes in its second epoch (every process at
     the same step, as a killed job); ``resume``: fresh processes continue the crashed run from its checkpoint."""
-    import lm_gym.preferences.reward_model as rm_module
+    import algorithms.reward_model as rm_module
 
     settings = dict(model="tiny", epochs=2, batch_size=5, learning_rate=1e-3, center_coef=0.01)
     settings.update(eval_fraction=0.2, device="cpu", log=None)

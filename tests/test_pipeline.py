@@ -84,8 +84,8 @@ def _crash_on_call(monkeypatch, module, name: str, n: int) -> None:
 def test_resume_after_crashes_equals_the_uninterrupted_run(tmp_path, monkeypatch):
     """A run that crashes in round 1's reward-model training, resumes, crashes in round 1's RL, and resumes
     again ends with the uninterrupted run's report points, round summaries, Elo table and final weights."""
+    import algorithms.reward_model as rm_module
     import lm_gym.evaluation
-    import lm_gym.preferences.reward_model as rm_module
 
     quiet = dict(log=lambda *_: None)
     whole = run_pipeline(quick(rounds=2), PPO, tmp_path / "whole", **quiet)

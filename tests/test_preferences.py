@@ -13,27 +13,31 @@ import torch
 from toys import tiny_bert_classifier
 
 import lm_gym  # noqa: F401  (registers TextGen-v1)
+from algorithms.reward_model import (
+    accuracy_report,
+    bradley_terry_loss,
+    evaluate_reward_model,
+    save_reward_model,
+    score_texts,
+    split_by_prompt,
+    train_reward_model,
+)
 from lm_gym.preferences import (
     Annotator,
     AnnotatorPanel,
     PreferenceRecord,
-    bradley_terry_loss,
     collect_preferences,
     elo_ratings,
     elo_rewards,
-    evaluate_reward_model,
     expected_score,
     load_preferences,
     panel_agreement,
     preference_dataset,
     ranking_to_pairs,
     read_jsonl,
-    save_reward_model,
-    train_reward_model,
     write_collection,
     write_jsonl,
 )
-from lm_gym.preferences.reward_model import accuracy_report, score_texts, split_by_prompt
 from lm_gym.rewards import HFRewardModel, VaderSentiment, make_reward
 
 POSITIVE = [
@@ -344,7 +348,7 @@ def test_folder_records_whether_the_prompt_is_scored(trained_rm, tmp_path):
 def test_reward_model_resumes_after_a_crash_as_the_uninterrupted_run(tmp_path, monkeypatch):
     """Epoch checkpoints: a run that crashes in its second epoch and resumes from the first epoch's checkpoint
     ends with the uninterrupted run's weights and history; other settings or data are refused."""
-    import lm_gym.preferences.reward_model as rm_module
+    import algorithms.reward_model as rm_module
 
     records = _planted_records(12)  # 27 training pairs: 3 steps an epoch
     settings = dict(epochs=3, learning_rate=2e-3, batch_size=12, eval_fraction=0.25, center_coef=0.01)
@@ -449,7 +453,7 @@ def test_cli_collect_and_train_rm_on_tiny(tmp_path, capsys):
 def test_default_batches_hold_one_prompts_pairs():
     """batch_size=None: each step is one prompt's comparisons (InstructGPT), whatever K; records sharing one
     prompt (HH-RLHF) fall back to shuffled batches of SHARED_PROMPT_BATCH pairs."""
-    from lm_gym.preferences.reward_model import SHARED_PROMPT_BATCH, _batches
+    from algorithms.reward_model import SHARED_PROMPT_BATCH, _batches
 
     sizes = {"a": 3, "b": 6, "c": 1}
     records = [PreferenceRecord(p, f" x{i}", f" y{i}") for p, n in sizes.items() for i in range(n)]

@@ -17,9 +17,8 @@ from transformers import (
     pipeline,
 )
 
+from algorithms.reward_model import RewardModelResult, save_reward_model
 from lm_gym.models import tiny_tokenizer
-from lm_gym.preferences import save_reward_model
-from lm_gym.preferences.reward_model import RewardModelResult
 from lm_gym.rewards import REWARD_INPUT, REWARD_MODEL_INFO, HFRewardModel, RewardInput
 
 PROMPTS = ["The film opens on", "A slow", "Critics have been kind to"]
@@ -142,7 +141,7 @@ def test_an_old_folder_with_only_reward_model_json_is_still_honoured(tmp_path: P
 
 def test_a_trained_model_in_memory_carries_its_input_format(tmp_path: Path) -> None:
     """What train_reward_model returns is read as it was trained, before and after saving."""
-    from lm_gym.preferences import train_reward_model
+    from algorithms.reward_model import train_reward_model
     from lm_gym.preferences.data import PreferenceRecord
 
     records = [PreferenceRecord(p, c + " good", c + " bad") for p, c in zip(PROMPTS, COMPLETIONS)]

@@ -18,13 +18,14 @@ from test_sft import DEMOS
 from toys import tiny_bert_classifier, toy_algo
 
 from algorithms.cli import main
+from algorithms.common.checkpoints import latest_checkpoint, save_training_state, write_checkpoint
 from algorithms.common.logger import Logger
 from algorithms.common.on_policy import NonFiniteLossError
 from algorithms.ppo import PPO
+from algorithms.reward_model import RewardModelResult, save_reward_model, train_reward_model
 from algorithms.sft import SFT
-from lm_gym.checkpoints import latest_checkpoint, save_training_state, write_checkpoint
 from lm_gym.models import tiny_causal_lm
-from lm_gym.preferences import RewardModelResult, save_reward_model, train_reward_model, write_jsonl
+from lm_gym.preferences import write_jsonl
 
 
 def make_ppo(tiny, **kwargs):

@@ -18,12 +18,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 from algorithms.common.buffer import RolloutBuffer
-from algorithms.common.distributed import ProcessGroup
-from algorithms.common.logger import Logger
-from algorithms.common.precision import MasterWeights, check_trainable_dtype
-from algorithms.policy import LMActorCriticPolicy, RolloutAgent
-from algorithms.shared_pass import shared_lora_decoder
-from lm_gym.checkpoints import (
+from algorithms.common.checkpoints import (
     latest_checkpoint,
     load_weights,
     restore_rng_state,
@@ -32,10 +27,15 @@ from lm_gym.checkpoints import (
     write_checkpoint,
     write_folder,
 )
+from algorithms.common.distributed import ProcessGroup
+from algorithms.common.logger import Logger
+from algorithms.common.nonfinite import NonFiniteGuard, NonFiniteLossError, check_finite, step_if_finite
+from algorithms.common.precision import MasterWeights, check_trainable_dtype
+from algorithms.policy import LMActorCriticPolicy, RolloutAgent
+from algorithms.shared_pass import shared_lora_decoder
 from lm_gym.decoding import torch_threads
 from lm_gym.env import TextGenVectorEnv
 from lm_gym.kl import AdaptiveKLController, FixedKLController
-from lm_gym.nonfinite import NonFiniteGuard, NonFiniteLossError, check_finite, step_if_finite
 from lm_gym.rewards import RewardFunction
 from lm_gym.spaces import hf_inputs
 from lm_gym.tasks import Task

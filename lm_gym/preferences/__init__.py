@@ -5,10 +5,8 @@
 * :mod:`~lm_gym.preferences.data`: preference records (``prompt``/``chosen``/``rejected``), JSONL files,
   rankings -> pairs;
 * :mod:`~lm_gym.preferences.elo`: Elo ratings of the compared completions and scalar rewards from them;
-* :mod:`~lm_gym.preferences.reward_model`: Bradley-Terry training of a scalar reward model whose folder
-  ``TextGen-v1`` takes as ``reward=FOLDER``.
-
-Nothing here imports from ``algorithms``.
+Training a reward model on these records is training machinery: :mod:`algorithms.reward_model` (its
+folder is what ``TextGen-v1`` takes as ``reward=FOLDER``). Nothing here imports from ``algorithms``.
 """
 
 from lm_gym.preferences.collect import (
@@ -28,13 +26,6 @@ from lm_gym.preferences.data import (
 )
 from lm_gym.preferences.elo import Game, elo_ratings, elo_rewards, expected_score
 from lm_gym.preferences.panel import DEFAULT_ANNOTATORS, Annotator, AnnotatorPanel, Judgement, panel_agreement
-from lm_gym.preferences.reward_model import (
-    RewardModelResult,
-    bradley_terry_loss,
-    evaluate_reward_model,
-    save_reward_model,
-    train_reward_model,
-)
 
 __all__ = [
     "DEFAULT_ANNOTATORS",
@@ -44,12 +35,9 @@ __all__ = [
     "Game",
     "Judgement",
     "PreferenceRecord",
-    "RewardModelResult",
-    "bradley_terry_loss",
     "collect_preferences",
     "elo_ratings",
     "elo_rewards",
-    "evaluate_reward_model",
     "expected_score",
     "load_preferences",
     "panel_agreement",
@@ -58,8 +46,6 @@ __all__ = [
     "ranking_to_pairs",
     "read_jsonl",
     "sample_completions",
-    "save_reward_model",
-    "train_reward_model",
     "write_collection",
     "write_jsonl",
 ]

@@ -69,7 +69,7 @@ def step_if_finite(
     max_grad_norm: float,
 ) -> torch.Tensor | None:
     """Average the gradients of ``params`` over the processes of ``group`` (a
-    :class:`~lm_gym.distributed.ProcessGroup`), clip their norm to ``max_grad_norm`` (``inf``: measure it only)
+    :class:`~algorithms.common.distributed.ProcessGroup`), clip their norm to ``max_grad_norm`` (``inf``: measure it only)
     and step, unless this process's loss is not finite (``finite=False``) or the averaged gradient is not: then
     nothing changes, in every process, since a non-finite loss anywhere enters the average as NaN. Return the
     gradient norm before clipping, or None when the step was skipped. Every process must call it."""

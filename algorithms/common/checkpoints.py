@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from lm_gym.distributed import is_main_process
-from lm_gym.nonfinite import check_finite
+from algorithms.common.distributed import is_main_process
+from algorithms.common.nonfinite import check_finite
 
 __all__ = [
     "check_same_settings",

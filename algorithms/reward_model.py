@@ -33,13 +33,13 @@ false, "chat_template": false}`` (:class:`lm_gym.rewards.RewardInput`), and ``"p
 so that ``transformers.pipeline("text-classification", model=FOLDER)`` returns the raw score (no sigmoid) of
 ``prompt + completion`` (or of the completion alone), the score the environment gives.
 
-Under ``accelerate launch``/``torchrun`` (data parallel, :mod:`lm_gym.distributed`) every process forms the
+Under ``accelerate launch``/``torchrun`` (data parallel, :mod:`algorithms.common.distributed`) every process forms the
 same global batches (the same seed) and takes a contiguous share of each; its loss is weighted by its share of
 the batch's pairs and the gradients are averaged, so N processes take the step one process takes on the whole
 batch. Every process evaluates (identically); only the main process logs and saves the folder.
 
 With a ``checkpoint_dir`` the main process writes a checkpoint at the end of every epoch (weights, optimizer
-and schedule, the batch-order generator, the torch RNG states, the history; :mod:`lm_gym.checkpoints`);
+and schedule, the batch-order generator, the torch RNG states, the history; :mod:`algorithms.common.checkpoints`);
 ``resume=True`` continues from the latest one and, on CPU, ends as the uninterrupted run does.
 """
 
@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lm_gym.checkpoints import (
+from algorithms.common.checkpoints import (
     check_same_settings,
     latest_checkpoint,
     load_training_state,
@@ -67,8 +67,8 @@ from lm_gym.checkpoints import (
     save_training_state,
     write_checkpoint,
 )
-from lm_gym.distributed import ProcessGroup
-from lm_gym.nonfinite import NonFiniteGuard, check_finite, step_if_finite
+from algorithms.common.distributed import ProcessGroup
+from algorithms.common.nonfinite import NonFiniteGuard, check_finite, step_if_finite
 from lm_gym.preferences.data import PreferenceRecord
 from lm_gym.rewards import REWARD_INPUT, REWARD_MODEL_INFO, RewardFunction, RewardInput
 
