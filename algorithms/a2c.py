@@ -20,7 +20,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from algorithms.common.on_policy import OnPolicyAlgorithm, _check
+from algorithms.common.on_policy import OnPolicyAlgorithm
+from algorithms.common.trainer import check_arg
 from algorithms.policy import LMActorCriticPolicy
 
 __all__ = ["A2C"]
@@ -46,9 +47,9 @@ class A2C(OnPolicyAlgorithm):
         ent_coef: float = 0.0,
         **kwargs,
     ) -> None:
-        _check("batch_size", batch_size, lambda v: int(v) == v and v >= 1, "an integer >= 1")
-        _check("vf_coef", vf_coef, lambda v: v >= 0, ">= 0")
-        _check("ent_coef", ent_coef, lambda v: v >= 0, ">= 0")
+        check_arg("batch_size", batch_size, lambda v: int(v) == v and v >= 1, "an integer >= 1")
+        check_arg("vf_coef", vf_coef, lambda v: v >= 0, ">= 0")
+        check_arg("ent_coef", ent_coef, lambda v: v >= 0, ">= 0")
         super().__init__(policy, **kwargs)
         self.batch_size, self.vf_coef, self.ent_coef = batch_size, vf_coef, ent_coef
 
@@ -62,14 +63,7 @@ class A2C(OnPolicyAlgorithm):
         self.zero_grad()
         finite = True
         for batch in buffer.minibatches(self.batch_size, rng, policy.device, policy.tokenizer.pad_token_id):
-            log_prob, entropy, values = policy.evaluate_actions(
-                batch.input_ids,
-                batch.attention_mask,
-                batch.action_mask,
-                entropy_grad=self.ent_coef > 0,
-                decoder_input_ids=batch.decoder_input_ids,  # None unless the policy is seq2seq
-                decoder_attention_mask=batch.decoder_attention_mask,
-            )  # (M,) each
+            log_prob, entropy, values = policy.evaluate_actions(batch, entropy_grad=self.ent_coef > 0)  # (M,)
             # sums over this chunk's actions; divided by all actions of the rollout, they add up to the means
             chunk_pg = -(batch.advantages * log_prob).sum()
             chunk_value = ((batch.returns - values) ** 2).sum()

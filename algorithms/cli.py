@@ -1,142 +1,109 @@
 """The ``lm-gym`` command. Thin: parses arguments, then calls library code.
 
-Every hyperparameter flag is generated from the signature and the ``Args:`` docstring of the class that
-takes it (the policy, the shared core, the algorithm), so ``--help`` and the library never disagree. A
-mistake a user can make ends the command with one line, ``lm-gym CMD: error: ...``; ``--debug`` raises it
-with its traceback instead.
+Each command's work lives in the library module it belongs to (:func:`algorithms.run.run_training`,
+:func:`algorithms.demo.demo`, :func:`lm_gym.evaluation.evaluate`, :func:`algorithms.grid.run_benchmark`,
+:class:`algorithms.sft.SFT`, :func:`lm_gym.preferences.collect_preferences`,
+:func:`algorithms.reward_model.train_reward_model`, :func:`algorithms.pipeline.run_pipeline`); here are its
+flags, and a function that turns them into that call. Every settings flag is generated from the signature and
+the ``Args:`` docstring of what takes it (:func:`algorithms.flags.add_flags`), so ``--help`` and the library
+never disagree; presets live in :mod:`algorithms.presets`. A mistake a user can make ends the command with
+one line, ``lm-gym CMD: error: ...``; ``--debug`` raises it with its traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import inspect
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from algorithms.a2c import A2C
-from algorithms.common.checkpoints import check_same_settings, prepare_run_dir
+from algorithms.common.checkpoints import prepare_run_dir
 from algorithms.common.on_policy import NonFiniteLossError, OnPolicyAlgorithm
-from algorithms.demo import DEMO, DEMO_EVAL_PROMPTS, DEMO_ITERATIONS, DEMO_SEEDS, demo
+from algorithms.demo import demo
 from algorithms.flags import (
-    DTYPES,
-    _docstring_args,
-    _init_parameters,
-    _settings,
-    add_class_flags,
     add_device_flags,
+    add_flags,
     device_and_dtype,
     flag_actions,
+    given_settings,
     load_config,
     non_negative_int,
+    parameters,
     positive_float,
     positive_int,
     typed_settings,
 )
-from algorithms.nlpo import NLPO
 from algorithms.pipeline import PipelineConfig
 from algorithms.policy import LMActorCriticPolicy
-from algorithms.ppo import PPO
-from algorithms.trpo import TRPO
+from algorithms.presets import DEMO, DEMO_EVAL_PROMPTS, DEMO_ITERATIONS, DEMO_SEEDS, PIPELINE_PRESETS
+from algorithms.reward_model import train_reward_model
+from algorithms.run import ALGORITHMS, run_training
+from algorithms.sft import SENTIMENT_DEMOS, SFT
 from lm_gym.env import DEFAULT_MODEL
 from lm_gym.tasks import TASKS
 
-ALGORITHMS = {"ppo": PPO, "a2c": A2C, "trpo": TRPO, "nlpo": NLPO}
 # What a user's settings, files or machine can cause: each ends the command with one line, unless --debug.
 USER_ERRORS = (ValueError, TypeError, OSError, ModuleNotFoundError, NonFiniteLossError)
 DEBUG_HELP = "on an error, raise it with its traceback instead of printing one line"
 OVERWRITE_HELP = "delete the run already in {} (checkpoints, logs, model) and start afresh"
+# The settings of train_reward_model that train-rm takes as flags, and the RL settings that pipeline does.
+RM_FLAGS = (
+    "epochs",
+    "learning_rate",
+    "batch_size",
+    "margin",
+    "center_coef",
+    "eval_fraction",
+    "min_agreement",
+    "max_length",
+    "vote_share",
+)
+PIPELINE_RL_FLAGS = ("n_envs", "max_new_tokens", "kl_coef", "learning_rate")
 
 
-def train(args: argparse.Namespace) -> OnPolicyAlgorithm:
+# ---------------------------------------------------------------------------------------------- commands
+def train_cmd(args: argparse.Namespace) -> OnPolicyAlgorithm:
+    """RL fine-tuning: the flags, over the ``--config`` file's settings, checked against the algorithm's."""
     config = load_config(args.config, args.flags)
-    args.algo = args.algo or config.get("algo", "ppo")
-    if args.algo not in ALGORITHMS:
-        raise ValueError(f"config {args.config}: algo {args.algo!r} is not one of {sorted(ALGORITHMS)}")
-    algo_cls = ALGORITHMS[args.algo]
-    algo_names = args.core_names + args.algo_names[args.algo]
-    other = sorted(
-        {n for names in args.algo_names.values() for n in names} - set(algo_names),
-    )
+    algo = args.algo or config.get("algo", "ppo")
+    if algo not in ALGORITHMS:
+        raise ValueError(f"config {args.config}: algo {algo!r} is not one of {sorted(ALGORITHMS)}")
+    algo_names = args.core_names + args.algo_names[algo]
+    other = sorted({n for names in args.algo_names.values() for n in names} - set(algo_names))
     given = [n for n in other if getattr(args, n) is not None or n in config]
     if given:
         flags = ", ".join("--" + n.replace("_", "-") for n in given)
         raise ValueError(
-            f"{flags} not an argument of {args.algo}; its own are: "
-            + ", ".join("--" + n.replace("_", "-") for n in args.algo_names[args.algo])
+            f"{flags} not an argument of {algo}; its own are: "
+            + ", ".join("--" + n.replace("_", "-") for n in args.algo_names[algo])
         )
     unknown = set(config) - set(args.policy_names) - set(algo_names)
     unknown -= {"model", "task", "iterations", "algo", "dtype", "device"}
     if unknown:
         raise ValueError(f"config {args.config}: unknown keys {sorted(unknown)}; see lm-gym train --help")
-    algo_settings = _settings(args, algo_names, config)
-    policy_settings = _settings(args, args.policy_names, config)
-    model_name = args.model or config.get("model", DEFAULT_MODEL)
-    task = args.task or config.get("task", "sentiment")
-    device, dtype = device_and_dtype(args.device or config.get("device"), args.dtype or config.get("dtype"))
-    run_dir = Path(args.run_dir)
-    settings = {  # what decides the run's course: resuming it with other values is refused
-        "algo": args.algo,
-        "model": model_name,
-        "task": task,
-        "reward": args.reward,
-        "dtype": next(k for k, v in DTYPES.items() if v == dtype),
-        **algo_settings,
-        **policy_settings,
-    }
-    if args.resume:
-        _check_resumed_settings(run_dir, settings, algo_cls)
-    policy = LMActorCriticPolicy.from_pretrained(
-        model_name, seed=algo_settings.get("seed", 0), device=device, dtype=dtype, **policy_settings
-    )
-    algo = algo_cls(
-        policy,
-        task=task,
+    return run_training(
+        algo,
+        model=args.model or config.get("model", DEFAULT_MODEL),
+        task=args.task or config.get("task", "sentiment"),
         reward=args.reward,
-        run_dir=run_dir,
+        iterations=args.iterations or config.get("iterations", 10),
+        run_dir=args.run_dir,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        device=args.device or config.get("device"),
+        dtype=args.dtype or config.get("dtype"),
+        policy_settings=given_settings(args, args.policy_names, config),
+        algo_settings=given_settings(args, algo_names, config),
         verbose=0 if args.quiet else 1,
-        **algo_settings,
     )
-    # once every setting is checked (the algorithm writes nothing before learn or load_checkpoint)
-    prepare_run_dir(
-        args.run_dir, resume=args.resume, overwrite=args.overwrite, flag="--run-dir", markers=["final"]
-    )
-    main = algo.is_main_process  # with several processes (accelerate launch), the one that writes
-    if args.resume:
-        algo.load_checkpoint(run_dir)
-        if main:
-            print(f"resumed from iteration {algo.iteration}")
-    if main:
-        record = {**settings, "device": str(device), "processes": algo.world_size}
-        (run_dir / "config.json").write_text(json.dumps(record, indent=2, default=str))
-    algo.learn(args.iterations or config.get("iterations", 10), progress_bar=not args.quiet)
-    algo.close()
-    if main:
-        print(
-            f"run directory: {run_dir} (tensorboard --logdir {run_dir / 'tensorboard'}); "
-            f"model: {run_dir / 'final'}"
-        )
-    return algo
 
 
-def _check_resumed_settings(run_dir: Path, settings: dict[str, Any], algo_cls: type) -> None:
-    """Refuse to resume the run in ``run_dir`` with settings other than those in its ``config.json``; a
-    setting that is not given counts as its default on either side. The device and the number of processes
-    may change."""
-    saved = run_dir / "config.json"
-    if not saved.is_file():
-        return  # no run there: load_checkpoint says so
-    stored = {k: v for k, v in json.loads(saved.read_text()).items() if k not in ("device", "processes")}
-    classes = (LMActorCriticPolicy, OnPolicyAlgorithm, algo_cls)
-    defaults = {
-        q.name: q.default for cls in classes for q in _init_parameters(cls) if q.default is not q.empty
-    }
-    defaults = {k: defaults.get(k) for k in {*stored, *settings}}
-    hint = "resume with the same settings, or start afresh with --overwrite"
-    check_same_settings({**defaults, **stored}, {**defaults, **settings}, str(run_dir), hint)
+def demo_cmd(args: argparse.Namespace) -> dict[int, dict[str, dict[str, float]]]:
+    options = ("model", "task", "seeds", "iterations", "max_new_tokens", "eval_prompts", "learning_rate")
+    options += ("run_dir", "device", "dtype")
+    return demo(**{name: getattr(args, name) for name in options})
 
 
 def evaluate_cmd(args: argparse.Namespace) -> dict[str, float]:
@@ -165,14 +132,9 @@ def evaluate_cmd(args: argparse.Namespace) -> dict[str, float]:
 
 
 def benchmark_cmd(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from algorithms.benchmark import (
-        DEFAULT_ALGO_SETTINGS,
-        DEFAULT_SETTINGS,
-        QUICK,
-        BenchmarkSpec,
-        run_benchmark,
-    )
+    """The grid: a preset, the ``--config`` file's shared settings and per-algorithm sections on top."""
     from algorithms.common.distributed import is_main_process
+    from algorithms.grid import preset_spec, run_benchmark
 
     names = [a.strip() for a in args.algos.split(",") if a.strip()]
     unknown = [a for a in names if a not in ALGORITHMS]
@@ -180,33 +142,30 @@ def benchmark_cmd(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise ValueError(f"--algos: unknown {unknown or names}; choose among {sorted(ALGORITHMS)}")
     device, dtype = device_and_dtype(args.device, args.dtype)
     config = load_config(args.config, args.flags)
-    preset = QUICK if args.quick else {}
-    settings = dict(preset.get("settings", DEFAULT_SETTINGS))
-    settings.update({k: v for k, v in config.items() if k not in ALGORITHMS})
+    settings = {k: v for k, v in config.items() if k not in ALGORITHMS}
     algo_settings = {}
     for name in names:
-        own = {} if args.quick else dict(DEFAULT_ALGO_SETTINGS.get(name, {}))
         section = config.get(name, {})
         if not isinstance(section, dict):
             raise ValueError(
                 f"config {args.config}: {name}: expected a mapping of its settings; got {section!r}"
             )
-        own.update(typed_settings(section, args.flags, f"config {args.config}: {name}"))
-        accepted = {p.name for p in _init_parameters(OnPolicyAlgorithm)}
-        accepted |= {p.name for p in _init_parameters(ALGORITHMS[name])}
+        own = typed_settings(section, args.flags, f"config {args.config}: {name}")
+        accepted = {p.name for p in parameters(OnPolicyAlgorithm) + parameters(ALGORITHMS[name])}
         for key in {**settings, **own}:
             if key not in accepted:
                 raise ValueError(f"config {args.config}: {key!r} is not an argument of {name}")
         algo_settings[name] = own
-    spec = BenchmarkSpec(
-        algorithms={name: ALGORITHMS[name] for name in names},
-        seeds=list(range(args.seeds)),
-        task=args.task or preset.get("task", "sentiment"),
-        model=args.model or preset.get("model", DEFAULT_MODEL),
-        iterations=args.iterations or preset.get("iterations", 10),
-        eval_prompts=args.eval_prompts or preset.get("eval_prompts", 32),
+    spec = preset_spec(
+        {name: ALGORITHMS[name] for name in names},
+        quick=args.quick,
         settings=settings,
         algo_settings=algo_settings,
+        seeds=list(range(args.seeds)),
+        task=args.task,
+        model=args.model,
+        iterations=args.iterations,
+        eval_prompts=args.eval_prompts,
         reward=args.reward,
         device=device,
         dtype=dtype,
@@ -220,10 +179,10 @@ def benchmark_cmd(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def sft_cmd(args: argparse.Namespace) -> dict[str, float]:
     """Supervised fine-tuning on demonstrations (RLHF step 1); the result is a model folder for ``train``."""
-    from algorithms.sft import SFT, load_demonstrations
+    from algorithms.sft import load_demonstrations
     from lm_gym.models import load_causal_lm
 
-    settings = _settings(args, args.sft_names, {})
+    settings = given_settings(args, args.sft_names, {})
     fields = dict(
         text_field=args.text_field, prompt_field=args.prompt_field, completion_field=args.completion_field
     )
@@ -270,16 +229,11 @@ def collect_cmd(args: argparse.Namespace) -> dict[str, float]:
 def train_rm_cmd(args: argparse.Namespace) -> dict[str, float]:
     """Reward model (RLHF step 2): Bradley-Terry on preference data; the folder is a TextGen-v1 reward."""
     from algorithms.common.distributed import is_main_process
-    from algorithms.reward_model import accuracy_report, train_reward_model
+    from algorithms.reward_model import accuracy_report
     from lm_gym.preferences import load_preferences
     from lm_gym.tasks import get_task
 
     records = load_preferences(args.data)
-    names = ("epochs", "batch_size", "margin", "center_coef", "eval_fraction", "min_agreement", "max_length")
-    names += ("vote_share",)
-    settings = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-    if args.lr is not None:
-        settings["learning_rate"] = args.lr
     gold = None if args.no_gold else get_task(args.task).make_reward()
     # By default the reward model reads what the task's gold scorer reads (VADER: the completion alone).
     include_prompt = args.include_prompt
@@ -298,7 +252,7 @@ def train_rm_cmd(args: argparse.Namespace) -> dict[str, float]:
         checkpoint_dir=Path(args.out) / "checkpoints",
         resume=args.resume,
         log=print,
-        **settings,
+        **given_settings(args, RM_FLAGS, {}),
     )
     if is_main_process():  # with several processes (accelerate launch), the one that wrote the folder
         print(accuracy_report(result.metrics))
@@ -308,39 +262,27 @@ def train_rm_cmd(args: argparse.Namespace) -> dict[str, float]:
     return result.metrics
 
 
-PIPELINE_RL_FLAGS = ("n_envs", "max_new_tokens", "kl_coef", "learning_rate")
-
-
 def pipeline_cmd(args: argparse.Namespace) -> dict[str, Any]:
     from algorithms.common.distributed import is_main_process
-    from algorithms.pipeline import PRESETS, run_pipeline
+    from algorithms.pipeline import preset_config, run_pipeline
 
-    preset = PRESETS[args.preset]
-    fields = {f.name for f in dataclasses.fields(PipelineConfig)} - {"rl_settings", "policy_settings"}
-    settings = {**{k: v for k, v in preset.items() if k in fields}}
-    settings.update({k: getattr(args, k) for k in fields if getattr(args, k, None) is not None})
-    rl = {**preset.get("rl_settings", {})}
-    rl.update({k: getattr(args, k) for k in PIPELINE_RL_FLAGS if getattr(args, k) is not None})
-    cls = ALGORITHMS[args.algo]
-    accepted = {q.name for q in _init_parameters(OnPolicyAlgorithm) + _init_parameters(cls)}
-    rl = {k: v for k, v in rl.items() if k in accepted}  # a preset's PPO epochs are not A2C's arguments
-    policy = {"lora_r": args.lora_r} if args.lora_r else {}
-    config = PipelineConfig(**settings, rl_settings=rl, policy_settings=policy)
-    report = run_pipeline(
-        config, ALGORITHMS[args.algo], args.out, resume=args.resume, overwrite=args.overwrite
+    algorithm = ALGORITHMS[args.algo]
+    config = preset_config(
+        args.preset,
+        algorithm,
+        rl_settings=given_settings(args, PIPELINE_RL_FLAGS, {}),
+        policy_settings={"lora_r": args.lora_r} if args.lora_r else {},
+        **{name: getattr(args, name) for name in args.config_names},
     )
+    report = run_pipeline(config, algorithm, args.out, resume=args.resume, overwrite=args.overwrite)
     if is_main_process():  # with several processes (accelerate launch), the one that wrote the report
         print((Path(args.out) / "report.md").read_text())
     return report
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lm-gym", description="RL fine-tuning of language models on TextGen-v1"
-    )
-    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+# ----------------------------------------------------------------------------------------------- parsers
+def add_train_parser(sub: Any) -> dict[str, argparse.Action]:
+    """``lm-gym train``; returns its flags (``dest -> action``), which type a ``--config`` file's keys."""
     p = sub.add_parser("train", help="RL fine-tuning of a model on a task")
     p.add_argument("--algo", default=None, choices=sorted(ALGORITHMS), help="the RL algorithm (default ppo)")
     p.add_argument(
@@ -369,18 +311,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML/JSON file of hyperparameters (flags override it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or metric tables")
     add_device_flags(p)
-    p.set_defaults(func=train)
-    p.set_defaults(policy_names=add_class_flags(p, LMActorCriticPolicy, "policy"))
     seen: set[str] = set()
-    p.set_defaults(core_names=add_class_flags(p, OnPolicyAlgorithm, "shared on-policy settings", seen))
     p.set_defaults(
+        func=train_cmd,
+        policy_names=add_flags(p, LMActorCriticPolicy, "policy"),
+        core_names=add_flags(p, OnPolicyAlgorithm, "shared on-policy settings", seen=seen),
         algo_names={
-            name: add_class_flags(p, cls, f"{name} (--algo {name})", seen) for name, cls in ALGORITHMS.items()
-        }
+            name: add_flags(p, cls, f"{name} (--algo {name})", seen=seen) for name, cls in ALGORITHMS.items()
+        },
     )
-    train_flags = flag_actions(p)  # what types the keys of a --config file, here and in benchmark's
-    p.set_defaults(flags=train_flags)
+    flags = flag_actions(p)
+    p.set_defaults(flags=flags)
+    return flags
 
+
+def add_demo_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="the RLHF demo: PPO on sentiment, before/after table and learning curve")
     p.add_argument(
         "--model", default=DEFAULT_MODEL, help="initial model (tiny for a smoke run, with --task letters)"
@@ -404,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEMO_ITERATIONS,
         help="PPO iterations per seed (about 15 s each on 2 CPU cores)",
     )
-    p.add_argument("--max-new-tokens", type=positive_int, default=24, help="text length")
+    p.add_argument("--max-new-tokens", type=positive_int, default=DEMO["max_new_tokens"], help="text length")
     p.add_argument(
         "--eval-prompts",
         type=positive_int,
@@ -416,8 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--run-dir", default="runs/demo", help="report, curves; per seed: logs and final model")
     add_device_flags(p)
-    p.set_defaults(func=demo)
+    p.set_defaults(func=demo_cmd)
 
+
+def add_eval_parser(sub: Any) -> None:
     p = sub.add_parser("eval", help="score a saved model on a task's eval prompts")
     p.add_argument(
         "--policy", default=DEFAULT_MODEL, help="model to evaluate: a folder (e.g. RUN/final) or a name"
@@ -442,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_flags(p)
     p.set_defaults(func=evaluate_cmd)
 
+
+def add_benchmark_parser(sub: Any, train_flags: dict[str, argparse.Action]) -> None:
     p = sub.add_parser(
         "benchmark",
         help="run a grid of algorithms x seeds on a task; tables (md, csv) and plots (resumable)",
@@ -481,8 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_flags(p)
     p.set_defaults(func=benchmark_cmd, flags=train_flags)  # its config holds train's hyperparameters
 
-    from algorithms.sft import SENTIMENT_DEMOS, SFT
 
+def add_sft_parser(sub: Any) -> None:
     p = sub.add_parser("sft", help="supervised fine-tuning on demonstrations (RLHF step 1)")
     p.add_argument(
         "--model", default=DEFAULT_MODEL, help="model to fine-tune: tiny, smollm2-135m, a folder or Hub id"
@@ -515,10 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format("--output-dir"))
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
-    p.set_defaults(func=sft_cmd, sft_names=add_class_flags(p, SFT, "SFT"))
-    from algorithms.reward_model import train_reward_model
+    p.set_defaults(func=sft_cmd, sft_names=add_flags(p, SFT, "SFT"))
 
-    rm_defaults = {n: q.default for n, q in inspect.signature(train_reward_model).parameters.items()}
+
+def add_collect_parser(sub: Any) -> None:
     p = sub.add_parser(
         "collect", help="preference data: K completions per prompt ranked by a simulated panel"
     )
@@ -555,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=non_negative_int, default=0, help="seeds the sampling and the panel")
     p.set_defaults(func=collect_cmd)
 
+
+def add_train_rm_parser(sub: Any) -> None:
     p = sub.add_parser("train-rm", help="train a reward model (Bradley-Terry) on preference data")
     p.add_argument(
         "--data", required=True, help="preference JSONL (prompt/chosen/rejected), or a datasets name"
@@ -563,18 +514,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default="minilm-l6", help="backbone: minilm-l6, a folder or Hub id (gets a 1-output head)"
     )
     p.add_argument("--out", required=True, help="reward-model folder; TextGen-v1 takes it as reward=OUT")
-    for flag, kind, name, text in (
-        ("--epochs", positive_int, "epochs", "passes over the training pairs"),
-        ("--lr", positive_float, "learning_rate", "AdamW peak learning rate"),
-        ("--batch-size", positive_int, "batch_size", "pairs per step (None: one prompt's K(K-1)/2 per step)"),
-        ("--margin", float, "margin", "Bradley-Terry margin of records without their own"),
-        ("--center-coef", float, "center_coef", "reward-centering coefficient (Eisenstein et al.: 0.01)"),
-        ("--eval-fraction", float, "eval_fraction", "share of prompts held out"),
-        ("--min-agreement", float, "min_agreement", "train only on pairs with this annotator agreement"),
-        ("--max-length", positive_int, "max_length", "token limit of a text"),
-    ):
-        help_text = f"{text} (default {rm_defaults[name]})".replace("%", "%%")
-        p.add_argument(flag, type=kind, default=None, help=help_text, metavar=kind.__name__.upper())
+    add_flags(
+        p,
+        train_reward_model,
+        names=RM_FLAGS,
+        types=dict(
+            epochs=positive_int,
+            learning_rate=positive_float,
+            batch_size=positive_int,
+            max_length=positive_int,
+        ),
+        flag_names={"learning_rate": "lr"},
+    )
     p.add_argument(
         "--seed", type=non_negative_int, default=0, help="seeds the head, the split and the batch order"
     )
@@ -582,13 +533,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--task", default="sentiment", choices=sorted(TASKS), help="its gold scorer judges the held-out pairs"
     )
     p.add_argument("--no-gold", action="store_true", help="report accuracy against the labels only")
-    p.add_argument(
-        "--vote-share",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="fit the annotators' vote share (the records' agreement) instead of hard labels "
-        f"(default {rm_defaults['vote_share']})",
-    )
     p.add_argument(
         "--include-prompt",
         action=argparse.BooleanOptionalAction,
@@ -603,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format("--out"))
     p.set_defaults(func=train_rm_cmd)
+
+
+def add_pipeline_parser(sub: Any) -> None:
     p = sub.add_parser(
         "pipeline",
         help="the three RLHF steps chained: collect preferences -> train-rm -> RL, iterated with --rounds",
@@ -610,31 +557,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--preset",
         default="default",
-        choices=["default", "overoptimize", "quick"],
+        choices=list(PIPELINE_PRESETS),
         help="default: RLHF on the embedded model; overoptimize: no KL penalty, more steps (shows the proxy "
         "rising while gold peaks); quick: tiny model, toy task, a minute",
     )
     p.add_argument("--algo", default="ppo", choices=sorted(ALGORITHMS), help="the RL algorithm of step 3")
-    helps = _docstring_args(PipelineConfig)
-    for f in dataclasses.fields(PipelineConfig):
-        if f.name in ("rl_settings", "policy_settings"):
-            continue
-        kinds = {"int": int, "float": float, "str": str, "int | None": int}
-        kind = f.type if isinstance(f.type, type) else kinds[str(f.type)]
-        p.add_argument(
-            "--" + f.name.replace("_", "-"),
-            type=kind,
-            default=None,
-            help=f"{helps.get(f.name, '')} (default: {f.default}, or the preset's)",
-        )
-    for name in PIPELINE_RL_FLAGS:
-        p.add_argument(
-            "--" + name.replace("_", "-"),
-            type=float if "coef" in name or "rate" in name else int,
-            default=None,
-            help="RL setting (default: the preset's)",
-        )
-    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank of the policy (0 = full fine-tuning)")
+    skip = {"rl_settings", "policy_settings"}  # the next flags set some of them
+    config_names = add_flags(p, PipelineConfig, skip=skip, default_help="default: {}, or the preset's")
+    add_flags(p, OnPolicyAlgorithm, names=PIPELINE_RL_FLAGS, default_help="default: the preset's")
+    add_flags(p, LMActorCriticPolicy, names=["lora_r"])
     p.add_argument("--out", default="runs/pipeline", help="preferences, reward models, RL runs, report")
     p.add_argument(
         "--resume",
@@ -643,7 +574,24 @@ def build_parser() -> argparse.ArgumentParser:
         "read back, the RL from its latest checkpoint",
     )
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format("--out"))
-    p.set_defaults(func=pipeline_cmd)
+    p.set_defaults(func=pipeline_cmd, config_names=config_names)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lm-gym`` parser: one subcommand per step of RL fine-tuning and RLHF."""
+    parser = argparse.ArgumentParser(
+        prog="lm-gym", description="RL fine-tuning of language models on TextGen-v1"
+    )
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train_flags = add_train_parser(sub)
+    add_demo_parser(sub)
+    add_eval_parser(sub)
+    add_benchmark_parser(sub, train_flags)
+    add_sft_parser(sub)
+    add_collect_parser(sub)
+    add_train_rm_parser(sub)
+    add_pipeline_parser(sub)
     for command in sub.choices.values():  # also after the command: lm-gym train ... --debug
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser

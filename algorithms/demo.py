@@ -7,10 +7,10 @@ kernels): the table reports the mean and the standard deviation over the seeds, 
 
 from __future__ import annotations
 
-import argparse
 import platform
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +18,11 @@ import numpy as np
 from algorithms.flags import device_and_dtype
 from algorithms.policy import LMActorCriticPolicy
 from algorithms.ppo import PPO
+from algorithms.presets import DEMO, DEMO_EVAL_PROMPTS, DEMO_ITERATIONS, DEMO_SEEDS, DEMO_TINY
+from lm_gym.env import DEFAULT_MODEL
 
-DEMO = dict(n_envs=16, max_new_tokens=24, learning_rate=6e-5, n_epochs=2, batch_size=8, kl_coef=0.05)
-DEMO_SEEDS = (0, 1, 2)
-# 30 iterations and the whole held-out split: with 20 iterations and 32 prompts the mean gold lift over 3 seeds
-# was +0.14 +/- 0.13 (one seed +0.24, one -0.01), the evaluation's own noise about +/-0.05 (README).
-DEMO_ITERATIONS, DEMO_EVAL_PROMPTS = 30, 80
+__all__ = ["METRICS", "cpu_name", "demo"]
+
 METRICS = {
     "gold": "gold sentiment (VADER compound, mean)",
     "gold_positive": "share of positive texts (compound > 0.05)",
@@ -34,31 +33,58 @@ METRICS = {
 }
 
 
-def demo(args: argparse.Namespace) -> dict[int, dict[str, dict[str, float]]]:
-    """RLHF demo: for each seed, PPO on the task (sentiment) between a before and an after evaluation on
-    held-out prompts; then the table of mean and spread over the seeds and the learning curves."""
+def demo(
+    *,
+    model: str = DEFAULT_MODEL,
+    task: str = "sentiment",
+    seeds: Sequence[int] = DEMO_SEEDS,
+    iterations: int = DEMO_ITERATIONS,
+    max_new_tokens: int = DEMO["max_new_tokens"],
+    eval_prompts: int | None = DEMO_EVAL_PROMPTS,
+    learning_rate: float = DEMO["learning_rate"],
+    run_dir: str | Path = "runs/demo",
+    device: str | None = None,
+    dtype: str | None = None,
+) -> dict[int, dict[str, dict[str, float]]]:
+    """RLHF demo: for each seed, PPO (:data:`~algorithms.presets.DEMO`) on the task between a before and an
+    after evaluation on held-out prompts; then the table of mean and spread over the seeds and the learning
+    curves, written to ``run_dir``. Returns ``seed -> {"before": metrics, "after": metrics}``.
+
+    Args:
+        model: the initial model (``tiny`` for a smoke run, with ``task="letters"``: it takes
+            :data:`~algorithms.presets.DEMO_TINY`'s settings).
+        task: prompt set and gold reward.
+        seeds: one PPO run per seed.
+        iterations: PPO iterations per seed.
+        max_new_tokens: text length, in training and evaluation.
+        eval_prompts: held-out prompts of the before/after table (None: the whole eval split).
+        learning_rate: AdamW learning rate.
+        run_dir: the report and the curves; per seed, its logs and final model.
+        device: a torch device name (default: this process's GPU if there is one, else cpu).
+        dtype: ``bf16``, ``fp16`` or ``fp32`` (default fp32, or bf16 under ``accelerate launch
+            --mixed_precision bf16``).
+    """
     from lm_gym.evaluation import evaluate
 
-    run_dir = Path(args.run_dir)
-    device, dtype = device_and_dtype(args.device, args.dtype)
-    settings = {**DEMO, "max_new_tokens": args.max_new_tokens, "learning_rate": args.learning_rate}
-    if args.model == "tiny":  # smoke run: a random 0.3M model has no sentiment to improve
-        settings.update(n_envs=4, learning_rate=1e-3)
-    task = getattr(args, "task", "sentiment")
-    common = dict(task=task, split="eval", num_prompts=args.eval_prompts, max_new_tokens=args.max_new_tokens)
+    run_dir = Path(run_dir)
+    torch_device, torch_dtype = device_and_dtype(device, dtype)
+    settings = {**DEMO, "max_new_tokens": max_new_tokens, "learning_rate": learning_rate}
+    if model == "tiny":  # smoke run: a random 0.3M model has no sentiment to improve
+        settings.update(DEMO_TINY)
+    common = dict(task=task, split="eval", num_prompts=eval_prompts, max_new_tokens=max_new_tokens)
     results, histories, start = {}, {}, time.perf_counter()
-    for i, seed in enumerate(args.seeds):
-        tag = f"seed {seed} ({i + 1}/{len(args.seeds)})"
-        policy = LMActorCriticPolicy.from_pretrained(args.model, seed=seed, device=device, dtype=dtype)
+    for i, seed in enumerate(seeds):
+        tag = f"seed {seed} ({i + 1}/{len(seeds)})"
+        policy = LMActorCriticPolicy.from_pretrained(model, seed=seed, device=torch_device, dtype=torch_dtype)
         reference = policy.reference_copy()
-        print(f"[{tag}] evaluating the initial model on {args.eval_prompts} held-out prompts")
+        print(f"[{tag}] evaluating the initial model on {eval_prompts} held-out prompts")
         before = evaluate(policy.model, policy.tokenizer, reference=reference, seed=seed, **common)
         seed_dir = run_dir / f"seed{seed}"
         print(
-            f"[{tag}] PPO for {args.iterations} iterations ({settings['n_envs']} texts each); logs in {seed_dir}"
+            f"[{tag}] PPO for {iterations} iterations ({settings['n_envs']} texts each); logs in {seed_dir}"
         )
         algo = PPO(policy, task=task, run_dir=seed_dir, verbose=0, seed=seed, **settings)
-        algo.learn(args.iterations, progress_bar=True)
+        algo.learn(iterations, progress_bar=True)
         algo.close()
         print(f"[{tag}] evaluating the fine-tuned model")
         after = evaluate(policy.model, policy.tokenizer, reference=reference, seed=seed, **common)
@@ -70,7 +96,9 @@ def demo(args: argparse.Namespace) -> dict[int, dict[str, dict[str, float]]]:
         results[seed], histories[seed] = (before, after), algo.logger.history
     elapsed = time.perf_counter() - start
     if algo.is_main_process:  # with several processes (accelerate launch), the one that writes
-        print(_demo_report(args, results, histories, elapsed, run_dir))
+        command = f"lm-gym demo --model {model}" + ("" if task == "sentiment" else f" --task {task}")
+        command += f" --iterations {iterations}"
+        print(_demo_report(command, task, eval_prompts, results, histories, elapsed, run_dir))
     return {seed: {"before": b.metrics, "after": a.metrics} for seed, (b, a) in results.items()}
 
 
@@ -98,7 +126,17 @@ def _mean_sd(values: list[float]) -> str:
     return f"{mean:.3f} ± {float(np.std(values, ddof=1)):.3f}"
 
 
-def _demo_report(args, results: dict, histories: dict, elapsed: float, run_dir: Path) -> str:
+def _demo_report(
+    command: str,
+    task: str,
+    eval_prompts: int | None,
+    results: dict,
+    histories: dict,
+    elapsed: float,
+    run_dir: Path,
+) -> str:
+    """The before/after table of ``results`` (written to ``run_dir``); ``command`` is how it was run, without
+    its ``--seeds``."""
     import torch
     import transformers
 
@@ -107,12 +145,10 @@ def _demo_report(args, results: dict, histories: dict, elapsed: float, run_dir: 
     def column(side: int, key: str) -> list[float]:  # side 0: before, 1: after
         return [results[s][side].metrics[key] for s in seeds]
 
-    task = getattr(args, "task", "sentiment")
     labels = METRICS if task == "sentiment" else {**METRICS, "gold": f"gold ({task} task's scorer, mean)"}
-    flag = "" if task == "sentiment" else f" --task {task}"
     lines = [
-        f"`lm-gym demo --model {args.model}{flag} --iterations {args.iterations} --seeds {' '.join(map(str, seeds))}`: "
-        f"mean ± standard deviation over {len(seeds)} seed(s), {args.eval_prompts} held-out prompts each; "
+        f"`{command} --seeds {' '.join(map(str, seeds))}`: "
+        f"mean ± standard deviation over {len(seeds)} seed(s), {eval_prompts} held-out prompts each; "
         f"{elapsed:.0f} s on {cpu_name()} (torch {torch.__version__}, transformers {transformers.__version__}).",
         "",
         "| metric | before | after |",

@@ -1,8 +1,11 @@
 """``--flags`` generated from signatures and ``Args:`` docstrings, so ``--help`` and the library agree.
 
-Every keyword argument of the class that takes it (the policy, the shared core, an algorithm) becomes one
-flag, its help the argument's docstring line and its default the signature's. ``--config`` files (YAML or
-JSON) give the same names, their values typed by the same flags; flags given on the command line win.
+One generator, :func:`add_flags`, makes the settings flags of every command: each keyword argument of the
+object that takes it (the policy, the shared core, an algorithm, ``SFT``, ``train_reward_model``, the
+pipeline's config dataclass) becomes one flag, its help the argument's docstring entry and its default the
+signature's. ``--config`` files (YAML or JSON) give the same names, their values typed by the same flags;
+flags given on the command line win. The flags every model-running command shares (``--dtype``,
+``--device``) and the range-checked number types are here too.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +24,34 @@ import torch
 
 from algorithms.common.on_policy import OnPolicyAlgorithm
 
-SKIP = {
-    "self",
-    "policy",
-    "model",
-    "tokenizer",
-    "task",
-    "reward",
-    "prompts",
-    "kwargs",
-    "run_dir",
-    "checkpoint_dir",
-    "verbose",
-    "stop_token_ids",
-    "reference",
-}
+# Parameters that are objects or run plumbing, not settings: the commands pass them, no flag sets them.
+SKIP = frozenset(
+    {
+        "self",
+        "policy",
+        "model",
+        "tokenizer",
+        "task",
+        "reward",
+        "prompts",
+        "kwargs",
+        "run_dir",
+        "checkpoint_dir",
+        "verbose",
+        "stop_token_ids",
+        "reference",
+    }
+)
+# Sphinx markup of a docstring, which --help shows as plain text: :func:`~a.b` -> b, ``x`` -> x.
+_ROLE = re.compile(r":\w+:`~?(?:[\w.]*\.)?([^`]+)`")
 
 
-def _docstring_args(obj: Any) -> dict[str, str]:
-    """``name -> help`` from a Google-style ``Args:`` section."""
+def docstring_args(obj: Any) -> dict[str, str]:
+    """``name -> text`` of each entry of the Google-style ``Args:`` section of ``obj``'s docstring.
+
+    Args:
+        obj: a function or a class (a dataclass documents its fields there too).
+    """
     doc = inspect.getdoc(obj) or ""
     match = re.search(r"^Args:\n(.*?)(?:^\S|\Z)", doc, re.S | re.M)
     helps: dict[str, str] = {}
@@ -50,10 +63,32 @@ def _docstring_args(obj: Any) -> dict[str, str]:
             helps[name] = item.group(2)
         elif name and line.startswith("        "):
             helps[name] += " " + line.strip()
-    return helps
+    return {name: _ROLE.sub(r"\1", text).replace("``", "") for name, text in helps.items()}
 
 
-def _flag_type(annotation: str, default: Any):
+def parameters(obj: Any) -> list[inspect.Parameter]:
+    """The parameters of a function, or of a class's ``__init__`` (a dataclass's: its fields) with those it
+    passes on through ``**kwargs`` to its bases (NLPO takes PPO's), up to the shared on-policy core (whose
+    flags are added once for all algorithms).
+
+    Args:
+        obj: a function or a class.
+    """
+    if not isinstance(obj, type):
+        return list(inspect.signature(obj).parameters.values())
+    out: dict[str, inspect.Parameter] = {}
+    for klass in obj.__mro__:
+        if klass is object or (klass is OnPolicyAlgorithm and obj is not OnPolicyAlgorithm):
+            break
+        params = inspect.signature(klass.__init__).parameters
+        out.update({name: p for name, p in params.items() if name not in out})
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            break
+    return list(out.values())
+
+
+def _flag_type(annotation: str, default: Any) -> type | None:
+    """The kind of value a parameter takes from its default or its annotation; None: a boolean."""
     if isinstance(default, bool) or annotation == "bool":
         return None
     for name, kind in (("int", int), ("float", float), ("str", str)):
@@ -117,60 +152,96 @@ non_negative_int = NumberType(int, 0)  # where 0 means none
 positive_float = NumberType(float, 0, above=True)  # rates and temperatures
 
 
-def _init_parameters(cls: type) -> list[inspect.Parameter]:
-    """The keyword arguments of ``cls.__init__``, with those it passes on through ``**kwargs`` to its bases
-    (NLPO takes PPO's), up to the shared core (whose flags are added once for all algorithms)."""
-    out: dict[str, inspect.Parameter] = {}
-    for klass in cls.__mro__:
-        if klass is object or (klass is OnPolicyAlgorithm and cls is not OnPolicyAlgorithm):
-            break
-        params = inspect.signature(klass.__init__).parameters
-        out.update({name: p for name, p in params.items() if name not in out})
-        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            break
-    return list(out.values())
-
-
-def add_class_flags(
-    parser: argparse.ArgumentParser, cls: type, title: str, seen: set[str] | None = None
+def add_flags(
+    parser: argparse.ArgumentParser,
+    obj: Any,
+    title: str | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    skip: Collection[str] = SKIP,
+    seen: set[str] | None = None,
+    types: Mapping[str, Callable[[str], Any]] | None = None,
+    flag_names: Mapping[str, str] | None = None,
+    default_help: str = "default: {}",
 ) -> list[str]:
-    """Add one ``--flag`` per keyword argument of ``cls.__init__`` (except those in ``seen``, which another
-    class already added); return all the parameter names of ``cls``."""
-    params = [
-        p
-        for p in _init_parameters(cls)
-        if p.name not in SKIP and p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD
-    ]
+    """Add one ``--flag`` per keyword argument of ``obj`` (a function, a class, a dataclass); return the names
+    of the parameters the flags set.
+
+    The flag of ``learning_rate`` is ``--learning-rate``; its help is the parameter's entry in the ``Args:``
+    section followed by its default; its value is parsed as the annotation says (``--flag/--no-flag`` for a
+    boolean) and is None unless given, so that a config file or a preset can fill in what the command line
+    leaves out (:func:`given_settings`).
+
+    Args:
+        parser: where the flags go.
+        obj: whose parameters become flags.
+        title: the help's section of the flags (None: the command's own options).
+        names: these parameters only, in this order (default: every keyword argument with a default that is
+            not in ``skip``).
+        skip: parameters that get no flag (without ``names``): objects and plumbing the command passes.
+        seen: names another call already made flags of: they get none here, and the section's description
+            lists them with ``obj``'s defaults; the new ones are added to it.
+        types: the ``type=`` of a parameter's flag instead of its annotation's kind (a range check such as
+            :data:`positive_int`).
+        flag_names: a flag's name other than the parameter's (``{"learning_rate": "lr"}``: ``--lr``).
+        default_help: how the help ends, ``{}`` standing for the default (a preset's: ``"default: the
+            preset's"``).
+    """
+    by_name = {p.name: p for p in parameters(obj)}
+    if names is None:
+        params = [
+            p
+            for p in by_name.values()
+            if p.name not in skip and p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD
+        ]
+    else:
+        params = [by_name[name] for name in names]
     shared = [p for p in params if seen is not None and p.name in seen]
-    description = None
-    if shared:  # argparse takes a flag once: list the ones defined above, with this class's defaults
-        description = "also: " + ", ".join(
-            f"--{p.name.replace('_', '-')} (default {p.default})" for p in shared
-        )
-    group = parser.add_argument_group(title, description.replace("%", "%%") if description else None)
-    helps = _docstring_args(cls)
-    names = [p.name for p in shared]
+    group: Any = parser
+    if title is not None:
+        description = None
+        if shared:  # argparse takes a flag once: list the ones defined above, with this class's defaults
+            description = "also: " + ", ".join(
+                f"--{p.name.replace('_', '-')} (default {p.default})" for p in shared
+            )
+        group = parser.add_argument_group(title, description.replace("%", "%%") if description else None)
+    helps = docstring_args(obj)
+    types, flag_names = types or {}, flag_names or {}
+    out = [p.name for p in shared]
     for p in params:
         if p in shared:
             continue
         annotation = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
         kind = _flag_type(annotation, p.default)
-        text = f"{helps.get(p.name, '')} (default: {p.default})".replace("%", "%%")  # argparse formats help
-        flag = "--" + p.name.replace("_", "-")
+        end = default_help.format(p.default)
+        text = f"{helps.get(p.name, '')} ({end})".replace("%", "%%")  # argparse formats help with %
+        flag = "--" + flag_names.get(p.name, p.name).replace("_", "-")
         if kind is None:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        else:
             group.add_argument(
-                flag, type=ParamType(kind, annotation), default=None, help=text, metavar=kind.__name__.upper()
+                flag, dest=p.name, action=argparse.BooleanOptionalAction, default=None, help=text
             )
-        names.append(p.name)
+        else:
+            kind_of_flag = types.get(p.name) or ParamType(kind, annotation)
+            metavar = kind_of_flag.__name__.upper()
+            group.add_argument(flag, dest=p.name, type=kind_of_flag, default=None, help=text, metavar=metavar)
+        out.append(p.name)
         if seen is not None:
             seen.add(p.name)
-    return names
+    return out
 
 
-def _settings(args: argparse.Namespace, names: list[str], config: dict[str, Any]) -> dict[str, Any]:
-    """Flags given on the command line win over the config file, which wins over the defaults."""
+def given_settings(
+    args: argparse.Namespace, names: Iterable[str], config: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The settings of ``names`` that are given: a flag on the command line wins over the config file, which
+    wins over the defaults (left out).
+
+    Args:
+        args: the parsed command line (a flag not given is None).
+        names: the parameters wanted.
+        config: the config file's settings (:func:`load_config`).
+    """
+    names = list(names)
     out = {k: v for k, v in config.items() if k in names}
     out.update({k: getattr(args, k) for k in names if getattr(args, k) is not None})
     return out
@@ -318,6 +389,3 @@ def device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.devic
         count = backend.device_count()
         raise ValueError(f"--device {device}: this machine has {count} {name} device(s), numbered from 0")
     return where, DTYPES[dtype]
-
-
-# ---------------------------------------------------------------------------------------------- commands

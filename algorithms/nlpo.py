@@ -29,11 +29,11 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor, TopPLogitsWarper
 
-from algorithms.common.on_policy import AgentStep, _check
+from algorithms.common.on_policy import AgentStep
+from algorithms.common.trainer import check_arg
 from algorithms.policy import LMActorCriticPolicy, RolloutAgent
 from algorithms.ppo import PPO
-from lm_gym.decoding import BatchedDecoder
-from lm_gym.seq2seq import Seq2SeqDecoder, follow_observation, last_tokens, make_decoder
+from lm_gym.decoding import RowDecoder
 
 __all__ = ["NLPO", "TopPMaskLogitsProcessor"]
 
@@ -54,8 +54,10 @@ class TopPMaskLogitsProcessor(LogitsProcessor):
     """
 
     def __init__(self, top_p: float = 0.9, min_tokens_to_keep: int = 100) -> None:
-        _check("top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1]")
-        _check("min_tokens_to_keep", min_tokens_to_keep, lambda v: int(v) == v and v >= 1, "an integer >= 1")
+        check_arg("top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1]")
+        check_arg(
+            "min_tokens_to_keep", min_tokens_to_keep, lambda v: int(v) == v and v >= 1, "an integer >= 1"
+        )
         self.top_p, self.min_tokens_to_keep = top_p, int(min_tokens_to_keep)
         self.keep: torch.Tensor | None = None  # (N, V) bool, the current mask
 
@@ -107,9 +109,11 @@ class NLPO(PPO):
         mask_update_every: int = 5,
         **kwargs: Any,
     ) -> None:
-        _check("mask_top_p", mask_top_p, lambda v: 0 < v <= 1, "in (0, 1]")
-        _check("min_tokens_to_keep", min_tokens_to_keep, lambda v: int(v) == v and v >= 1, "an integer >= 1")
-        _check("mask_update_every", mask_update_every, lambda v: int(v) == v and v >= 1, "an integer >= 1")
+        check_arg("mask_top_p", mask_top_p, lambda v: 0 < v <= 1, "in (0, 1]")
+        check_arg(
+            "min_tokens_to_keep", min_tokens_to_keep, lambda v: int(v) == v and v >= 1, "an integer >= 1"
+        )
+        check_arg("mask_update_every", mask_update_every, lambda v: int(v) == v and v >= 1, "an integer >= 1")
         vocab = policy.model.config.vocab_size
         if min_tokens_to_keep >= vocab:
             warnings.warn(
@@ -123,7 +127,7 @@ class NLPO(PPO):
         self._actor_params = {name: p for name, p in policy.model.named_parameters() if p.requires_grad}
         self.mask_weights: dict[str, torch.Tensor] = {}
         self.refresh_mask_policy()
-        self._mask_decoder: BatchedDecoder | Seq2SeqDecoder | None = None
+        self._mask_decoder: RowDecoder | None = None
         self._mask_last_actions: torch.Tensor | None = None
         self._kept_tokens: list[float] = []
         self._kept_mass: list[float] = []
@@ -155,7 +159,7 @@ class NLPO(PPO):
         if self.iteration % self.mask_update_every == 0:  # on the iteration count: a resumed run agrees
             self.refresh_mask_policy()
         pad = self.policy.tokenizer.pad_token_id
-        self._mask_decoder = make_decoder(self.policy.model, self.n_envs, pad)
+        self._mask_decoder = self.policy.kind.decoder(self.policy.model, self.n_envs, pad)
         self._mask_last_actions = None
         self._kept_tokens, self._kept_mass = [], []
         rollout = super().collect_rollouts()
@@ -171,10 +175,11 @@ class NLPO(PPO):
 
     def _act(self, agent: RolloutAgent, obs: dict[str, np.ndarray]) -> AgentStep:
         # the masking policy follows the observations with its own KV cache, run with its weights
+        kind = self.policy.kind
         with self.mask_policy():
-            follow_observation(self._mask_decoder, obs, self._mask_last_actions)
+            kind.follow(self._mask_decoder, obs, self._mask_last_actions)
         mask_logits = self._mask_decoder.logits  # (N, V)
-        last = last_tokens(obs, mask_logits.device)  # (N, 1)
+        last = kind.last_tokens(obs, mask_logits.device)  # (N, 1)
         # the masking policy's law is the policy's law (same temperature) at the older weights
         law = self.policy.law
         keep = self.mask_processor.set_mask(law(last, mask_logits.clone()) if law else mask_logits)  # (N, V)

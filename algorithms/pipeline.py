@@ -53,10 +53,12 @@ from algorithms.common.checkpoints import (
 )
 from algorithms.common.distributed import ProcessGroup
 from algorithms.common.nonfinite import check_finite
-from algorithms.common.on_policy import OnPolicyAlgorithm
+from algorithms.common.on_policy import POLICY_FILE, OnPolicyAlgorithm
+from algorithms.flags import parameters
 from algorithms.policy import LMActorCriticPolicy
+from algorithms.presets import PIPELINE_PRESETS
 
-__all__ = ["PRESETS", "PipelineConfig", "run_pipeline"]
+__all__ = ["PipelineConfig", "preset_config", "run_pipeline"]
 
 STATE = "pipeline_state.json"  # what is done: persisted after every step, read back by a resumed run
 SAMPLES_SHOWN = 3  # held-out texts kept per evaluation point (the report shows the first and last point's)
@@ -115,48 +117,32 @@ class PipelineConfig:
             raise ValueError(f"eval_prompts must be >= 2; got {self.eval_prompts!r}")
 
 
-# Presets of `lm-gym pipeline --preset`: the default RLHF run on the embedded model; one that pushes the
-# policy hard against the learned reward model (no KL penalty, a larger learning rate, more iterations, a
-# reward model from few comparisons, as Gao et al. 2022 find smaller proxies over-optimized sooner) to show
-# over-optimization, judged by a gold scorer that repetition cannot game (`sentiment-fluent`: VADER alone
-# rises with "great great great"); and a quick one on `tiny` and the toy letters task (tests, teaching).
-PRESETS: dict[str, dict[str, Any]] = {
-    "default": dict(
-        rl_settings=dict(
-            n_envs=8, max_new_tokens=24, kl_coef=0.05, learning_rate=6e-5, n_epochs=2, batch_size=4
-        )
-    ),
-    "overoptimize": dict(
-        task="sentiment-fluent",
-        collect_prompts=200,
-        k=4,
-        collect_max_new_tokens=24,
-        rm_epochs=2,
-        rm_learning_rate=5e-5,
-        rm_batch_size=32,
-        iterations=24,
-        eval_every=3,
-        eval_prompts=64,
-        rl_settings=dict(
-            n_envs=8, max_new_tokens=24, kl_coef=0.0, learning_rate=2e-4, n_epochs=2, batch_size=4
-        ),
-    ),
-    "quick": dict(
-        model="tiny",
-        task="letters",
-        collect_prompts=16,
-        k=3,
-        collect_max_new_tokens=8,
-        rm_model="tiny",
-        rm_epochs=2,
-        rm_learning_rate=1e-3,
-        rm_batch_size=16,
-        iterations=4,
-        eval_every=2,
-        eval_prompts=8,
-        rl_settings=dict(n_envs=4, max_new_tokens=8, kl_coef=0.05, learning_rate=2e-3, checkpoint_every=2),
-    ),
-}
+def preset_config(
+    preset: str,
+    algorithm: type[OnPolicyAlgorithm],
+    *,
+    rl_settings: dict[str, Any] | None = None,
+    policy_settings: dict[str, Any] | None = None,
+    **settings: Any,
+) -> PipelineConfig:
+    """``lm-gym pipeline``'s config: the preset named ``preset`` (:data:`~algorithms.presets.PIPELINE_PRESETS`)
+    with what is given on top.
+
+    Args:
+        preset: ``default``, ``overoptimize`` or ``quick``.
+        algorithm: the RL algorithm of step 3: the preset's RL settings it does not take are left out (a
+            preset's PPO epochs are not A2C's arguments).
+        rl_settings: keyword arguments of the algorithm, on top of the preset's.
+        policy_settings: keyword arguments of :class:`~algorithms.policy.LMActorCriticPolicy`.
+        **settings: other fields of :class:`PipelineConfig`; None: the preset's.
+    """
+    chosen = PIPELINE_PRESETS[preset]
+    fields = {k: v for k, v in chosen.items() if k != "rl_settings"}
+    fields.update({k: v for k, v in settings.items() if v is not None})
+    rl = {**chosen.get("rl_settings", {}), **(rl_settings or {})}
+    accepted = {q.name for q in parameters(OnPolicyAlgorithm) + parameters(algorithm)}
+    rl = {k: v for k, v in rl.items() if k in accepted}
+    return PipelineConfig(**fields, rl_settings=rl, policy_settings=dict(policy_settings or {}))
 
 
 def run_pipeline(
@@ -421,9 +407,7 @@ def _load_policy_weights(policy: LMActorCriticPolicy, run_dir: Path, iteration: 
     if state.get("iteration") != iteration:
         raise FileNotFoundError(f"no checkpoint of the finished RL at iteration {iteration} in {run_dir}")
     params = dict(policy.named_parameters())
-    weights = load_weights(
-        checkpoint / "policy.safetensors", policy.trainable_state_dict(), policy.device, "policy"
-    )
+    weights = load_weights(checkpoint / POLICY_FILE, policy.trainable_state_dict(), policy.device, "policy")
     with torch.no_grad():  # float32 values: rounded into low-precision weights as the optimizer step does
         for name, value in weights.items():
             params[name].copy_(value)

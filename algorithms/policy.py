@@ -10,8 +10,9 @@ same model with its adapters switched off: no second copy of the weights.
 
 An encoder-decoder LM (T5-style) works the same way (RL4LMs' seq2seq policies): the observations carry the
 source and the decoder prefix, sampling encodes each source once (:class:`lm_gym.seq2seq.Seq2SeqDecoder`),
-the value head reads the decoder's last hidden state, and ``evaluate_actions`` takes the decoder sequences
-as ``decoder_input_ids``.
+the value head reads the decoder's last hidden state, and ``evaluate_actions`` runs the decoder over the
+generated sequences. The policy's :attr:`~LMActorCriticPolicy.kind` (:mod:`lm_gym.kinds`) decides every such
+difference; the code here is written once for both.
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
+from algorithms.common.buffer import SequenceBatch
+from algorithms.common.lora import ADAPTER, add_lora, merged
+from algorithms.shared_pass import shared_lora_decoder
 from lm_gym.decoding import RowDecoder
+from lm_gym.kinds import load_lm, model_kind
 from lm_gym.sampling import policy_warpers, sample, sampling_filters
-from lm_gym.seq2seq import follow_observation, is_encoder_decoder, last_tokens, make_decoder
 
 __all__ = ["LMActorCriticPolicy", "RolloutAgent"]
-
-ADAPTER = "default"
 
 
 class LMActorCriticPolicy(nn.Module):
@@ -79,20 +81,9 @@ class LMActorCriticPolicy(nn.Module):
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.lora_r = lora_r
         model.eval()  # dropout off for good: RL on LMs trains with it off (Ziegler et al.; TRL)
-        if lora_r > 0:
-            from peft import LoraConfig, get_peft_model
-
-            config = LoraConfig(
-                r=lora_r,
-                lora_alpha=lora_alpha,
-                lora_dropout=0.0,
-                target_modules=lora_target_modules,
-                task_type="SEQ_2_SEQ_LM" if is_encoder_decoder(model) else None,
-            )
-            model = get_peft_model(model, config, adapter_name=ADAPTER)  # freezes the base weights
-        else:
-            model.requires_grad_(True)
-        self.model = model
+        self.model = model = add_lora(model, lora_r, lora_alpha, lora_target_modules, ADAPTER)
+        # causal or encoder-decoder (lm_gym.kinds): it answers every question on which the two differ
+        self.kind = model_kind(model)
         self.gradient_checkpointing = gradient_checkpointing
         if gradient_checkpointing:
             # transformers checkpoints only in train mode; with every dropout at 0 that mode changes nothing else
@@ -105,7 +96,6 @@ class LMActorCriticPolicy(nn.Module):
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
-        self.is_encoder_decoder = is_encoder_decoder(model)
         hidden = model.config.hidden_size
         self.critic_trunk = copy.deepcopy(model).requires_grad_(True) if separate_critic else None
         self.value_head = nn.Linear(hidden, 1)
@@ -127,10 +117,7 @@ class LMActorCriticPolicy(nn.Module):
         """Load ``name`` (``tiny``, ``tiny-t5``, ``smollm2-135m``, a folder or a Hub id; causal or T5-style)
         with :mod:`lm_gym.models` and wrap it; ``settings`` are this class's keyword arguments. ``seed`` also
         seeds the LoRA adapters' initialisation (the global RNG is left untouched)."""
-        from lm_gym.models import is_seq2seq_lm, load_causal_lm, load_seq2seq_lm
-
-        load = load_seq2seq_lm if is_seq2seq_lm(name) else load_causal_lm
-        model, tokenizer = load(name, seed=seed, device=device, dtype=dtype)
+        model, tokenizer = load_lm(name, seed=seed, device=device, dtype=dtype)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             return cls(model, tokenizer, **settings)
@@ -170,6 +157,31 @@ class LMActorCriticPolicy(nn.Module):
             raise RuntimeError("with LoRA the reference is the model with adapters off (see reference())")
         return copy.deepcopy(self.model).requires_grad_(False).eval()
 
+    def env_reference(
+        self, num_rows: int, reference: nn.Module | None = None
+    ) -> tuple[nn.Module, RowDecoder | None]:
+        """What an env of ``num_rows`` rows steps as the reference of its KL penalty: ``(model, decoder)`` for
+        ``TextGenVectorEnv(model=model, reference_decoder=decoder)``.
+
+        With LoRA, the policy's own model and a shared-pass decoder (:mod:`algorithms.shared_pass`) whose rows
+        run it with the adapters off while its twin rows are the policy: give the decoder to
+        :meth:`rollout_agent` too. Without, ``reference`` (default: a frozen copy of the policy now) and no
+        decoder (the env builds its own).
+
+        Args:
+            num_rows: the env's number of rows.
+            reference: the frozen model of full fine-tuning's KL (e.g. the initial model of iterated RLHF).
+        """
+        if self.adapter is None:
+            return (reference if reference is not None else self.reference_copy()), None
+        if reference is not None:
+            raise ValueError(
+                "reference: with LoRA the reference is the model with its adapters off; pass none"
+            )
+        return self.model, shared_lora_decoder(
+            self.model, num_rows, self.tokenizer.pad_token_id, self.adapter
+        )
+
     # ------------------------------------------------------------------------------------------ acting
     def rollout_agent(
         self, num_rows: int, generator: torch.Generator | None = None, shared: RowDecoder | None = None
@@ -183,61 +195,36 @@ class LMActorCriticPolicy(nn.Module):
 
     # ------------------------------------------------------------------------------------------ learning
     def evaluate_actions(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        action_mask: torch.Tensor,
-        entropy_grad: bool = True,
-        return_log_probs_all: bool = False,
-        action_masks: torch.Tensor | None = None,
-        decoder_input_ids: torch.Tensor | None = None,
-        decoder_attention_mask: torch.Tensor | None = None,
+        self, batch: SequenceBatch, *, entropy_grad: bool = True, return_log_probs_all: bool = False
     ) -> tuple[torch.Tensor, ...]:
         """Log-probs, entropies and values of the actions in whole sequences, in one teacher-forced pass.
 
         Args:
-            input_ids: (B, L) left-padded sequences (prompt + generated tokens); for an encoder-decoder, the
-                sources (B, S).
-            attention_mask: (B, L) (encoder-decoder: (B, S)).
-            action_mask: (B, L) 1 where the token was an action (generated by the policy); for an
-                encoder-decoder (B, D), over ``decoder_input_ids``.
+            batch: the sequences and their actions, as
+                :meth:`~algorithms.common.buffer.RolloutBuffer.minibatches` yields them: ``action_mask``
+                (B, L) marks the tokens of the text (a causal LM's whole sequence, an encoder-decoder's
+                decoder sequence) that were actions, and ``action_masks`` (M, V), if not None, the tokens each
+                action was allowed among (NLPO's masks, in ``action_mask.nonzero()`` order): the others are
+                set to -inf after the temperature, so log-probs and entropy are those of the masked law. The
+                per-action arrays (``old_log_prob``, ...) are not read.
             entropy_grad: keep the entropy in the autograd graph (needed only for an entropy bonus;
                 without it the (M, V) tensors of the entropy are freed at once).
             return_log_probs_all: also return the (M, V) log-probs of every token under the policy's law
                 (for an exact KL between two policies, as TRPO needs).
-            action_masks: (M, V) bool, optional: the tokens each action was allowed among (NLPO's masks,
-                in ``action_mask.nonzero()`` order). The others are set to -inf after the temperature, so
-                log-probs and entropy are those of the masked law.
-            decoder_input_ids: (B, D) encoder-decoder only: the decoder sequences (start token, then the
-                generated tokens), as :class:`~algorithms.common.buffer.SequenceBatch` carries them.
-            decoder_attention_mask: (B, D).
 
         Returns:
             log_prob, entropy, value: each (M,) for the M actions, in ``action_mask.nonzero()`` order;
             ``value`` is the critic's estimate of the state *before* each action. With
             ``return_log_probs_all``, a fourth item: log_probs_all (M, V).
         """
-        if decoder_input_ids is not None:
-            return self._evaluate_seq2seq_actions(
-                input_ids,
-                attention_mask,
-                decoder_input_ids,
-                decoder_attention_mask,
-                action_mask,
-                entropy_grad,
-                return_log_probs_all,
-                action_masks,
-            )
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        text = self.kind.text(batch)  # (B, L) the sequences the action mask is over
         # the logits/hidden state at position j-1 predict/evaluate the action at position j
-        rows, cols = action_mask[:, 1:].nonzero(as_tuple=True)  # (M,), (M,)
+        rows, cols = batch.action_mask[:, 1:].nonzero(as_tuple=True)  # (M,), (M,)
         # no logits are needed before the first action: skip the prompt's where the model allows it
         first = int(cols.min()) if self._logits_to_keep else 0
-        keep = {"logits_to_keep": input_ids.shape[1] - first} if self._logits_to_keep else {}
+        keep = {"logits_to_keep": text.shape[1] - first} if self._logits_to_keep else {}
         inputs = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "position_ids": positions,
+            **self.kind.forward_inputs(batch),
             "output_hidden_states": True,
             "use_cache": False,  # one pass: no KV cache to build (and none allowed with checkpointing)
         }
@@ -245,55 +232,16 @@ class LMActorCriticPolicy(nn.Module):
         with _train_mode(self.model, checkpointing):  # transformers checkpoints only in train mode
             out = self.model(**inputs, **keep)
         logits = out.logits[rows, cols - first].float()  # (M, V)
-        hidden = out.hidden_states[-1][rows, cols] if self.critic_trunk is None else None  # (M, H)
+        # (M, H) what the value head reads: the trunk's last hidden state where each action was taken
+        hidden = None if self.critic_trunk is not None else self.kind.last_hidden_states(out)[rows, cols]
         del out  # the (B, L, V) logits are not needed past this point
-        actions = input_ids[rows, cols + 1]  # (M,)
+        actions = text[rows, cols + 1]  # (M,)
         log_prob, entropy, log_probs_all = self._law_log_probs(
-            input_ids[rows, cols][:, None], logits, actions, action_masks, entropy_grad
+            text[rows, cols][:, None], logits, actions, batch.action_masks, entropy_grad
         )
         if hidden is None:
             with _train_mode(self.critic_trunk, checkpointing):
-                hidden = self.critic_trunk(**inputs).hidden_states[-1][rows, cols]
-        value = self.value_head(hidden.to(self.value_head.weight.dtype))[:, 0]
-        if return_log_probs_all:
-            return log_prob, entropy, value, log_probs_all
-        return log_prob, entropy, value
-
-    def _evaluate_seq2seq_actions(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        decoder_input_ids: torch.Tensor,
-        decoder_attention_mask: torch.Tensor,
-        action_mask: torch.Tensor,
-        entropy_grad: bool,
-        return_log_probs_all: bool,
-        action_masks: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, ...]:
-        """:meth:`evaluate_actions` of an encoder-decoder: one pass of encoder and teacher-forced decoder."""
-        # the decoder's logits/hidden state at position j-1 predict/evaluate the action at position j
-        rows, cols = action_mask[:, 1:].nonzero(as_tuple=True)  # (M,), (M,)
-        inputs = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "decoder_input_ids": decoder_input_ids,
-            "decoder_attention_mask": decoder_attention_mask,
-            "use_cache": False,
-            "output_hidden_states": True,
-        }
-        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
-        with _train_mode(self.model, checkpointing):  # transformers checkpoints only in train mode
-            out = self.model(**inputs)
-        logits = out.logits[rows, cols].float()  # (M, V)
-        hidden = out.decoder_hidden_states[-1][rows, cols] if self.critic_trunk is None else None  # (M, H)
-        del out  # the (B, D, V) logits are not needed past this point
-        actions = decoder_input_ids[rows, cols + 1]  # (M,)
-        log_prob, entropy, log_probs_all = self._law_log_probs(
-            decoder_input_ids[rows, cols][:, None], logits, actions, action_masks, entropy_grad
-        )
-        if hidden is None:
-            with _train_mode(self.critic_trunk, checkpointing):
-                hidden = self.critic_trunk(**inputs).decoder_hidden_states[-1][rows, cols]
+                hidden = self.kind.last_hidden_states(self.critic_trunk(**inputs))[rows, cols]
         value = self.value_head(hidden.to(self.value_head.weight.dtype))[:, 0]
         if return_log_probs_all:
             return log_prob, entropy, value, log_probs_all
@@ -334,10 +282,7 @@ class LMActorCriticPolicy(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        model = self.model
-        if self.adapter is not None:
-            model = copy.deepcopy(self.model).merge_and_unload()
-        model.save_pretrained(directory, safe_serialization=True)
+        merged(self.model).save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
         save_file(
             {k: v.contiguous() for k, v in self.value_head.state_dict().items()},
@@ -414,11 +359,11 @@ class RolloutAgent:
         self.policy = policy
         self.generator = generator
         self.shared = shared
-        pad = policy.tokenizer.pad_token_id
+        pad, kind = policy.tokenizer.pad_token_id, policy.kind
         # a BatchedDecoder, or a Seq2SeqDecoder for an encoder-decoder (each source encoded once)
-        self.decoder = None if self.shared else make_decoder(policy.model, num_rows, pad, keep_hidden=True)
+        self.decoder = None if self.shared else kind.decoder(policy.model, num_rows, pad, keep_hidden=True)
         self.critic = (
-            make_decoder(policy.critic_trunk, num_rows, pad, keep_hidden=True)
+            kind.decoder(policy.critic_trunk, num_rows, pad, keep_hidden=True)
             if policy.critic_trunk
             else None
         )
@@ -429,10 +374,10 @@ class RolloutAgent:
         if self.shared is not None:
             logits, hidden = self.shared.twin_logits, self.shared.hidden
         else:
-            follow_observation(self.decoder, obs, self._last_actions)
+            self.policy.kind.follow(self.decoder, obs, self._last_actions)
             logits, hidden = self.decoder.logits, self.decoder.hidden
         if self.critic is not None:
-            follow_observation(self.critic, obs, self._last_actions)
+            self.policy.kind.follow(self.critic, obs, self._last_actions)
             hidden = self.critic.hidden
         return logits, hidden
 
@@ -459,7 +404,7 @@ class RolloutAgent:
             penalty. Without ``processor`` the two log-probs are the same tensor.
         """
         logits, hidden = self._hidden_and_logits(obs)  # (N, V), (N, H)
-        last = last_tokens(obs, logits.device)  # (N, 1)
+        last = self.policy.kind.last_tokens(obs, logits.device)  # (N, 1)
         law = self.policy.law
         if processor is not None:
             law = LogitsProcessorList([*law, processor])

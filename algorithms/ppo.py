@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from algorithms.common.on_policy import OnPolicyAlgorithm, _check
+from algorithms.common.on_policy import OnPolicyAlgorithm
+from algorithms.common.trainer import check_arg
 from algorithms.policy import LMActorCriticPolicy
 
 __all__ = ["PPO", "clipped_value_loss"]
@@ -71,13 +72,13 @@ class PPO(OnPolicyAlgorithm):
         target_kl: float | None = None,
         **kwargs,
     ) -> None:
-        _check("n_epochs", n_epochs, lambda v: int(v) == v and v >= 1, "an integer >= 1")
-        _check("batch_size", batch_size, lambda v: int(v) == v and v >= 1, "an integer >= 1")
-        _check("clip_range", clip_range, lambda v: 0 < v < 1, "in (0, 1)")
-        _check("clip_range_vf", clip_range_vf, lambda v: v is None or v > 0, "> 0 or None")
-        _check("vf_coef", vf_coef, lambda v: v >= 0, ">= 0")
-        _check("ent_coef", ent_coef, lambda v: v >= 0, ">= 0")
-        _check("target_kl", target_kl, lambda v: v is None or v > 0, "> 0 or None")
+        check_arg("n_epochs", n_epochs, lambda v: int(v) == v and v >= 1, "an integer >= 1")
+        check_arg("batch_size", batch_size, lambda v: int(v) == v and v >= 1, "an integer >= 1")
+        check_arg("clip_range", clip_range, lambda v: 0 < v < 1, "in (0, 1)")
+        check_arg("clip_range_vf", clip_range_vf, lambda v: v is None or v > 0, "> 0 or None")
+        check_arg("vf_coef", vf_coef, lambda v: v >= 0, ">= 0")
+        check_arg("ent_coef", ent_coef, lambda v: v >= 0, ">= 0")
+        check_arg("target_kl", target_kl, lambda v: v is None or v > 0, "> 0 or None")
         super().__init__(policy, **kwargs)
         self.n_epochs, self.batch_size = n_epochs, batch_size
         self.clip_range, self.clip_range_vf = clip_range, clip_range_vf
@@ -95,15 +96,8 @@ class PPO(OnPolicyAlgorithm):
             for batch in buffer.minibatches(
                 self.batch_size, rng, policy.device, policy.tokenizer.pad_token_id
             ):
-                log_prob, entropy, values = policy.evaluate_actions(
-                    batch.input_ids,
-                    batch.attention_mask,
-                    batch.action_mask,
-                    entropy_grad=self.ent_coef > 0,
-                    action_masks=batch.action_masks,  # None unless the rollout stored masks (NLPO)
-                    decoder_input_ids=batch.decoder_input_ids,  # None unless the policy is seq2seq
-                    decoder_attention_mask=batch.decoder_attention_mask,
-                )  # (M,) each
+                # (M,) each; NLPO's batches carry the action masks, a seq2seq policy's the decoder sequences
+                log_prob, entropy, values = policy.evaluate_actions(batch, entropy_grad=self.ent_coef > 0)
                 advantages = batch.advantages
                 ratio = torch.exp(log_prob - batch.old_log_prob)
                 # clipped surrogate objective (Schulman et al. 2017, eq. 7)

@@ -39,7 +39,8 @@ the batch's pairs and the gradients are averaged, so N processes take the step o
 batch. Every process evaluates (identically); only the main process logs and saves the folder.
 
 With a ``checkpoint_dir`` the main process writes a checkpoint at the end of every epoch (weights, optimizer
-and schedule, the batch-order generator, the torch RNG states, the history; :mod:`algorithms.common.checkpoints`);
+state, the batch-order generator, the torch RNG states, the history; the trainer skeleton's,
+:mod:`algorithms.common.trainer`);
 ``resume=True`` continues from the latest one and, on CPU, ends as the uninterrupted run does.
 """
 
@@ -58,17 +59,9 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from algorithms.common.checkpoints import (
-    check_same_settings,
-    latest_checkpoint,
-    load_training_state,
-    restore_rng_state,
-    rng_state,
-    save_training_state,
-    write_checkpoint,
-)
 from algorithms.common.distributed import ProcessGroup
-from algorithms.common.nonfinite import NonFiniteGuard, check_finite, step_if_finite
+from algorithms.common.nonfinite import check_finite
+from algorithms.common.trainer import Trainer
 from lm_gym.preferences.data import PreferenceRecord
 from lm_gym.rewards import REWARD_INPUT, REWARD_MODEL_INFO, RewardFunction, RewardInput
 
@@ -401,7 +394,6 @@ def train_reward_model(
             f"train_reward_model: center_coef must be >= 0 and warmup_ratio in [0, 1); got {center_coef}, "
             f"{warmup_ratio}"
         )
-    guard = NonFiniteGuard(max_nonfinite, unit="step", hint="check the learning rate and the margins")
     start = time.perf_counter()
     base = model if isinstance(model, str) else model.name_or_path
     settings = dict(
@@ -425,14 +417,7 @@ def train_reward_model(
     run_settings["data"] = digest.hexdigest()[:16]  # the records: a resume on other data is refused
     checkpoint = state = None
     if resume:
-        if checkpoint_dir is None:
-            raise ValueError("train_reward_model: resume needs the checkpoint_dir to resume from")
-        checkpoint = latest_checkpoint(checkpoint_dir)
-        if checkpoint is None:
-            raise FileNotFoundError(f"no checkpoint in {checkpoint_dir} to resume from")
-        state = json.loads((checkpoint / "state.json").read_text())
-        hint = "resume with the same settings and data, or start afresh in another folder"
-        check_same_settings(state["settings"], run_settings, str(checkpoint), hint)
+        checkpoint, state = Trainer.resume_point(checkpoint_dir, run_settings, "train_reward_model")
     train_records, held_out = split_by_prompt(records, eval_fraction, seed)
     train_records = [r for r in train_records if r.agreement is None or r.agreement >= min_agreement]
     if not train_records:
@@ -450,20 +435,27 @@ def train_reward_model(
     model.eval()
     rng = np.random.default_rng(seed)
     steps = epochs * len(_batches(train_records, batch_size, np.random.default_rng(0)))
-    warmup = int(steps * warmup_ratio)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(steps - warmup, 1)),
+    trainer = Trainer(
+        params,
+        group,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm if max_grad_norm > 0 else math.inf,
+        lr_schedule="linear",
+        warmup_steps=int(steps * warmup_ratio),
+        max_nonfinite=max_nonfinite,
+        unit="step",
+        hint="check the learning rate and the margins",
     )
+    guard, weights, step = trainer.guard, dict(model.named_parameters()), 0
     evaluate = dict(gold=gold, include_prompt=include_prompt, confident=confident, max_length=max_length)
     history: list[dict[str, float]] = []
     first_epoch = 1
     if checkpoint is not None:
-        _load_checkpoint(checkpoint, model, optimizer, schedule, group)
+        trainer.load(checkpoint, weights)
         rng.bit_generator.state = state["batch_order_rng"]
         history, first_epoch = state["history"], state["epoch"] + 1
-        guard.streak = state.get("nonfinite_streak", 0)  # absent from checkpoints before the guard
+        step = state["epoch"] * (steps // epochs)  # every epoch has the same number of batches
         start = time.perf_counter() - state["elapsed"]
         if log is not None:
             log(f"resumed from {checkpoint} (epoch {state['epoch']} of {epochs})")
@@ -494,14 +486,12 @@ def train_reward_model(
                 shares = [r.agreement if r.agreement is not None else 1.0 for r in batch]
                 targets = torch.tensor(shares, device=device_)  # (P,)
             loss = bradley_terry_loss(r_chosen, r_rejected, margins, center_coef, targets)
-            optimizer.zero_grad(set_to_none=True)
+            trainer.set_learning_rate(step, steps)
             finite = bool(torch.isfinite(loss))
             if finite:
                 (loss * weight).backward()
-            grad_norm = step_if_finite(
-                optimizer, params, group, finite, max_grad_norm if max_grad_norm > 0 else math.inf
-            )
-            schedule.step()
+            grad_norm = trainer.step(finite)
+            step += 1
             if guard.end_round(int(grad_norm is None), f"epoch {epoch}, step {len(losses) + 1}"):
                 raise guard.error("the weights hold the last finite update; the reward model was not saved")
             losses.append(loss.item() * weight / group.world_size)  # this share's part of the batch's mean
@@ -531,9 +521,8 @@ def train_reward_model(
                 batch_order_rng=rng.bit_generator.state,
                 elapsed=time.perf_counter() - start,
                 settings=run_settings,
-                nonfinite_streak=guard.streak,
             )
-            _save_checkpoint(checkpoint_dir, keep_checkpoints, model, optimizer, schedule, group, progress)
+            trainer.save(checkpoint_dir, f"epoch_{epoch:06d}", weights, progress, keep_checkpoints)
     if guard.streak:  # the last step's loss was not finite: so are the model's scores
         raise guard.error("the weights hold the last finite update; the reward model was not saved")
     metrics = {
@@ -549,39 +538,6 @@ def train_reward_model(
         )
     group.barrier()  # every process returns with the folder complete
     return result
-
-
-def _save_checkpoint(
-    root: str | Path,
-    keep: int | None,
-    model: PreTrainedModel,
-    optimizer: torch.optim.Optimizer,
-    schedule: Any,
-    group: ProcessGroup,
-    progress: dict[str, Any],
-) -> None:
-    """The state at the end of an epoch (every process calls it; the main process writes)."""
-    rng = rng_state(group)  # a collective
-    if not group.is_main_process:
-        return
-
-    def write(folder: Path) -> None:
-        save_training_state(folder, dict(model.named_parameters()), optimizer, schedule, {**progress, **rng})
-
-    write_checkpoint(root, f"epoch_{progress['epoch']:06d}", write, keep)
-
-
-def _load_checkpoint(
-    checkpoint: Path,
-    model: PreTrainedModel,
-    optimizer: torch.optim.Optimizer,
-    schedule: Any,
-    group: ProcessGroup,
-) -> None:
-    state = load_training_state(
-        checkpoint, dict(model.named_parameters()), optimizer, schedule, _device(model)
-    )
-    restore_rng_state(state, group, checkpoint)
 
 
 def save_reward_model(

@@ -54,7 +54,6 @@ Points where SB3's conventions meet the LM setting:
 
 from __future__ import annotations
 
-import copy
 import inspect
 from contextlib import nullcontext
 from pathlib import Path
@@ -71,6 +70,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from algorithms.common.lora import merged
 from lm_gym.models import load_causal_lm
 from lm_gym.spaces import PAD
 
@@ -393,10 +393,7 @@ class LMSB3Policy(ActorCriticPolicy):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        lm = self.lm
-        if hasattr(lm, "merge_and_unload"):
-            lm = copy.deepcopy(lm).merge_and_unload()
-        lm.save_pretrained(directory, safe_serialization=True)
+        merged(self.lm).save_pretrained(directory, safe_serialization=True)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
         save_file(

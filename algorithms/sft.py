@@ -15,8 +15,8 @@ batch's target-token count and the gradients are averaged, so N processes take t
 on the whole batch. Only the main process prints and writes the model folder.
 
 With a ``checkpoint_dir`` the main process writes a checkpoint at the end of every epoch (weights, optimizer
-and scheduler state, the shuffling generator, every process's torch RNG state and the history;
-:mod:`algorithms.common.checkpoints`); ``learn(..., resume=True)`` continues from the latest one and, on CPU, ends with
+state, the step count, the shuffling generator, every process's torch RNG state and the history; the trainer
+skeleton's, :mod:`algorithms.common.trainer`); ``learn(..., resume=True)`` continues from the latest one and, on CPU, ends with
 the weights and metrics of the uninterrupted run.
 """
 
@@ -36,20 +36,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from huggingface_hub import is_offline_mode
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from algorithms.common.checkpoints import (
-    check_same_settings,
-    latest_checkpoint,
-    load_training_state,
-    restore_rng_state,
-    rng_state,
-    save_training_state,
-    write_checkpoint,
-)
 from algorithms.common.distributed import ProcessGroup
-from algorithms.common.nonfinite import NonFiniteGuard, check_finite, step_if_finite
-from algorithms.common.on_policy import _check
+from algorithms.common.nonfinite import check_finite
+from algorithms.common.trainer import Trainer, check_arg
 from lm_gym.preferences.data import is_local_path
 
 __all__ = [
@@ -304,25 +295,29 @@ class SFT:
         max_nonfinite: int = 3,
     ) -> None:
         integer = "an integer >= 1"
-        _check("epochs", epochs, lambda v: int(v) == v and v >= 1, integer)
-        _check("batch_size", batch_size, lambda v: int(v) == v and v >= 1, integer)
-        _check("learning_rate", learning_rate, lambda v: v > 0, "> 0")
-        _check("lr_schedule", lr_schedule, lambda v: v in ("linear", "constant"), "'linear' or 'constant'")
-        _check("warmup_ratio", warmup_ratio, lambda v: 0 <= v < 1, "in [0, 1)")
-        _check("weight_decay", weight_decay, lambda v: v >= 0, ">= 0")
-        _check("max_grad_norm", max_grad_norm, lambda v: v >= 0, ">= 0 (0 = no clipping)")
-        _check("max_length", max_length, lambda v: int(v) == v and v >= 2, "an integer >= 2")
-        _check("max_steps", max_steps, lambda v: v is None or (int(v) == v and v >= 1), f"None or {integer}")
-        _check("eval_fraction", eval_fraction, lambda v: 0 <= v < 1, "in [0, 1)")
-        _check("lora_r", lora_r, lambda v: int(v) == v and v >= 0, "an integer >= 0 (0 = full fine-tuning)")
-        _check("lora_alpha", lora_alpha, lambda v: v > 0, "> 0")
-        _check(
+        check_arg("epochs", epochs, lambda v: int(v) == v and v >= 1, integer)
+        check_arg("batch_size", batch_size, lambda v: int(v) == v and v >= 1, integer)
+        check_arg("learning_rate", learning_rate, lambda v: v > 0, "> 0")
+        check_arg("lr_schedule", lr_schedule, lambda v: v in ("linear", "constant"), "'linear' or 'constant'")
+        check_arg("warmup_ratio", warmup_ratio, lambda v: 0 <= v < 1, "in [0, 1)")
+        check_arg("weight_decay", weight_decay, lambda v: v >= 0, ">= 0")
+        check_arg("max_grad_norm", max_grad_norm, lambda v: v >= 0, ">= 0 (0 = no clipping)")
+        check_arg("max_length", max_length, lambda v: int(v) == v and v >= 2, "an integer >= 2")
+        check_arg(
+            "max_steps", max_steps, lambda v: v is None or (int(v) == v and v >= 1), f"None or {integer}"
+        )
+        check_arg("eval_fraction", eval_fraction, lambda v: 0 <= v < 1, "in [0, 1)")
+        check_arg(
+            "lora_r", lora_r, lambda v: int(v) == v and v >= 0, "an integer >= 0 (0 = full fine-tuning)"
+        )
+        check_arg("lora_alpha", lora_alpha, lambda v: v > 0, "> 0")
+        check_arg(
             "keep_checkpoints",
             keep_checkpoints,
             lambda v: v is None or (int(v) == v and v >= 1),
             "None or >= 1",
         )
-        _check("max_nonfinite", max_nonfinite, lambda v: int(v) == v and v >= 1, integer)
+        check_arg("max_nonfinite", max_nonfinite, lambda v: int(v) == v and v >= 1, integer)
         self.model, self.tokenizer = model, tokenizer
         self.epochs, self.batch_size, self.learning_rate = epochs, batch_size, learning_rate
         self.lr_schedule, self.warmup_ratio, self.weight_decay = lr_schedule, warmup_ratio, weight_decay
@@ -427,7 +422,9 @@ class SFT:
         if self.max_steps is not None:
             total_steps = min(total_steps, self.max_steps)
         settings = self._run_settings(train, held_out)
-        checkpoint, state = self._checkpoint_to_resume(settings) if resume else (None, None)
+        checkpoint, state = (
+            Trainer.resume_point(self.checkpoint_dir, settings, "SFT") if resume else (None, None)
+        )
         metrics: dict[str, float] = {"train/examples": len(train), "eval/examples": len(held_out)}
         if state is not None:  # the initial model's held-out loss, measured before the crash
             metrics.update(state["metrics"])
@@ -436,7 +433,6 @@ class SFT:
             metrics["eval/perplexity_initial"] = math.exp(metrics["eval/loss_initial"])
         history: list[dict[str, float]] = []
         group = self.process_group
-        guard = NonFiniteGuard(self.max_nonfinite, unit="step", hint="check the learning rate")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)  # dropout and the LoRA initialisation
             model = self._trainable_model()
@@ -444,19 +440,26 @@ class SFT:
             group.broadcast_parameters(params)  # the same starting weights (LoRA's too) in every process
             if group.rank:  # dropout: each process's own stream (the main process keeps the single one's)
                 torch.manual_seed(self.seed + 1_000_003 * group.rank)
-            optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
-            scheduler = get_scheduler(
-                "linear" if self.lr_schedule == "linear" else "constant_with_warmup",
-                optimizer,
-                num_warmup_steps=round(self.warmup_ratio * total_steps),
-                num_training_steps=total_steps,
+            trainer = Trainer(
+                params,
+                group,
+                learning_rate=self.learning_rate,
+                weight_decay=self.weight_decay,
+                max_grad_norm=self.max_grad_norm if self.max_grad_norm > 0 else math.inf,
+                lr_schedule=self.lr_schedule,
+                warmup_steps=round(self.warmup_ratio * total_steps),
+                max_nonfinite=self.max_nonfinite,
+                unit="step",
+                hint="check the learning rate",
             )
+            guard = trainer.guard
+            weights = {k: p for k, p in model.named_parameters() if p.requires_grad}
             generator = torch.Generator().manual_seed(self.seed)
             step = 0
             if checkpoint is not None:
-                self._load_checkpoint(checkpoint, model, optimizer, scheduler, generator)
+                trainer.load(checkpoint, weights)
+                generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
                 step, history = state["step"], state["history"]
-                guard.streak = state.get("nonfinite_streak", 0)  # absent from checkpoints before the guard
                 start_time = time.perf_counter() - state["elapsed"]
                 if self.verbose and group.is_main_process:
                     print(f"resumed from {checkpoint} (step {step} of {total_steps})", flush=True)
@@ -468,7 +471,7 @@ class SFT:
                     examples = [train[i] for i in order[first : first + self.batch_size]]
                     n_tokens = _target_count(examples)  # of the global batch, whichever process holds them
                     mine = group.shard(examples)  # this process's share (all of it alone)
-                    optimizer.zero_grad(set_to_none=True)
+                    trainer.set_learning_rate(step, total_steps)
                     nll, finite = torch.zeros(()), True
                     if mine:
                         nll, _ = _nll(model, collate(mine, self.pad_token_id, self.device))
@@ -478,10 +481,8 @@ class SFT:
                         finite = bool(torch.isfinite(loss))
                         if finite:
                             loss.backward()
-                    max_norm = self.max_grad_norm if self.max_grad_norm > 0 else math.inf
                     # a process with an empty share adds zeros to the average
-                    grad_norm = step_if_finite(optimizer, params, group, finite, max_norm)
-                    scheduler.step()
+                    grad_norm = trainer.step(finite)
                     step += 1
                     if grad_norm is not None:
                         grad_norms.append(float(grad_norm))
@@ -495,7 +496,7 @@ class SFT:
                     "epoch": step / steps_per_epoch,
                     "train/loss": float(epoch_nll / epoch_tokens),
                     "train/grad_norm": float(np.mean(grad_norms)) if grad_norms else math.nan,
-                    "train/learning_rate": scheduler.get_last_lr()[0],
+                    "train/learning_rate": trainer.learning_rate_at(step, total_steps),  # the next step's
                     "time/elapsed": time.perf_counter() - start_time,
                 }
                 if held_out:
@@ -505,18 +506,16 @@ class SFT:
                 if self.verbose and group.is_main_process:
                     print(" ".join(f"{k} {v:.4g}" for k, v in record.items()), flush=True)
                 if self.checkpoint_dir is not None:
-                    elapsed = time.perf_counter() - start_time
-                    self._save_checkpoint(
-                        model,
-                        optimizer,
-                        scheduler,
-                        generator,
-                        step,
-                        history,
-                        metrics,
-                        elapsed,
-                        settings,
-                        guard,
+                    state = {
+                        "step": step,
+                        "history": history,
+                        "metrics": {k: v for k, v in metrics.items() if k.endswith("_initial")},
+                        "elapsed": time.perf_counter() - start_time,
+                        "generator": generator.get_state().tolist(),
+                        "settings": settings,
+                    }
+                    trainer.save(
+                        self.checkpoint_dir, f"step_{step:06d}", weights, state, self.keep_checkpoints
                     )
         if guard.streak:  # the last step's loss was not finite: so are the model's outputs
             raise guard.error("the weights hold the last finite update")
@@ -549,76 +548,10 @@ class SFT:
         settings["data"] = digest.hexdigest()[:16]  # the tokenized demonstrations, held-out ones included
         return settings
 
-    def _checkpoint_to_resume(self, settings: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
-        if self.checkpoint_dir is None:
-            raise ValueError("resume: set checkpoint_dir, the folder of the checkpoints to resume from")
-        checkpoint = latest_checkpoint(self.checkpoint_dir)
-        if checkpoint is None:
-            raise FileNotFoundError(f"no checkpoint in {self.checkpoint_dir} to resume from")
-        state = json.loads((checkpoint / "state.json").read_text())
-        hint = "resume with the same settings and data, or start afresh in another folder"
-        check_same_settings(state["settings"], settings, str(checkpoint), hint)
-        return checkpoint, state
-
-    def _save_checkpoint(
-        self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: Any,
-        generator: torch.Generator,
-        step: int,
-        history: list[dict[str, float]],
-        metrics: dict[str, float],
-        elapsed: float,
-        settings: dict[str, Any],
-        guard: NonFiniteGuard,
-    ) -> None:
-        """The state at the end of an epoch (every process calls it; the main process writes)."""
-        rng = rng_state(self.process_group)  # a collective: each process's dropout stream
-        if not self.process_group.is_main_process:
-            return
-        state = {
-            "step": step,
-            "history": history,
-            "metrics": {k: v for k, v in metrics.items() if k.endswith("_initial")},
-            "elapsed": elapsed,
-            "generator": generator.get_state().tolist(),
-            "settings": settings,
-            "nonfinite_streak": guard.streak,
-            **rng,
-        }
-        params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-
-        def write(folder: Path) -> None:
-            save_training_state(folder, params, optimizer, scheduler, state)
-
-        write_checkpoint(self.checkpoint_dir, f"step_{step:06d}", write, self.keep_checkpoints)
-
-    def _load_checkpoint(
-        self,
-        checkpoint: Path,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: Any,
-        generator: torch.Generator,
-    ) -> None:
-        params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-        state = load_training_state(checkpoint, params, optimizer, scheduler, self.device)
-        generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
-        restore_rng_state(state, self.process_group, checkpoint)
-
     def _trainable_model(self) -> torch.nn.Module:
-        if self.lora_r == 0:
-            return self.model.requires_grad_(True)
-        from peft import LoraConfig, get_peft_model
+        from algorithms.common.lora import add_lora
 
-        config = LoraConfig(
-            r=self.lora_r,
-            lora_alpha=self.lora_alpha,
-            lora_dropout=0.0,
-            target_modules=self.lora_target_modules,
-        )
-        return get_peft_model(self.model, config)  # freezes the base weights
+        return add_lora(self.model, self.lora_r, self.lora_alpha, self.lora_target_modules)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write a ``transformers`` folder (safetensors) with the tokenizer and ``sft_metrics.json``.

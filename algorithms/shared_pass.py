@@ -20,7 +20,8 @@ import torch
 from transformers import PreTrainedModel
 
 from lm_gym.decoding import BatchedDecoder, RowDecoder
-from lm_gym.seq2seq import Seq2SeqDecoder, is_encoder_decoder
+from lm_gym.kinds import model_kind
+from lm_gym.seq2seq import Seq2SeqDecoder
 
 __all__ = ["LoRASharedDecoder", "LoRASharedSeq2SeqDecoder", "shared_lora_decoder"]
 
@@ -73,9 +74,9 @@ class LoRASharedSeq2SeqDecoder(_LoRATwins, Seq2SeqDecoder):
 
 
 def shared_lora_decoder(model: PreTrainedModel, num_rows: int, pad_token_id: int, adapter: str) -> RowDecoder:
-    """The shared-pass decoder that fits ``model`` (causal or encoder-decoder)."""
-    kind = LoRASharedSeq2SeqDecoder if is_encoder_decoder(model) else LoRASharedDecoder
-    return kind(model, num_rows, pad_token_id, adapter)
+    """The shared-pass decoder of ``model``'s kind: its kind's decoder with LoRA twin rows."""
+    twinned = {BatchedDecoder: LoRASharedDecoder, Seq2SeqDecoder: LoRASharedSeq2SeqDecoder}
+    return twinned[model_kind(model).decoder_class](model, num_rows, pad_token_id, adapter)
 
 
 def _twin_lora_b(

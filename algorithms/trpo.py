@@ -37,7 +37,8 @@ from sb3_contrib.common.utils import conjugate_gradient_solver, flat_grad
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from algorithms.common.buffer import SequenceBatch
-from algorithms.common.on_policy import OnPolicyAlgorithm, _check
+from algorithms.common.on_policy import OnPolicyAlgorithm
+from algorithms.common.trainer import check_arg
 from algorithms.policy import LMActorCriticPolicy
 
 __all__ = ["TRPO"]
@@ -82,16 +83,18 @@ class TRPO(OnPolicyAlgorithm):
         fisher_subsample: float = 1.0,
         **kwargs,
     ) -> None:
-        _check("batch_size", batch_size, lambda v: int(v) == v and v >= 1, "an integer >= 1")
-        _check("target_kl", target_kl, lambda v: v > 0, "> 0")
-        _check("cg_max_steps", cg_max_steps, lambda v: int(v) == v and v >= 1, "an integer >= 1")
-        _check("cg_damping", cg_damping, lambda v: v >= 0, ">= 0")
-        _check("line_search_shrinking_factor", line_search_shrinking_factor, lambda v: 0 < v < 1, "in (0, 1)")
-        _check(
+        check_arg("batch_size", batch_size, lambda v: int(v) == v and v >= 1, "an integer >= 1")
+        check_arg("target_kl", target_kl, lambda v: v > 0, "> 0")
+        check_arg("cg_max_steps", cg_max_steps, lambda v: int(v) == v and v >= 1, "an integer >= 1")
+        check_arg("cg_damping", cg_damping, lambda v: v >= 0, ">= 0")
+        check_arg(
+            "line_search_shrinking_factor", line_search_shrinking_factor, lambda v: 0 < v < 1, "in (0, 1)"
+        )
+        check_arg(
             "line_search_max_iter", line_search_max_iter, lambda v: int(v) == v and v >= 1, "an integer >= 1"
         )
-        _check("n_critic_updates", n_critic_updates, lambda v: int(v) == v and v >= 1, "an integer >= 1")
-        _check("fisher_subsample", fisher_subsample, lambda v: 0 < v <= 1, "in (0, 1]")
+        check_arg("n_critic_updates", n_critic_updates, lambda v: int(v) == v and v >= 1, "an integer >= 1")
+        check_arg("fisher_subsample", fisher_subsample, lambda v: 0 < v <= 1, "in (0, 1]")
         super().__init__(policy, **kwargs)
         self.batch_size, self.target_kl = batch_size, target_kl
         self.cg_max_steps, self.cg_damping = cg_max_steps, cg_damping
@@ -102,7 +105,7 @@ class TRPO(OnPolicyAlgorithm):
         # and the critic's trunk if separate), so the core's checkpoints and lr schedule apply to it.
         self.actor_params = [p for p in policy.model.parameters() if p.requires_grad]
         actor = {id(p) for p in self.actor_params}
-        self.optimizer = self.make_optimizer(
+        self.trainer = self.make_trainer(
             [p for p in policy.parameters() if p.requires_grad and id(p) not in actor]
         )
 
@@ -172,14 +175,7 @@ class TRPO(OnPolicyAlgorithm):
             else:
                 for _ in range(self.n_critic_updates):
                     for batch in buffer.minibatches(self.batch_size, rng, policy.device, pad):
-                        _, _, values = policy.evaluate_actions(
-                            batch.input_ids,
-                            batch.attention_mask,
-                            batch.action_mask,
-                            entropy_grad=False,
-                            decoder_input_ids=batch.decoder_input_ids,  # None unless the policy is seq2seq
-                            decoder_attention_mask=batch.decoder_attention_mask,
-                        )  # (M,)
+                        _, _, values = policy.evaluate_actions(batch, entropy_grad=False)  # (M,)
                         value_loss = 0.5 * ((values - batch.returns) ** 2).mean()
                         self.apply_gradients(value_loss)
                         value_losses.append(value_loss.item())
@@ -208,13 +204,7 @@ class TRPO(OnPolicyAlgorithm):
     def _evaluate(self, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """log_prob (M,), entropy (M,) and the log-probs of every token (M, V) for the batch's actions."""
         log_prob, entropy, _, log_probs_all = self.policy.evaluate_actions(
-            batch.input_ids,
-            batch.attention_mask,
-            batch.action_mask,
-            entropy_grad=False,
-            return_log_probs_all=True,
-            decoder_input_ids=batch.decoder_input_ids,
-            decoder_attention_mask=batch.decoder_attention_mask,
+            batch, entropy_grad=False, return_log_probs_all=True
         )
         return log_prob, entropy, log_probs_all
 

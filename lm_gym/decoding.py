@@ -106,7 +106,15 @@ class RowDecoder:
         return next(self.model.parameters()).device
 
     def _physical(self, rows: list[int]) -> list[int]:
+        """The physical rows of ``rows`` (of the N): with twins, the rows and then their twins."""
         return rows + [r + self.num_rows for r in rows] if self.twins else rows
+
+    def _for_physical_rows(self, values: list | torch.Tensor) -> list | torch.Tensor:
+        """Per-row ``values`` (a list, or a tensor over its first axis) for the physical rows that
+        :meth:`_physical` lists: with twins, the twins take the same values."""
+        if not self.twins:
+            return values
+        return torch.cat([values, values]) if isinstance(values, torch.Tensor) else [*values, *values]
 
     def _pass_context(self, rows: list[int]) -> AbstractContextManager:
         """The context one forward pass over the physical ``rows`` runs in (twin rows are ``>= num_rows``);
@@ -165,7 +173,7 @@ def _append_columns(
     return buffer[..., start:end, :], buffer
 
 
-def _rewritable_layers(layers: Sequence[object]) -> bool:
+def rewritable_layers(layers: Sequence[object]) -> bool:
     """Whether every cache layer is a plain dynamic one (``DynamicLayer`` or :class:`AppendLayer`), whose row
     slots the decoders may rewrite in place (not sliding-window, quantized...)."""
     return all(type(layer) in (DynamicLayer, AppendLayer) for layer in layers)
@@ -223,8 +231,7 @@ class BatchedDecoder(RowDecoder):
         self.num_rows = num_rows
         self.pad_token_id = pad_token_id
         self.twins = twins
-        rows = 2 * num_rows if self.twins else num_rows  # physical rows: twins follow the N originals
-        self.tokens: list[list[int]] = [[] for _ in range(rows)]
+        self.tokens: list[list[int]] = [[] for _ in self._physical(list(range(num_rows)))]  # twins last
         self.version = 0  # counts the changes of ``tokens`` (reset_rows, append)
         # (version, input_ids, attention_mask as bool) of the observation lm_gym.sampling.follow_arrays
         # last brought the rows to
@@ -267,7 +274,7 @@ class BatchedDecoder(RowDecoder):
     @torch.inference_mode()
     def reset_rows(self, rows: Sequence[int], prompts: Sequence[Sequence[int]]) -> None:
         """Start ``rows`` afresh on ``prompts`` (non-empty token lists), leaving the other rows as they are."""
-        rows, prompts = self._physical(list(rows)), list(prompts) * (2 if self.twins else 1)
+        rows, prompts = self._physical(list(rows)), self._for_physical_rows(list(prompts))
         if not rows:
             return
         self.version += 1
@@ -283,14 +290,14 @@ class BatchedDecoder(RowDecoder):
         if new_width > width:  # the new prompt is longer than the cache: widen everyone on the left
             grow = new_width - width
             for layer in self.cache.layers:
-                layer.keys = _pad_left(layer.keys, grow)
-                layer.values = _pad_left(layer.values, grow)
+                layer.keys = pad_cache_left(layer.keys, grow)
+                layer.values = pad_cache_left(layer.values, grow)
             self.mask = torch.nn.functional.pad(self.mask, (grow, 0))
             width = new_width
         index = torch.tensor(rows, device=self.device)
         for layer, new in zip(self.cache.layers, fresh.layers):
-            layer.keys[index] = _pad_left(new.keys, width - new_width)  # (R, H, C, D)
-            layer.values[index] = _pad_left(new.values, width - new_width)
+            layer.keys[index] = pad_cache_left(new.keys, width - new_width)  # (R, H, C, D)
+            layer.values[index] = pad_cache_left(new.values, width - new_width)
         self.mask[index] = torch.nn.functional.pad(mask, (width - new_width, 0))
         self._logits[index] = logits
         if self.keep_hidden:
@@ -307,8 +314,7 @@ class BatchedDecoder(RowDecoder):
         tokens = tokens.to(device)
         if not everyone:
             tokens = torch.where(active, tokens, self.pad_token_id)
-        if self.twins:
-            tokens, active = torch.cat([tokens, tokens]), torch.cat([active, active])
+        tokens, active = self._for_physical_rows(tokens), self._for_physical_rows(active)
         # the new tokens' positions: each row's count of tokens so far, which its mask holds
         positions = self.mask.sum(1, keepdim=True)  # (rows, 1)
         mask = torch.cat([self.mask, active[:, None].to(self.mask.dtype)], dim=1)  # (rows, C+1)
@@ -334,7 +340,7 @@ class BatchedDecoder(RowDecoder):
             self._trim()
 
     def _surgery_ok(self) -> bool:
-        return _rewritable_layers(self.cache.layers)
+        return rewritable_layers(self.cache.layers)
 
     @torch.inference_mode()
     def _rebuild(self) -> None:
@@ -382,6 +388,6 @@ def _padding_mask_suffices(model: torch.nn.Module) -> bool:
     return getattr(config, "sliding_window", None) is None
 
 
-def _pad_left(x: torch.Tensor, n: int) -> torch.Tensor:
+def pad_cache_left(x: torch.Tensor, n: int) -> torch.Tensor:
     """(B, H, C, D) -> (B, H, n + C, D) with zeros in front."""
     return torch.nn.functional.pad(x, (0, 0, n, 0)) if n else x

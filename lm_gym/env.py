@@ -10,7 +10,7 @@ import numpy as np
 from gymnasium.vector import AutoresetMode
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lm_gym.vector_env import DEFAULT_MODEL, TextGenVectorEnv, _row_info
+from lm_gym.vector_env import DEFAULT_MODEL, TextGenVectorEnv, row_info
 
 __all__ = ["DEFAULT_MODEL", "TextGenEnv", "TextGenVectorEnv"]
 
@@ -243,7 +243,7 @@ class TextGenEnv(gym.Env):
         obs, infos = self._vec.reset(seed=seed, options=options)
         self._np_random = self._vec._rngs[0]  # one generator: the one that picks the prompts
         self._ended = False
-        return obs[0], _row_info(infos, 0)
+        return obs[0], row_info(infos, 0)
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         if self._ended:
@@ -257,7 +257,7 @@ class TextGenEnv(gym.Env):
         self._ended = bool(terminated[0] or truncated[0])
         if self.render_mode == "human":
             self.render()
-        return obs[0], float(rewards[0]), bool(terminated[0]), bool(truncated[0]), _row_info(infos, 0)
+        return obs[0], float(rewards[0]), bool(terminated[0]), bool(truncated[0]), row_info(infos, 0)
 
     def render(self) -> str | None:
         text = self._vec.render()[0]

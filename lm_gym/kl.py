@@ -9,8 +9,8 @@ With ``logp = log pi(a|s)`` and ``ref_logp = log pi_ref(a|s)`` for a token ``a``
 * ``k3 = (exp(l) - 1) - l``: unbiased, never negative, lower variance than k1.
 
 Their *values* estimate KL(pi || pi_ref) (k1 and k3 without bias); their *gradients* depend on how they are
-used. With the expectation over ``a ~ pi`` taken exactly (``tests/test_kl.py`` checks each entry with autograd
-on a small categorical):
+used. With the expectation over ``a ~ pi`` taken exactly (``tests/lm_gym/test_kl.py`` checks each entry with
+autograd on a small categorical):
 
 =========  =================================================  ============================================
 estimator  as a per-token reward (REINFORCE, ``f`` fixed):    in a loss differentiated through ``log pi``,

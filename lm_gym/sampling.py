@@ -115,7 +115,7 @@ class CachedSampler:
             obs = hf_inputs(obs, self.decoder.pad_token_id)
         follow_arrays(self.decoder, obs, self._last_actions)
         logits = self.decoder.logits  # (N, V)
-        last = last_tokens(obs, logits.device)  # (N, 1): the warpers' input_ids
+        last = last_tokens(obs["input_ids"], logits.device)  # (N, 1): the warpers' input_ids
         actions, log_probs, _ = sample(logits, last, self.law, self.filters, self.generator, entropy=False)
         self._last_actions = actions
         return actions, log_probs
@@ -126,10 +126,9 @@ def _rows(array: np.ndarray) -> np.ndarray:
     return array[None] if array.ndim == 1 else array
 
 
-def last_tokens(obs: dict[str, np.ndarray], device: torch.device | None = None) -> torch.Tensor:
-    """(N, 1) the last token of each row's text (the decoder prefix's for a seq2seq observation) of a
-    (batched or single) observation, the ``input_ids`` that logits processors see."""
-    ids = obs["decoder_input_ids"] if "decoder_input_ids" in obs else obs["input_ids"]
+def last_tokens(ids: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
+    """(N, 1) the last token of each row of right-aligned token ids (N, L) or (L,), the ``input_ids`` that
+    logits processors see (an observation's text: :meth:`lm_gym.kinds.ModelKind.last_tokens`)."""
     return torch.as_tensor(_rows(ids)[:, -1:], device=device)
 
 

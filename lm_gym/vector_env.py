@@ -17,11 +17,10 @@ from gymnasium.vector.utils import batch_space
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
-from lm_gym.decoding import BatchedDecoder, RowDecoder, torch_threads
-from lm_gym.models import is_seq2seq_lm, load_causal_lm, load_seq2seq_lm
+from lm_gym.decoding import RowDecoder, torch_threads
+from lm_gym.kinds import load_lm, model_kind
 from lm_gym.rewards import RewardFunction, as_text_list, checked_scores, make_reward
-from lm_gym.seq2seq import Seq2SeqDecoder, is_encoder_decoder, seq2seq_observation
-from lm_gym.spaces import pack_observation, seq2seq_observation_space, token_observation_space
+from lm_gym.spaces import pack_observation
 from lm_gym.tasks import Task, get_task
 
 __all__ = ["ASYNC_MIN_PARAMETERS", "DEFAULT_MODEL", "TextGenVectorEnv", "step_values"]
@@ -119,8 +118,7 @@ class TextGenVectorEnv(VectorEnv):
         )
 
         if isinstance(model, str):
-            load = load_seq2seq_lm if is_seq2seq_lm(model, trust_remote_code) else load_causal_lm
-            self.reference, self.tokenizer = load(
+            self.reference, self.tokenizer = load_lm(
                 model, device=device, dtype=dtype, trust_remote_code=trust_remote_code
             )
             self.reference.requires_grad_(False)
@@ -131,8 +129,8 @@ class TextGenVectorEnv(VectorEnv):
             if device is not None:
                 self.reference.to(device)
         vocab_size = self.reference.get_output_embeddings().weight.shape[0]
-        # an encoder-decoder reads the prompt as its source and generates with its decoder (lm_gym.seq2seq)
-        self.is_encoder_decoder = is_encoder_decoder(self.reference)
+        # causal, or an encoder-decoder that reads the prompt as its source and generates with its decoder
+        self.kind = model_kind(self.reference)
         self._check_positions()
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
@@ -149,10 +147,8 @@ class TextGenVectorEnv(VectorEnv):
         self._prompt_tokens = [self._tokenize(p, i) for i, p in enumerate(prompt_list)]
 
         self.single_action_space = gym.spaces.Discrete(vocab_size)
-        self.single_observation_space = (
-            seq2seq_observation_space(vocab_size, max_prompt_tokens, max_new_tokens + 1)
-            if self.is_encoder_decoder
-            else token_observation_space(vocab_size, max_prompt_tokens + max_new_tokens)
+        self.single_observation_space = self.kind.observation_space(
+            vocab_size, max_prompt_tokens, max_new_tokens
         )
         self.action_space = batch_space(self.single_action_space, num_envs)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
@@ -160,10 +156,8 @@ class TextGenVectorEnv(VectorEnv):
         if reference_decoder is not None:
             self._check_reference_decoder(reference_decoder, num_envs, async_reference)
             self._decoder = reference_decoder
-        elif self.is_encoder_decoder:
-            self._decoder = Seq2SeqDecoder(self.reference, num_envs, self.pad_token_id)
         else:
-            self._decoder = BatchedDecoder(self.reference, num_envs, self.pad_token_id)
+            self._decoder = self.kind.decoder(self.reference, num_envs, self.pad_token_id)
         if async_reference is None:
             # Overlap pays when a forward pass is mostly matrix kernels (which release the GIL); for a tiny
             # model it is mostly Python, and two threads only contend for the GIL. An injected decoder may
@@ -248,12 +242,10 @@ class TextGenVectorEnv(VectorEnv):
             raise ValueError(
                 f"reference_decoder has {decoder.num_rows} rows; the env has num_envs={num_envs}"
             )
-        if isinstance(decoder, Seq2SeqDecoder) != self.is_encoder_decoder:
-            kind = "an encoder-decoder" if self.is_encoder_decoder else "a causal"
+        if not self.kind.fits(decoder):
             raise ValueError(
-                f"model= is {kind} LM: reference_decoder must be a "
-                f"{'Seq2SeqDecoder' if self.is_encoder_decoder else 'BatchedDecoder'} (or a subclass); got "
-                f"{type(decoder).__name__}"
+                f"model= is {self.kind.description} LM: reference_decoder must be a "
+                f"{self.kind.decoder_class.__name__} (or a subclass); got {type(decoder).__name__}"
             )
         if async_reference:
             raise ValueError(
@@ -271,12 +263,7 @@ class TextGenVectorEnv(VectorEnv):
             limit, source = self.tokenizer.model_max_length, "tokenizer.model_max_length"
         if limit is None:
             return
-        prompt, new = self.max_prompt_tokens, self.max_new_tokens
-        if self.is_encoder_decoder:  # the encoder reads the prompt; the decoder, its start token and the text
-            lengths = [("max_prompt_tokens", prompt), ("max_new_tokens + 1", new + 1)]
-        else:
-            lengths = [(f"max_prompt_tokens + max_new_tokens = {prompt} + {new}", prompt + new)]
-        for what, length in lengths:
+        for what, length in self.kind.position_lengths(self.max_prompt_tokens, self.max_new_tokens):
             if length > limit:
                 raise ValueError(
                     f"{what} = {length} exceeds the model's {limit} positions ({source}); "
@@ -558,49 +545,23 @@ class TextGenVectorEnv(VectorEnv):
         return infos
 
     def _advance_observation(self, advanced: np.ndarray, actions: np.ndarray) -> dict[str, np.ndarray]:
-        """The observation after a step: the rows of ``advanced`` gained ``actions`` at their right end (the
-        previous observation shifted left by one column, in new arrays), the other rows are rebuilt."""
-        if self.is_encoder_decoder:
-            return self._observe()
-        ids, mask = self._obs["input_ids"], self._obs["attention_mask"]
-        ids = np.concatenate([ids[:, 1:], actions[:, None]], axis=1)
-        mask = np.concatenate([mask[:, 1:], np.ones_like(mask[:, :1])], axis=1)
-        obs = {"input_ids": ids, "attention_mask": mask}
+        """The observation after a step: the rows of ``advanced`` gained ``actions`` at their text's right end
+        (the previous observation shifted left by one column, in new arrays), the other rows are rebuilt."""
+        obs = self.kind.advance_observation(self._obs, actions)
         if not advanced.all():
             self._write_observation_rows(obs, np.flatnonzero(~advanced).tolist())
         return obs
 
     def _write_observation_rows(self, obs: dict[str, np.ndarray], rows: Sequence[int]) -> None:
-        """Rewrite ``rows`` of a causal observation from their token lists, in place."""
-        if self.is_encoder_decoder:
-            fresh = self._observe()
-            for key in obs:
-                obs[key][rows] = fresh[key][rows]
-            return
-        ids, mask = obs["input_ids"], obs["attention_mask"]
-        length = ids.shape[1]
+        """Rewrite ``rows`` of an observation from their token lists, in place."""
         for i in rows:
-            seq = self._seq[i]
-            ids[i], mask[i] = self.pad_token_id, 0
-            if seq:
-                ids[i, length - len(seq) :] = seq
-                mask[i, length - len(seq) :] = 1
+            self.kind.write_observation_row(
+                obs, i, self._seq[i], self._prompt_len[i], self.pad_token_id, self._decoder
+            )
 
     def _observe(self) -> dict[str, np.ndarray]:
-        if self.is_encoder_decoder:  # the source; the decoder start token and the generated tokens
-            start = [self._decoder.decoder_start_token_id]
-            return seq2seq_observation(
-                [seq[:n] for seq, n in zip(self._seq, self._prompt_len)],
-                [start + seq[n:] if seq else [] for seq, n in zip(self._seq, self._prompt_len)],
-                self.pad_token_id,
-                self.max_prompt_tokens,
-                self.max_new_tokens + 1,
-            )
-        length = self.max_prompt_tokens + self.max_new_tokens
-        obs = {
-            "input_ids": np.empty((self.num_envs, length), dtype=np.int64),
-            "attention_mask": np.empty((self.num_envs, length), dtype=np.int64),
-        }
+        widths = self.kind.observation_widths(self.max_prompt_tokens, self.max_new_tokens)
+        obs = {key: np.empty((self.num_envs, width), dtype=np.int64) for key, width in widths.items()}
         self._write_observation_rows(obs, range(self.num_envs))
         return obs
 
@@ -718,7 +679,7 @@ def _objects(values: Sequence[Any]) -> np.ndarray:
     return array
 
 
-def _row_info(infos: dict[str, Any], i: int) -> dict[str, Any]:
+def row_info(infos: dict[str, Any], i: int) -> dict[str, Any]:
     """Row ``i`` of a vector env's info: every key (not the ``_key`` masks), numpy scalars and strings."""
     return {key: value[i] for key, value in infos.items() if not key.startswith("_")}
 

@@ -21,13 +21,34 @@ PROMPTS = (
 
 
 if os.environ.get("LM_GYM_RECORD_TOLERANCES"):  # measuring the tolerances (tests/tolerances.py)
-    from tolerances import install
+    from tests.tolerances import install
 
     install(os.environ["LM_GYM_RECORD_TOLERANCES"])
 
 # The tests run tiny models, whose forward passes are mostly Python: one torch thread is as fast, and a
 # shared machine's other load cannot make the OpenMP workers spin against each other.
 torch.set_num_threads(1)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--run-slow",
+        action="store_true",
+        help="also run the tests marked slow (several processes, subprocesses, the 135M model): docs/testing.md",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Leave the tests marked ``slow`` out of the default run. They run with ``--run-slow``, when a ``-m``
+    expression chooses the tests (``-m slow``: those alone; ``-m learning``: every learning test), and when
+    their file is named on the command line: whoever names a file means all of it."""
+    if config.getoption("--run-slow") or config.getoption("markexpr"):
+        return
+    named = {(config.invocation_params.dir / arg.split("::")[0]).resolve() for arg in config.args}
+    slow = {item for item in items if item.get_closest_marker("slow") and item.path not in named}
+    if slow:
+        config.hook.pytest_deselected(items=[item for item in items if item in slow])
+        items[:] = [item for item in items if item not in slow]
 
 
 @pytest.fixture(scope="session")

@@ -6,9 +6,9 @@ the distribution of its statistic over many seeds under several kernel settings,
 what the same run gives with learning switched off (``NO_LEARNING``). To measure again after changing a
 run (each line prints min / mean / max per statistic, learning on and off):
 
-    python3 tests/learning.py
-    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python3 tests/learning.py
-    MKL_ENABLE_INSTRUCTIONS=AVX2 python3 tests/learning.py    # MKL's path on an AMD CPU
+    python3 -m tests.learning
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python3 -m tests.learning
+    MKL_ENABLE_INSTRUCTIONS=AVX2 python3 -m tests.learning    # MKL's path on an AMD CPU
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from toys import toy_algo  # tests/ is on the path: pytest puts it there, and so does running this file
 
 from algorithms.a2c import A2C
 from algorithms.nlpo import NLPO
 from algorithms.ppo import PPO
 from algorithms.trpo import TRPO
 from lm_gym.models import tiny_causal_lm, tiny_seq2seq_lm
+from tests.toys import toy_algo
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,10 @@ Every ``torch.testing.assert_close``, ``np.testing.assert_allclose`` and ``pytes
 tests allows some rounding; the comment beside it says how much was measured. To measure again, run the
 suite with recording on under each kernel setting of docs/testing.md, then read the table:
 
-    LM_GYM_RECORD_TOLERANCES=/tmp/tol/default.jsonl python3 -m pytest -q tests
+    LM_GYM_RECORD_TOLERANCES=/tmp/tol/default.jsonl python3 -m pytest -q --run-slow tests
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
-        LM_GYM_RECORD_TOLERANCES=/tmp/tol/avx2.jsonl python3 -m pytest -q tests
-    python3 tests/tolerances.py /tmp/tol/*.jsonl    # per assertion: the tolerance, the largest difference seen
+        LM_GYM_RECORD_TOLERANCES=/tmp/tol/avx2.jsonl python3 -m pytest -q --run-slow tests
+    python3 -m tests.tolerances /tmp/tol/*.jsonl    # per assertion: the tolerance, the largest difference seen
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ TESTS = Path(__file__).resolve().parent
 
 
 def _site() -> str | None:
-    """``test_file.py:line`` of the test code that made the comparison."""
+    """``lm_gym/test_env.py:line`` (its path under tests/) of the test code that made the comparison."""
     frame = sys._getframe(2)
     while frame is not None:
         path = Path(frame.f_code.co_filename)
-        if path.parent == TESTS and path.name.startswith("test_"):
-            return f"{path.name}:{frame.f_lineno}"
+        if TESTS in path.parents and path.name.startswith("test_"):
+            return f"{path.relative_to(TESTS)}:{frame.f_lineno}"
         frame = frame.f_back
     return None
 
@@ -96,7 +96,7 @@ def main(paths: list[str]) -> None:
     for site in sorted(sites, key=lambda s: (s.split(":")[0], int(s.split(":")[1]))):
         s = sites[site]
         print(
-            f"{site:<28} {s['kind']:<16} atol {s['atol']!s:<8} rtol {s['rtol']!s:<8} "
+            f"{site:<44} {s['kind']:<16} atol {s['atol']!s:<8} rtol {s['rtol']!s:<8} "
             f"max abs {s['abs']:.1e} max rel {s['rel']:.1e} ({s['n']} comparisons; {','.join(sorted(s['cpus']))})"
         )
 

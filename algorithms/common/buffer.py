@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from algorithms.common.distributed import ProcessGroup
+from lm_gym.kinds import CAUSAL, ModelKind
 
 __all__ = ["RolloutBuffer", "SequenceBatch", "compute_gae"]
 
@@ -42,11 +43,13 @@ def compute_gae(
 
 
 class SequenceBatch(NamedTuple):
-    """A minibatch of episode segments as left-padded sequences; per-action arrays are (M,).
+    """A minibatch of episode segments, each one teacher-forced sequence; per-action arrays are (M,).
 
-    For an encoder-decoder policy ``input_ids``/``attention_mask`` are the sources (B, S) and the sequences
-    are ``decoder_input_ids``/``decoder_attention_mask`` (B, D), the start token and every action, both
-    right-padded; ``action_mask`` is then (B, D), over the decoder sequences.
+    :meth:`~algorithms.policy.LMActorCriticPolicy.evaluate_actions` takes it whole. The sequences are laid out
+    by the policy's kind (:meth:`lm_gym.kinds.ModelKind.sequences`): for a causal policy, left-padded; for an
+    encoder-decoder policy ``input_ids``/``attention_mask`` are the sources (B, S) and the sequences are
+    ``decoder_input_ids``/``decoder_attention_mask`` (B, D), the start token and every action, both
+    right-padded, and ``action_mask`` is (B, D), over the decoder sequences.
     """
 
     input_ids: torch.Tensor  # (B, L)
@@ -67,11 +70,12 @@ class RolloutBuffer:
     Args:
         n_steps: T, steps per rollout.
         n_envs: N, environments (of this process).
-        obs_len: length of the observation arrays.
+        obs_len: the width of the observation arrays in HF layout (the observation space's last axis: an
+            encoder-decoder's source and decoder prefix are each that wide).
         process_group: the data-parallel processes whose buffers make one rollout: whitening uses the
             statistics of all of them, and every process yields the same number of minibatches (None: alone).
-        decoder_len: for an encoder-decoder policy, the length of the decoder observation
-            (``decoder_input_ids``), stored beside the source in ``input_ids`` (None: a causal LM).
+        kind: the policy's kind of LM (:mod:`lm_gym.kinds`), which decides the observation arrays and the
+            teacher-forced sequences.
     """
 
     def __init__(
@@ -81,16 +85,15 @@ class RolloutBuffer:
         obs_len: int,
         process_group: ProcessGroup | None = None,
         *,
-        decoder_len: int | None = None,
+        kind: ModelKind = CAUSAL,
     ) -> None:
         self.n_steps, self.n_envs = n_steps, n_envs
         self.process_group = process_group
-        self.input_ids = np.zeros((n_steps, n_envs, obs_len), dtype=np.int64)  # (T, N, L)
-        self.attention_mask = np.zeros((n_steps, n_envs, obs_len), dtype=np.int64)
-        self.decoder_input_ids = self.decoder_attention_mask = None  # (T, N, D) encoder-decoder only
-        if decoder_len is not None:
-            self.decoder_input_ids = np.zeros((n_steps, n_envs, decoder_len), dtype=np.int64)
-            self.decoder_attention_mask = np.zeros((n_steps, n_envs, decoder_len), dtype=np.int64)
+        self.kind = kind
+        # the observations in HF layout: input_ids, attention_mask (and an encoder-decoder's decoder_*)
+        self.observations = {
+            key: np.zeros((n_steps, n_envs, obs_len), dtype=np.int64) for key in kind.hf_keys
+        }  # (T, N, L) each
         self.actions = np.zeros((n_steps, n_envs), dtype=np.int64)  # (T, N)
         self.log_probs = np.zeros((n_steps, n_envs))
         self.values = np.zeros((n_steps, n_envs))
@@ -106,10 +109,8 @@ class RolloutBuffer:
         ``action_masks`` (N, V) bool, optional: the tokens the actions were allowed among (NLPO's masks);
         ``log_probs`` are then those of the masked law.
         """
-        self.input_ids[t], self.attention_mask[t] = obs["input_ids"], obs["attention_mask"]
-        if self.decoder_input_ids is not None:
-            self.decoder_input_ids[t] = obs["decoder_input_ids"]
-            self.decoder_attention_mask[t] = obs["decoder_attention_mask"]
+        for key, array in self.observations.items():
+            array[t] = obs[key]
         self.actions[t] = _np(actions)
         self.log_probs[t], self.values[t] = _np(log_probs), _np(values)
         self.rewards[t], self.dones[t] = rewards, dones
@@ -171,73 +172,24 @@ class RolloutBuffer:
     def _batch(
         self, segments: list[tuple[int, int, int]], device: torch.device, pad_token_id: int
     ) -> SequenceBatch:
-        decoder_ids = decoder_mask = None
-        if self.decoder_input_ids is not None:
-            ids, mask, action_mask, decoder_ids, decoder_mask = self._seq2seq_arrays(segments, pad_token_id)
-        else:
-            ids, mask, action_mask = self._arrays(segments, pad_token_id)
+        # A segment's last observation holds its whole prefix; with its last action, the whole sequence.
+        last_obs = {
+            key: np.stack([a[last, env] for env, _, last in segments]) for key, a in self.observations.items()
+        }
+        last_actions = np.array([self.actions[last, env] for env, _, last in segments])
+        n_actions = [last - first + 1 for _, first, last in segments]
+        sequences = self.kind.sequences(last_obs, last_actions, n_actions, pad_token_id)  # (B, L) each
         # per-action arrays in action_mask.nonzero() order: row by row, steps in order
         pick = lambda a: np.concatenate([a[first : last + 1, env] for env, first, last in segments])  # noqa: E731
         tensor = lambda a, dt=torch.float32: torch.as_tensor(a, dtype=dt, device=device)  # noqa: E731
         return SequenceBatch(
-            tensor(ids, torch.long),
-            tensor(mask, torch.long),
-            tensor(action_mask, torch.long),
-            tensor(pick(self.log_probs)),
-            tensor(pick(self.values)),
-            tensor(pick(self.advantages)),
-            tensor(pick(self.returns)),
-            None if self.action_masks is None else tensor(pick(self.action_masks), torch.bool),
-            None if decoder_ids is None else tensor(decoder_ids, torch.long),
-            None if decoder_mask is None else tensor(decoder_mask, torch.long),
+            **{key: tensor(a, torch.long) for key, a in sequences.items()},
+            old_log_prob=tensor(pick(self.log_probs)),
+            old_values=tensor(pick(self.values)),
+            advantages=tensor(pick(self.advantages)),
+            returns=tensor(pick(self.returns)),
+            action_masks=None if self.action_masks is None else tensor(pick(self.action_masks), torch.bool),
         )
-
-    def _arrays(
-        self, segments: list[tuple[int, int, int]], pad_token_id: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """input_ids, attention_mask and action_mask (B, L) of the segments as left-padded sequences."""
-        # A segment's last observation holds its whole prefix; append the last action to get the sequence.
-        seqs, n_actions = [], []
-        for env, first, last in segments:
-            obs = self.input_ids[last, env][self.attention_mask[last, env] > 0]
-            seqs.append(np.append(obs, self.actions[last, env]))
-            n_actions.append(last - first + 1)
-        width = max(len(s) for s in seqs)
-        ids = np.full((len(seqs), width), pad_token_id, dtype=np.int64)
-        mask = np.zeros((len(seqs), width), dtype=np.int64)
-        action_mask = np.zeros((len(seqs), width), dtype=np.int64)
-        for i, (seq, k) in enumerate(zip(seqs, n_actions)):
-            ids[i, width - len(seq) :], mask[i, width - len(seq) :] = seq, 1
-            action_mask[i, width - k :] = 1
-        return ids, mask, action_mask
-
-    def _seq2seq_arrays(
-        self, segments: list[tuple[int, int, int]], pad_token_id: int
-    ) -> tuple[np.ndarray, ...]:
-        """Encoder-decoder: the sources (B, S), and the decoder sequences (B, D) with their action_mask, all
-        right-padded (the layout of teacher forcing; positions are then exact for any decoder)."""
-        sources, seqs, n_actions = [], [], []
-        for env, first, last in segments:
-            sources.append(self.input_ids[last, env][self.attention_mask[last, env] > 0])
-            prefix = self.decoder_input_ids[last, env][self.decoder_attention_mask[last, env] > 0]
-            seqs.append(np.append(prefix, self.actions[last, env]))
-            n_actions.append(last - first + 1)
-        ids, mask = _right_pad(sources, pad_token_id)
-        decoder_ids, decoder_mask = _right_pad(seqs, pad_token_id)
-        action_mask = np.zeros_like(decoder_mask)
-        for i, (seq, k) in enumerate(zip(seqs, n_actions)):
-            action_mask[i, len(seq) - k : len(seq)] = 1
-        return ids, mask, action_mask, decoder_ids, decoder_mask
-
-
-def _right_pad(rows: list[np.ndarray], pad_token_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token arrays -> (ids, mask), both (B, max length), right-padded."""
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad_token_id, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)], mask[i, : len(row)] = row, 1
-    return ids, mask
 
 
 def _np(x) -> np.ndarray:

@@ -34,12 +34,10 @@ from algorithms.common.nonfinite import check_finite
 __all__ = [
     "check_same_settings",
     "latest_checkpoint",
-    "load_training_state",
     "load_weights",
     "prepare_run_dir",
     "restore_rng_state",
     "rng_state",
-    "save_training_state",
     "save_weights",
     "write_checkpoint",
     "write_folder",
@@ -287,37 +285,3 @@ def save_weights(tensors: Mapping[str, torch.Tensor], file: Path) -> None:
 
     check_finite(tensors, "checkpoint")
     save_file({k: t.detach().contiguous() for k, t in tensors.items()}, file)
-
-
-def save_training_state(
-    folder: Path,
-    params: Mapping[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    state: Mapping[str, Any],
-) -> None:
-    """Write a supervised loop's checkpoint into ``folder`` (a :func:`write_checkpoint` staging folder): the
-    trained ``params`` (safetensors), the optimizer's and the learning-rate scheduler's states (read back with
-    ``weights_only=True``) and ``state`` (JSON: counters, history, RNG states)."""
-    save_weights(params, folder / "model.safetensors")
-    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-    torch.save(scheduler.state_dict(), folder / "scheduler.pt")
-    (folder / "state.json").write_text(json.dumps(dict(state), default=str))
-
-
-def load_training_state(
-    checkpoint: Path,
-    params: Mapping[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    device: str | torch.device,
-) -> dict[str, Any]:
-    """Restore what :func:`save_training_state` wrote into ``params``, ``optimizer`` and ``scheduler``; return
-    the JSON ``state``."""
-    weights = load_weights(checkpoint / "model.safetensors", params, device)
-    with torch.no_grad():
-        for k, value in weights.items():
-            params[k].copy_(value)
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
-    return json.loads((checkpoint / "state.json").read_text())

@@ -6,7 +6,6 @@ An algorithm subclasses :class:`OnPolicyAlgorithm` and writes only :meth:`~OnPol
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -18,30 +17,23 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 from algorithms.common.buffer import RolloutBuffer
-from algorithms.common.checkpoints import (
-    latest_checkpoint,
-    load_weights,
-    restore_rng_state,
-    rng_state,
-    save_weights,
-    write_checkpoint,
-    write_folder,
-)
+from algorithms.common.checkpoints import latest_checkpoint, write_folder
 from algorithms.common.distributed import ProcessGroup
 from algorithms.common.logger import Logger
-from algorithms.common.nonfinite import NonFiniteGuard, NonFiniteLossError, check_finite, step_if_finite
-from algorithms.common.precision import MasterWeights, check_trainable_dtype
+from algorithms.common.nonfinite import NonFiniteGuard, NonFiniteLossError, check_finite
+from algorithms.common.precision import check_trainable_dtype
+from algorithms.common.trainer import LR_SCHEDULES, Trainer, check_arg, schedule_factor
 from algorithms.policy import LMActorCriticPolicy, RolloutAgent
-from algorithms.shared_pass import shared_lora_decoder
 from lm_gym.decoding import torch_threads
 from lm_gym.env import TextGenVectorEnv
 from lm_gym.kl import AdaptiveKLController, FixedKLController
 from lm_gym.rewards import RewardFunction
-from lm_gym.spaces import hf_inputs
 from lm_gym.tasks import Task
 from lm_gym.vector_env import step_values
 
 __all__ = ["AgentStep", "NonFiniteLossError", "OnPolicyAlgorithm"]
+
+POLICY_FILE = "policy.safetensors"  # a checkpoint's trainable weights (their float32 master values)
 
 # Metrics the core computes over every data-parallel process (the same in each); the others are averaged.
 GLOBAL_METRICS = frozenset(
@@ -174,22 +166,21 @@ class OnPolicyAlgorithm:
         stop_token_ids: Sequence[int] | None = None,
         reference: torch.nn.Module | None = None,
     ) -> None:
-        _check("learning_rate", learning_rate, lambda v: v > 0, "> 0")
-        _check("gamma", gamma, lambda v: 0 <= v <= 1, "in [0, 1]")
-        _check("gae_lambda", gae_lambda, lambda v: 0 <= v <= 1, "in [0, 1]")
-        _check("max_grad_norm", max_grad_norm, lambda v: v > 0, "> 0")
-        _check("n_envs", n_envs, lambda v: int(v) == v and v >= 1, "an integer >= 1")
-        _check("checkpoint_every", checkpoint_every, lambda v: int(v) == v and v >= 1, "an integer >= 1")
-        _check(
+        check_arg("learning_rate", learning_rate, lambda v: v > 0, "> 0")
+        check_arg("gamma", gamma, lambda v: 0 <= v <= 1, "in [0, 1]")
+        check_arg("gae_lambda", gae_lambda, lambda v: 0 <= v <= 1, "in [0, 1]")
+        check_arg("max_grad_norm", max_grad_norm, lambda v: v > 0, "> 0")
+        check_arg("n_envs", n_envs, lambda v: int(v) == v and v >= 1, "an integer >= 1")
+        check_arg("checkpoint_every", checkpoint_every, lambda v: int(v) == v and v >= 1, "an integer >= 1")
+        check_arg(
             "keep_checkpoints",
             keep_checkpoints,
             lambda v: v is None or (int(v) == v and v >= 1),
             ">= 1 or None",
         )
-        self.nonfinite = NonFiniteGuard(
-            max_nonfinite, unit="iteration", hint="check the reward function and the learning rate"
-        )
-        if lr_schedule not in ("constant", "linear"):
+        NonFiniteGuard(max_nonfinite, unit="iteration", hint="")  # checks max_nonfinite before the slow setup
+        self.max_nonfinite = max_nonfinite
+        if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be 'constant' or 'linear'; got {lr_schedule!r}")
         if reward_clip is not None and not reward_clip > 0:
             raise ValueError(f"reward_clip must be > 0 or None; got {reward_clip}")
@@ -198,7 +189,7 @@ class OnPolicyAlgorithm:
         self.process_group = ProcessGroup(policy.device)
         self.n_envs = n_envs
         self.n_steps = n_steps or max_new_tokens
-        _check("n_steps", self.n_steps, lambda v: int(v) == v and v >= 1, "an integer >= 1")
+        check_arg("n_steps", self.n_steps, lambda v: int(v) == v and v >= 1, "an integer >= 1")
         self.learning_rate, self.lr_schedule = learning_rate, lr_schedule
         self.gamma, self.gae_lambda = gamma, gae_lambda
         self.whiten_rewards, self.reward_clip = whiten_rewards, reward_clip
@@ -218,18 +209,7 @@ class OnPolicyAlgorithm:
         # The reference: the policy with its adapters off (LoRA), or a frozen copy of it now. With LoRA, the
         # env's reference rows and the agent's rows run as one pass (algorithms.shared_pass), which the env
         # takes as its reference_decoder and the agent reads.
-        if reference is not None and policy.adapter:
-            raise ValueError(
-                "reference: with LoRA the reference is the model with its adapters off; pass none"
-            )
-        self.shared_pass = None
-        if policy.adapter:
-            reference = policy.model
-            self.shared_pass = shared_lora_decoder(
-                policy.model, n_envs, policy.tokenizer.pad_token_id, policy.adapter
-            )
-        elif reference is None:
-            reference = policy.reference_copy()
+        reference, self.shared_pass = policy.env_reference(n_envs, reference)
         self.envs = TextGenVectorEnv(
             n_envs,
             model=reference,
@@ -248,16 +228,10 @@ class OnPolicyAlgorithm:
             device=policy.device,  # for a reward model given by name
             dtype=policy.dtype,
         )
-        # an encoder-decoder's observation also holds the decoder prefix: (2, W), each W wide in HF layout
-        shape = self.envs.single_observation_space.shape
-        self.buffer = RolloutBuffer(
-            self.n_steps,
-            n_envs,
-            shape[-1],
-            self.process_group,
-            decoder_len=shape[-1] if len(shape) == 2 else None,
-        )
-        self.optimizer = self.make_optimizer(trainable)
+        # the HF arrays' width (an encoder-decoder's observation (2, W): its source and its decoder's, each W)
+        width = self.envs.single_observation_space.shape[-1]
+        self.buffer = RolloutBuffer(self.n_steps, n_envs, width, self.process_group, kind=policy.kind)
+        self.trainer = self.make_trainer(trainable)
         main = self.process_group.is_main_process
         self.logger = Logger(self.run_dir if main else None, verbose if main else 0)
         self.iteration = 0
@@ -301,9 +275,7 @@ class OnPolicyAlgorithm:
 
     def _hf(self, obs: np.ndarray) -> dict[str, np.ndarray]:
         """The env's observations (N, L) (encoder-decoder: (N, 2, W)) in the HF layout of the policy."""
-        return hf_inputs(
-            obs, self.policy.tokenizer.pad_token_id, encoder_decoder=self.policy.is_encoder_decoder
-        )
+        return self.policy.kind.hf_inputs(obs, self.policy.tokenizer.pad_token_id)
 
     def _collect_rollouts(self) -> dict[str, Any]:
         # this process's envs are rows rank * n_envs ... of one global batch: prompts and samples of their own
@@ -396,20 +368,41 @@ class OnPolicyAlgorithm:
         raise NotImplementedError
 
     def _current_lr(self) -> float:
-        if self.lr_schedule == "constant" or not self._total_iterations:
+        if not self._total_iterations:  # outside learn(): the peak
             return self.learning_rate
-        return self.learning_rate * max(0.0, 1.0 - self.iteration / self._total_iterations)
+        return self.learning_rate * schedule_factor(self.iteration, self._total_iterations, self.lr_schedule)
 
-    def make_optimizer(self, params: Sequence[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        """AdamW over ``params``, stepping float32 master copies of the low-precision ones. An algorithm
-        that steps part of the policy by hand (TRPO's actor) builds the optimizer of the rest with this."""
-        self._masters = MasterWeights(params)
-        return torch.optim.AdamW(self._masters.params, lr=self.learning_rate, weight_decay=0.0, foreach=False)
+    def make_trainer(self, params: Sequence[torch.nn.Parameter]) -> Trainer:
+        """The trainer skeleton (:class:`~algorithms.common.trainer.Trainer`: AdamW over float32 master copies
+        of the low-precision ``params``, finite steps, the non-finite guard, checkpoints). An algorithm that
+        steps part of the policy by hand (TRPO's actor) builds the trainer of the rest with this."""
+        return Trainer(
+            params,
+            self.process_group,
+            learning_rate=self.learning_rate,
+            max_grad_norm=self.max_grad_norm,
+            max_nonfinite=self.max_nonfinite,
+            unit="iteration",
+            hint="check the reward function and the learning rate",
+        )
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The trainer's AdamW (over the float32 masters of low-precision parameters)."""
+        return self.trainer.optimizer
+
+    @optimizer.setter
+    def optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        self.trainer.optimizer = optimizer
+
+    @property
+    def nonfinite(self) -> NonFiniteGuard:
+        """Counts the iterations in a row that skipped a non-finite update; stops the run."""
+        return self.trainer.guard
 
     def zero_grad(self) -> None:
         """Drop the accumulated gradients (of the parameters and of their master copies)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        self._masters.zero_grad()
+        self.trainer.zero_grad()
 
     def apply_gradients(self, loss: torch.Tensor) -> bool:
         """Backward, clip, step, unless the loss or the gradient is not finite (then nothing changes)."""
@@ -426,18 +419,9 @@ class OnPolicyAlgorithm:
         """Average the accumulated gradients over the processes, clip them and step, unless this process's
         loss (``finite=False``) or the averaged gradient's norm is not finite (then nothing changes, in every
         process). Every process must call it the same number of times."""
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        if self._masters.active and list(map(id, params)) != list(map(id, self._masters.params)):
-            raise RuntimeError(
-                "the optimizer must step the float32 master weights: build it with make_optimizer()"
-            )
-        self._masters.gradients_to_masters()
-        if step_if_finite(self.optimizer, params, self.process_group, finite, self.max_grad_norm) is None:
-            self.zero_grad()
+        if self.trainer.step(finite) is None:
             self._skipped_updates += 1
             return False
-        self._masters.masters_to_params()
-        self.zero_grad()  # free the gradients now, not after the next minibatch's forward pass: a lower peak
         return True
 
     def learn(self, iterations: int, progress_bar: bool = False, export: bool = True) -> OnPolicyAlgorithm:
@@ -455,8 +439,8 @@ class OnPolicyAlgorithm:
 
             bar = tqdm(total=iterations, initial=self.iteration, desc="lm-gym", unit="it")
         while self.iteration < iterations:
-            for group in self.optimizer.param_groups:
-                group["lr"] = self._current_lr()
+            for param_group in self.optimizer.param_groups:
+                param_group["lr"] = self._current_lr()
             rollout = self.collect_rollouts()
             _release_free_memory()  # before the update's peak: the rollout's freed buffers back to the OS
             self._skipped_updates = 0
@@ -514,56 +498,37 @@ class OnPolicyAlgorithm:
     def save_checkpoint(self) -> Path:
         """Write weights (safetensors), optimizer, KL controller and counters atomically; return the folder.
         Weights that hold NaN or inf are refused (``ValueError``): the earlier checkpoints stay as they are."""
-        # every process's RNG state; only the main process writes (the weights are the same everywhere)
-        rng = rng_state(self.process_group)
-        root = self.run_dir / "checkpoints"
+        trainable = {key: p for key, p in self.policy.named_parameters() if p.requires_grad}
+        state = {
+            "iteration": self.iteration,
+            "num_timesteps": self.num_timesteps,
+            "kl_controller": self.kl_controller.state_dict(),
+        }
         name = f"iter_{self.iteration:06d}"
-        if not self.is_main_process:
-            return root / name
-
-        def write(staging: Path) -> None:
-            trainable = [(key, p) for key, p in self.policy.named_parameters() if p.requires_grad]
-            save_weights(  # float32 master values where the optimizer holds them: a resumed run loses no bits
-                {key: self._masters.master(p) for key, p in trainable}, staging / "policy.safetensors"
-            )
-            torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
-            self._save_extra_state(staging)
-            state = {
-                "iteration": self.iteration,
-                "num_timesteps": self.num_timesteps,
-                "kl_controller": self.kl_controller.state_dict(),
-                "nonfinite_streak": self.nonfinite.streak,
-                **rng,
-            }
-            (staging / "state.json").write_text(json.dumps(state))
-
-        return write_checkpoint(root, name, write, self.keep_checkpoints)
+        return self.trainer.save(
+            self.run_dir / "checkpoints",
+            name,
+            trainable,
+            state,
+            self.keep_checkpoints,
+            weights_file=POLICY_FILE,
+            write_extra=self._save_extra_state,
+        )
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore a checkpoint folder, or the latest intact one of a run directory, to continue with ``learn``;
         what the run logged after that checkpoint is dropped from its logs at the next write."""
         path = Path(path)
         path = latest_checkpoint(path / "checkpoints") or path
-        if not (path / "policy.safetensors").exists():
+        if not (path / POLICY_FILE).exists():
             raise FileNotFoundError(
-                f"no checkpoint at {path} (expected policy.safetensors, optimizer.pt, state.json)"
+                f"no checkpoint at {path} (expected {POLICY_FILE}, optimizer.pt, state.json)"
             )
-        expected = self.policy.trainable_state_dict()
-        weights = load_weights(
-            path / "policy.safetensors",
-            expected,
-            self.policy.device,
-            "policy (LoRA vs full, or another model)",
-        )
-        params = dict(self.policy.named_parameters())
-        self._masters.load([(params[name], value) for name, value in weights.items()])
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        state = json.loads((path / "state.json").read_text())
+        trainable = {key: p for key, p in self.policy.named_parameters() if p.requires_grad}
+        state = self.trainer.load(path, trainable, POLICY_FILE, "policy (LoRA vs full, or another model)")
         self.iteration, self.num_timesteps = state["iteration"], state["num_timesteps"]
         self.kl_controller.load_state_dict(state["kl_controller"])
-        self.nonfinite.streak = state["nonfinite_streak"]
         self.logger.resume(self.iteration)
-        restore_rng_state(state, self.process_group, path)
         self._load_extra_state(path)
 
     def _save_extra_state(self, folder: Path) -> None:
@@ -595,12 +560,3 @@ def _release_free_memory() -> None:
 
 
 _MALLOC_TRIM: Any = None
-
-
-def _check(name: str, value: Any, ok: Callable[[Any], bool], allowed: str) -> None:
-    try:
-        good = bool(ok(value))
-    except TypeError:
-        good = False
-    if not good:
-        raise ValueError(f"{name} must be {allowed}; got {value!r}")

@@ -20,9 +20,10 @@ import torch
 __all__ = ["MasterWeights", "check_trainable_dtype"]
 
 
-def check_trainable_dtype(model: torch.nn.Module) -> None:
-    """Refuse to train a float16 model (with a message naming what works)."""
-    dtypes = {p.dtype for p in model.parameters()}
+def check_trainable_dtype(model: torch.nn.Module | Iterable[torch.nn.Parameter]) -> None:
+    """Refuse to train a float16 model or parameters (with a message naming what works)."""
+    params = model.parameters() if isinstance(model, torch.nn.Module) else model
+    dtypes = {p.dtype for p in params}
     if torch.float16 in dtypes:
         raise ValueError(
             "float16 weights cannot be trained here: float16 gradients under- and overflow without loss "

@@ -1,0 +1,1 @@
+"""Tests of algorithms/common/: the on-policy core and the trainer skeleton."""

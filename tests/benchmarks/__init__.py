@@ -1,0 +1,1 @@
+"""The benchmarks/ scripts, run end to end on tiny."""

@@ -1,0 +1,1 @@
+"""The examples/ scripts, run end to end on tiny."""

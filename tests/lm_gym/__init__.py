@@ -1,0 +1,1 @@
+"""Tests of lm_gym/, the environment side."""
