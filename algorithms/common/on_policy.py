@@ -22,7 +22,7 @@ from algorithms.common.distributed import ProcessGroup
 from algorithms.common.logger import Logger
 from algorithms.common.nonfinite import NonFiniteGuard, NonFiniteLossError, check_finite
 from algorithms.common.precision import check_trainable_dtype
-from algorithms.common.trainer import LR_SCHEDULES, Trainer, check_arg, schedule_factor
+from algorithms.common.trainer import LR_SCHEDULES, Trainer, check_arg
 from algorithms.policy import LMActorCriticPolicy, RolloutAgent
 from lm_gym.decoding import torch_threads
 from lm_gym.env import TextGenVectorEnv
@@ -178,7 +178,7 @@ class OnPolicyAlgorithm:
             lambda v: v is None or (int(v) == v and v >= 1),
             ">= 1 or None",
         )
-        NonFiniteGuard(max_nonfinite, unit="iteration", hint="")  # checks max_nonfinite before the slow setup
+        check_arg("max_nonfinite", max_nonfinite, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
         self.max_nonfinite = max_nonfinite
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be 'constant' or 'linear'; got {lr_schedule!r}")
@@ -370,7 +370,7 @@ class OnPolicyAlgorithm:
     def _current_lr(self) -> float:
         if not self._total_iterations:  # outside learn(): the peak
             return self.learning_rate
-        return self.learning_rate * schedule_factor(self.iteration, self._total_iterations, self.lr_schedule)
+        return self.trainer.learning_rate_at(self.iteration, self._total_iterations)
 
     def make_trainer(self, params: Sequence[torch.nn.Parameter]) -> Trainer:
         """The trainer skeleton (:class:`~algorithms.common.trainer.Trainer`: AdamW over float32 master copies
@@ -381,6 +381,7 @@ class OnPolicyAlgorithm:
             self.process_group,
             learning_rate=self.learning_rate,
             max_grad_norm=self.max_grad_norm,
+            lr_schedule=self.lr_schedule,
             max_nonfinite=self.max_nonfinite,
             unit="iteration",
             hint="check the reward function and the learning rate",
