@@ -559,7 +559,7 @@ def add_pipeline_parser(sub: Any) -> None:
         default="default",
         choices=list(PIPELINE_PRESETS),
         help="default: RLHF on the embedded model; overoptimize: no KL penalty, more steps (shows the proxy "
-        "rising while gold peaks); quick: tiny model, toy task, a minute",
+        "rising while gold peaks); quick: tiny model, toy task, seconds",
     )
     p.add_argument("--algo", default="ppo", choices=sorted(ALGORITHMS), help="the RL algorithm of step 3")
     skip = {"rl_settings", "policy_settings"}  # the next flags set some of them

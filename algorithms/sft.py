@@ -39,6 +39,7 @@ from huggingface_hub import is_offline_mode
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from algorithms.common.distributed import ProcessGroup
+from algorithms.common.lora import add_lora
 from algorithms.common.nonfinite import check_finite
 from algorithms.common.trainer import Trainer, check_arg
 from lm_gym.preferences.data import is_local_path
@@ -549,8 +550,6 @@ class SFT:
         return settings
 
     def _trainable_model(self) -> torch.nn.Module:
-        from algorithms.common.lora import add_lora
-
         return add_lora(self.model, self.lora_r, self.lora_alpha, self.lora_target_modules)
 
     def save_pretrained(self, directory: str | Path) -> Path:
