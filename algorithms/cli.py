@@ -37,11 +37,14 @@ from algorithms.flags import (
 )
 from algorithms.pipeline import PipelineConfig
 from algorithms.policy import LMActorCriticPolicy
-from algorithms.presets import DEMO, DEMO_EVAL_PROMPTS, DEMO_ITERATIONS, DEMO_SEEDS, PIPELINE_PRESETS
+from algorithms.presets import DEMO_SEEDS, GRID, GRID_QUICK, PIPELINE_PRESETS
 from algorithms.reward_model import train_reward_model
 from algorithms.run import ALGORITHMS, run_training
 from algorithms.sft import SENTIMENT_DEMOS, SFT
 from lm_gym.env import DEFAULT_MODEL
+from lm_gym.evaluation import evaluate
+from lm_gym.preferences import AnnotatorPanel, collect_preferences
+from lm_gym.preferences.panel import AGGREGATES
 from lm_gym.tasks import TASKS
 
 # What a user's settings, files or machine can cause: each ends the command with one line, unless --debug.
@@ -61,6 +64,24 @@ RM_FLAGS = (
     "vote_share",
 )
 PIPELINE_RL_FLAGS = ("n_envs", "max_new_tokens", "kl_coef", "learning_rate")
+# The parameters of the library call behind eval, demo and collect that those commands take as flags.
+EVAL_FLAGS = ("num_prompts", "max_new_tokens", "temperature", "seed")  # lm_gym.evaluation.evaluate
+DEMO_FLAGS = ("iterations", "max_new_tokens", "eval_prompts", "learning_rate")  # algorithms.demo.demo
+COLLECT_FLAGS = ("k", "max_new_tokens", "temperature", "batch_size")  # collect_preferences
+# The range check of every count, size, rate and seed flag of those commands (and train-rm's).
+RANGES = dict(
+    num_prompts=positive_int,
+    max_new_tokens=positive_int,
+    temperature=positive_float,
+    seed=non_negative_int,
+    iterations=positive_int,
+    eval_prompts=positive_int,
+    learning_rate=positive_float,
+    k=positive_int,
+    batch_size=positive_int,
+    epochs=positive_int,
+    max_length=positive_int,
+)
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -101,13 +122,11 @@ def train_cmd(args: argparse.Namespace) -> OnPolicyAlgorithm:
 
 
 def demo_cmd(args: argparse.Namespace) -> dict[int, dict[str, dict[str, float]]]:
-    options = ("model", "task", "seeds", "iterations", "max_new_tokens", "eval_prompts", "learning_rate")
-    options += ("run_dir", "device", "dtype")
+    options = ("model", "task", "seeds", *DEMO_FLAGS, "run_dir", "device", "dtype")
     return demo(**{name: getattr(args, name) for name in options})
 
 
 def evaluate_cmd(args: argparse.Namespace) -> dict[str, float]:
-    from lm_gym.evaluation import evaluate
     from lm_gym.models import load_causal_lm
 
     device, dtype = device_and_dtype(args.device, args.dtype)
@@ -120,10 +139,7 @@ def evaluate_cmd(args: argparse.Namespace) -> dict[str, float]:
         task=args.task,
         split=args.split,
         reward=args.reward,
-        num_prompts=args.num_prompts,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        seed=args.seed,
+        **{name: getattr(args, name) for name in EVAL_FLAGS},
     )
     for prompt, text, score, gold, kl in result.samples[: args.show]:
         print(f"score {score:+.3f} gold {gold:+.3f} KL {kl:6.2f} | {prompt} >>> {text!r}")
@@ -203,7 +219,7 @@ def sft_cmd(args: argparse.Namespace) -> dict[str, float]:
 def collect_cmd(args: argparse.Namespace) -> dict[str, float]:
     """Preference data (RLHF step 2): K completions per prompt, ranked by a simulated annotator panel."""
     from lm_gym.models import load_causal_lm
-    from lm_gym.preferences import AnnotatorPanel, collect_preferences, write_collection
+    from lm_gym.preferences import write_collection
     from lm_gym.preferences.collect import collection_report
     from lm_gym.tasks import get_task
 
@@ -213,11 +229,9 @@ def collect_cmd(args: argparse.Namespace) -> dict[str, float]:
     panel = AnnotatorPanel(
         task.make_reward(), aggregate=args.aggregate, min_agreement=args.min_agreement, seed=args.seed
     )
-    sampling = dict(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_size=args.batch_size
-    )
+    sampling = {name: getattr(args, name) for name in COLLECT_FLAGS}
     collection = collect_preferences(
-        model, tokenizer, prompts, panel, k=args.k, seed=args.seed, progress=True, **sampling
+        model, tokenizer, prompts, panel, seed=args.seed, progress=True, **sampling
     )
     settings = {k: v for k, v in vars(args).items() if k not in ("func", "command", "debug")}
     paths = write_collection(collection, args.out, settings)
@@ -343,22 +357,7 @@ def add_demo_parser(sub: Any) -> None:
         default=list(DEMO_SEEDS),
         help="one PPO run per seed; the table shows the mean and spread over them",
     )
-    p.add_argument(
-        "--iterations",
-        type=positive_int,
-        default=DEMO_ITERATIONS,
-        help="PPO iterations per seed (about 15 s each on 2 CPU cores)",
-    )
-    p.add_argument("--max-new-tokens", type=positive_int, default=DEMO["max_new_tokens"], help="text length")
-    p.add_argument(
-        "--eval-prompts",
-        type=positive_int,
-        default=DEMO_EVAL_PROMPTS,
-        help="held-out prompts for the before/after table (default: the whole eval split)",
-    )
-    p.add_argument(
-        "--learning-rate", type=positive_float, default=DEMO["learning_rate"], help="AdamW learning rate"
-    )
+    add_flags(p, demo, names=DEMO_FLAGS, types=RANGES, defaults=True)
     p.add_argument("--run-dir", default="runs/demo", help="report, curves; per seed: logs and final model")
     add_device_flags(p)
     p.set_defaults(func=demo_cmd)
@@ -379,18 +378,16 @@ def add_eval_parser(sub: Any) -> None:
     p.add_argument(
         "--reward", default=None, help="reward model name/folder (default: the task's gold scorer)"
     )
-    p.add_argument(
-        "--num-prompts", type=positive_int, default=None, help="evaluate on the first N prompts only"
-    )
-    p.add_argument("--max-new-tokens", type=positive_int, default=48, help="text length limit")
-    p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seeds the sampling")
+    add_flags(p, evaluate, names=EVAL_FLAGS, types=RANGES, defaults=True)
     p.add_argument("--show", type=non_negative_int, default=5, help="print this many sample texts")
     add_device_flags(p)
     p.set_defaults(func=evaluate_cmd)
 
 
 def add_benchmark_parser(sub: Any, train_flags: dict[str, argparse.Action]) -> None:
+    def preset(key: str) -> str:  # the grid preset's value of a flag left out
+        return f"(default {GRID[key]}; with --quick {GRID_QUICK[key]})"
+
     p = sub.add_parser(
         "benchmark",
         help="run a grid of algorithms x seeds on a task; tables (md, csv) and plots (resumable)",
@@ -402,14 +399,19 @@ def add_benchmark_parser(sub: Any, train_flags: dict[str, argparse.Action]) -> N
         "--task",
         default=None,
         choices=sorted(TASKS),
-        help="prompt set and gold scorer (default sentiment; letters with --quick)",
+        help=f"prompt set and gold scorer {preset('task')}",
     )
     p.add_argument("--seeds", type=positive_int, default=3, help="seeds per algorithm (0, 1, ...)")
-    p.add_argument("--model", default=None, help=f"initial model of every run (default {DEFAULT_MODEL})")
+    p.add_argument("--model", default=None, help=f"initial model of every run {preset('model')}")
     p.add_argument("--reward", default=None, help="reward model name/folder (default: the task's)")
-    p.add_argument("--iterations", type=positive_int, default=None, help="iterations per run (default 10)")
     p.add_argument(
-        "--eval-prompts", type=positive_int, default=None, help="held-out prompts per run (default 32)"
+        "--iterations", type=positive_int, default=None, help=f"iterations per run {preset('iterations')}"
+    )
+    p.add_argument(
+        "--eval-prompts",
+        type=positive_int,
+        default=None,
+        help=f"held-out prompts per run {preset('eval_prompts')}",
     )
     p.add_argument(
         "--config",
@@ -419,7 +421,8 @@ def add_benchmark_parser(sub: Any, train_flags: dict[str, argparse.Action]) -> N
     p.add_argument(
         "--quick",
         action="store_true",
-        help="tiny model, toy 'letters' task, 20 iterations: minutes (teaching, CI smoke test)",
+        help=f"tiny model, toy 'letters' task, {GRID_QUICK['iterations']} iterations: minutes (teaching, CI "
+        "smoke test)",
     )
     p.add_argument("--out", default="runs/benchmark", help="results folder; finished cells are not rerun")
     p.add_argument(
@@ -479,28 +482,18 @@ def add_collect_parser(sub: Any) -> None:
     p.add_argument(
         "--num-prompts", type=positive_int, default=None, help="use the first N prompts (default all)"
     )
-    p.add_argument(
-        "--k", type=positive_int, default=24, help="completions per prompt; a ranking gives k(k-1)/2 pairs"
-    )
-    p.add_argument("--max-new-tokens", type=positive_int, default=16, help="completion length limit")
-    p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="sequences generated side by side")
+    add_flags(p, collect_preferences, names=COLLECT_FLAGS, types=RANGES, defaults=True)
     p.add_argument(
         "--aggregate",
         default="majority",
-        choices=["majority", "borda", "single"],
+        choices=list(AGGREGATES),
         help="how the panel's rankings become labels: per-pair majority of all annotators, one Borda "
         "ranking, or one random annotator per prompt (default majority)",
     )
     p.add_argument(
         "--out", default="prefs.jsonl", help="records (JSONL); also writes OUT.elo.jsonl and OUT.meta.json"
     )
-    p.add_argument(
-        "--min-agreement",
-        type=float,
-        default=0.0,
-        help="pairs on which fewer annotators agree are ties and get no record (0.8: 4 of 5; default 0)",
-    )
+    add_flags(p, AnnotatorPanel, names=["min_agreement"], types={"min_agreement": float}, defaults=True)
     p.add_argument("--seed", type=non_negative_int, default=0, help="seeds the sampling and the panel")
     p.set_defaults(func=collect_cmd)
 
@@ -518,12 +511,7 @@ def add_train_rm_parser(sub: Any) -> None:
         p,
         train_reward_model,
         names=RM_FLAGS,
-        types=dict(
-            epochs=positive_int,
-            learning_rate=positive_float,
-            batch_size=positive_int,
-            max_length=positive_int,
-        ),
+        types=RANGES,
         flag_names={"learning_rate": "lr"},
     )
     p.add_argument(

@@ -163,6 +163,7 @@ def add_flags(
     types: Mapping[str, Callable[[str], Any]] | None = None,
     flag_names: Mapping[str, str] | None = None,
     default_help: str = "default: {}",
+    defaults: bool = False,
 ) -> list[str]:
     """Add one ``--flag`` per keyword argument of ``obj`` (a function, a class, a dataclass); return the names
     of the parameters the flags set.
@@ -170,7 +171,7 @@ def add_flags(
     The flag of ``learning_rate`` is ``--learning-rate``; its help is the parameter's entry in the ``Args:``
     section followed by its default; its value is parsed as the annotation says (``--flag/--no-flag`` for a
     boolean) and is None unless given, so that a config file or a preset can fill in what the command line
-    leaves out (:func:`given_settings`).
+    leaves out (:func:`given_settings`); with ``defaults``, the parameter's default.
 
     Args:
         parser: where the flags go.
@@ -186,6 +187,8 @@ def add_flags(
         flag_names: a flag's name other than the parameter's (``{"learning_rate": "lr"}``: ``--lr``).
         default_help: how the help ends, ``{}`` standing for the default (a preset's: ``"default: the
             preset's"``).
+        defaults: a flag not given is the parameter's default instead of None, for a command with no config
+            file or preset to fill it in.
     """
     by_name = {p.name: p for p in parameters(obj)}
     if names is None:
@@ -214,16 +217,19 @@ def add_flags(
         annotation = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
         kind = _flag_type(annotation, p.default)
         end = default_help.format(p.default)
+        default = p.default if defaults else None
         text = f"{helps.get(p.name, '')} ({end})".replace("%", "%%")  # argparse formats help with %
         flag = "--" + flag_names.get(p.name, p.name).replace("_", "-")
         if kind is None:
             group.add_argument(
-                flag, dest=p.name, action=argparse.BooleanOptionalAction, default=None, help=text
+                flag, dest=p.name, action=argparse.BooleanOptionalAction, default=default, help=text
             )
         else:
             kind_of_flag = types.get(p.name) or ParamType(kind, annotation)
             metavar = kind_of_flag.__name__.upper()
-            group.add_argument(flag, dest=p.name, type=kind_of_flag, default=None, help=text, metavar=metavar)
+            group.add_argument(
+                flag, dest=p.name, type=kind_of_flag, default=default, help=text, metavar=metavar
+            )
         out.append(p.name)
         if seen is not None:
             seen.add(p.name)

@@ -74,9 +74,9 @@ def evaluate(
         split: which prompts of the task.
         prompts: prompts to use instead.
         reward: the reward function (default: the task's gold scorer).
-        num_prompts: evaluate on the first ``num_prompts`` prompts only.
+        num_prompts: evaluate on the first ``num_prompts`` prompts only (None: all).
         batch_size: texts generated side by side.
-        max_new_tokens: text length limit.
+        max_new_tokens: text length limit, in tokens.
         max_prompt_tokens: prompt length limit.
         temperature: sampling temperature.
         top_k: top-k sampling (0 = off).

@@ -166,8 +166,8 @@ def collect_preferences(
     prompts: Sequence[str],
     panel: AnnotatorPanel,
     *,
-    k: int = 4,
-    max_new_tokens: int = 32,
+    k: int = 24,
+    max_new_tokens: int = 16,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -185,7 +185,7 @@ def collect_preferences(
         prompts: the prompts.
         panel: the annotators (it holds the gold scorer and its own seed).
         k: completions per prompt; each ranking gives up to k(k-1)/2 records.
-        max_new_tokens: length limit of a completion.
+        max_new_tokens: length limit of a completion, in tokens.
         temperature: sampling temperature.
         top_k: top-k sampling (0 = off).
         top_p: nucleus sampling (1.0 = off).

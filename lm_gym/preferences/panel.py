@@ -127,7 +127,8 @@ class AnnotatorPanel:
         aggregate: ``"majority"`` (per pair), ``"borda"`` (one consensus ranking) or ``"single"`` (one
             random annotator per prompt); see the module documentation.
         min_agreement: pairs whose share of agreeing annotators is below this are ties and get no label
-            (0 = keep every decided pair; not available with ``"single"``, which has no agreement).
+            (0.8: 4 of the 5 default annotators; 0 = keep every decided pair; not available with
+            ``"single"``, which has no agreement).
         seed: seeds the noise, the presentation orders, the lapses and the ``"single"`` draws.
     """
 
