@@ -79,6 +79,11 @@ class TextGenEnv(gym.Env):
       KL penalty plus an entropy *penalty*, which pushes the policy towards the reference's most likely
       tokens, and with a stop token towards short texts.
 
+    With ``per_token_reference=False`` the reference never runs (no forward pass at reset or step; half a
+    rollout's cost) and ``kl_coef`` must be 0: the reward is the score alone, at the last step. This is for
+    an algorithm that puts the KL in its loss (the reference's log-probs from one teacher-forced pass of its
+    own) or uses none.
+
     ``docs/environment.md`` has the derivation. A policy equal to the reference has a per-token log-ratio
     of exactly 0 when the agent's log-prob is that of ``softmax(logits / temperature)`` over the whole
     vocabulary, whatever top-k/top-p filter it samples through (as TRL and verl compute it).
@@ -109,9 +114,12 @@ class TextGenEnv(gym.Env):
     ## Info
 
     The same keys at reset and at every step, as numpy scalars: ``ref_log_prob`` (``log pi_ref(a_t|s_t)``;
-    0.0 at reset), ``score`` (the reward-model score at the last step, 0.0 before) and ``prompt_truncated``.
-    With ``info_text=True`` also ``prompt`` and ``text`` (the completion so far, stop token excluded), as
-    strings. The vector env gives each key as an (N,) array with Gymnasium's ``_key`` mask.
+    0.0 at reset, and at every step with ``per_token_reference=False``, where the vector env's
+    ``_ref_log_prob`` mask is False), ``score`` (the reward-model score at the last step, 0.0 before) and
+    ``prompt_truncated``. With ``info_text=True`` also ``prompt`` and ``text`` (the completion so far, stop
+    token excluded), as strings. The vector env gives each key as an (N,) array with Gymnasium's ``_key``
+    mask, and with ``group_size > 1`` a ``group`` key, the id of each row's prompt draw (see
+    :class:`~lm_gym.vector_env.TextGenVectorEnv`, Groups).
 
     ## Arguments
 
@@ -119,7 +127,11 @@ class TextGenEnv(gym.Env):
     import gymnasium as gym, lm_gym
     env = gym.make("TextGen-v1", model="smollm2-135m", task="sentiment", kl_coef=0.05, max_new_tokens=48)
     envs = gym.make_vec("TextGen-v1", num_envs=16, model="tiny")  # native batched TextGenVectorEnv
+    groups = gym.make_vec("TextGen-v1", num_envs=16, group_size=4, model="tiny")  # 4 prompts x 4 rows
     ```
+
+    The vector env's own arguments (``num_envs``, ``autoreset_mode``, ``group_size``) are described in
+    :class:`~lm_gym.vector_env.TextGenVectorEnv`.
 
     Args:
         model: the reference (initial) model: ``"smollm2-135m"`` (default, embedded), ``"tiny"``, a folder,
@@ -167,9 +179,17 @@ class TextGenEnv(gym.Env):
         reference_threads: torch threads of that background thread (default half the cores, at least 1),
             kept as ``reference_threads`` (None when synchronous); an agent in the same process does best
             with the rest meanwhile (see :func:`lm_gym.decoding.torch_threads`).
+        per_token_reference: run the reference one token per step to pay ``kl_coef * log pi_ref(a_t|s_t)``
+            and report ``info["ref_log_prob"]`` (default True). False: the reference is never run (it is
+            still loaded, for its tokenizer and vocabulary), ``kl_coef`` must be 0 (then and later),
+            ``ref_log_prob`` is 0.0 and absent from the ``_ref_log_prob`` mask, and ``reference_decoder`` /
+            ``async_reference=True`` are refused.
         render_mode: ``"ansi"`` (``render()`` returns the text) or ``"human"`` (prints it).
 
     ## Version History
+
+    * v1, issue 17 (same rewards and observations by default): ``group_size`` for the vector env (G rows per
+      prompt, ``info["group"]``) and ``per_token_reference=False`` (no reference pass; ``kl_coef`` 0).
 
     * v1 (issue 15): the environment takes nothing from the agent but its action.
 

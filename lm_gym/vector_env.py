@@ -47,11 +47,25 @@ class TextGenVectorEnv(VectorEnv):
     one ``step`` restarting, its action ignored, its reward 0) and ``DISABLED`` (rows restart only through
     ``reset(options={"reset_mask": ...})``) are there too.
 
+    **Groups** (``group_size=G``, for the critic-free group methods: GRPO, RLOO, ...): at ``reset`` the G
+    consecutive rows of each block (0..G-1, G..2G-1, ...) start from one prompt, drawn by the generator of the
+    block's first reset row (seeded ``s + i`` as above), so the prompts are the seed's and a group method can
+    compare one prompt's G completions. Groups are formed at ``reset`` only: a row that autoresets mid-rollout
+    draws its own prompt with its own generator and is a group of one. A group method that wants whole groups
+    resets all rows together (``DISABLED``, then ``reset`` once every row has ended). ``info["group"]`` (with
+    ``G > 1``; int64, on every row at every step, like ``prompt_truncated``) is the id of the prompt draw the
+    row's current text belongs to: the same for the rows of a group, new at every draw (ids count up over the
+    env's life, unique within one env). With ``options={"prompts": [...]}`` each distinct prompt among a
+    block's reset rows is one draw (pass a prompt G times to group it). ``G = 1`` (default) changes nothing:
+    each row draws its own prompt and there is no ``group`` key.
+
     Args:
         num_envs: N, the number of rows.
         max_episode_steps: a time limit (``gym.make_vec(..., max_episode_steps=k)``): below
             ``max_new_tokens`` it is the texts' length limit, so every text is scored (see Episode End).
         autoreset_mode: an ``AutoresetMode`` (or its value string); default ``SAME_STEP``.
+        group_size: G, the rows that start from one prompt at ``reset`` (see Groups); ``num_envs`` must be a
+            multiple of it. Default 1.
         **kwargs: the arguments of :class:`lm_gym.env.TextGenEnv`.
     """
 
@@ -82,11 +96,35 @@ class TextGenVectorEnv(VectorEnv):
         async_reference: bool | None = None,
         reference_threads: int | None = None,
         autoreset_mode: AutoresetMode | str = AutoresetMode.SAME_STEP,
+        group_size: int = 1,
+        per_token_reference: bool = True,
         render_mode: str | None = None,
     ) -> None:
-        _check_positive(num_envs=num_envs, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens)
+        _check_positive(
+            num_envs=num_envs,
+            max_new_tokens=max_new_tokens,
+            max_prompt_tokens=max_prompt_tokens,
+            group_size=group_size,
+        )
         if max_episode_steps is not None:
             _check_positive(max_episode_steps=max_episode_steps)
+        if num_envs % group_size:
+            raise ValueError(
+                f"num_envs must be a multiple of group_size ({group_size}), whose groups are consecutive rows; "
+                f"got num_envs={num_envs}"
+            )
+        self.group_size = int(group_size)
+        self.per_token_reference = bool(per_token_reference)
+        if not self.per_token_reference and reference_decoder is not None:
+            raise ValueError(
+                "reference_decoder steps the reference per token, which per_token_reference=False never runs; "
+                "pass one or the other"
+            )
+        if not self.per_token_reference and async_reference:
+            raise ValueError(
+                "async_reference=True with per_token_reference=False: there is no reference pass to overlap; "
+                "leave async_reference unset"
+            )
         self.kl_coef = kl_coef
         if kl_estimator != "k1":
             raise ValueError(
@@ -163,7 +201,9 @@ class TextGenVectorEnv(VectorEnv):
             # model it is mostly Python, and two threads only contend for the GIL. An injected decoder may
             # compute what its owner needs at once (a shared pass): nothing to overlap.
             n_params = sum(p.numel() for p in self.reference.parameters())
-            async_reference = reference_decoder is None and n_params >= ASYNC_MIN_PARAMETERS
+            async_reference = (
+                self.per_token_reference and reference_decoder is None and n_params >= ASYNC_MIN_PARAMETERS
+            )
         # The torch threads of the background reference (None: it runs in the caller's thread). An agent in
         # the same process should take the rest of the cores meanwhile: oversubscribed OpenMP threads spin
         # against each other (measured slower than running the two forwards one after the other).
@@ -180,6 +220,9 @@ class TextGenVectorEnv(VectorEnv):
         self._prompt_len = np.zeros(num_envs, dtype=np.int64)
         self._seq: list[list[int]] = [[] for _ in range(num_envs)]  # prompt + generated tokens, per row
         self._truncated_prompt = np.zeros(num_envs, dtype=bool)
+        # the id of the prompt draw each row's text belongs to (info["group"]), and the next id to give
+        self._group = np.zeros(num_envs, dtype=np.int64)
+        self._next_group = 0
         self._steps = np.zeros(num_envs, dtype=np.int64)
         self._ended = np.zeros(num_envs, dtype=bool)  # the row's episode is over (DISABLED mode)
         self._fresh = np.zeros(num_envs, dtype=bool)  # NEXT_STEP: the row restarts on this step
@@ -223,6 +266,10 @@ class TextGenVectorEnv(VectorEnv):
             isinstance(value, numbers.Real) and value >= 0 and math.isfinite(value)
         ):
             raise ValueError(f"kl_coef must be a finite number >= 0; got {value!r}")
+        if not self.per_token_reference and value != 0:
+            raise ValueError(
+                f"kl_coef must be 0 with per_token_reference=False (no reference to pay a KL with); got {value!r}"
+            )
         self._kl_coef = float(value)
 
     def _check_reference_decoder(self, decoder: Any, num_envs: int, async_reference: bool | None) -> None:
@@ -280,16 +327,30 @@ class TextGenVectorEnv(VectorEnv):
             raise ValueError(f"prompt {prompt!r} tokenizes to no tokens")
         return ids[-self.max_prompt_tokens :], len(ids) > self.max_prompt_tokens
 
-    def _start_rows(self, rows: Sequence[int], prompts: Sequence[str] | None = None) -> None:
-        """Pick (or take) prompts for ``rows`` and schedule their prefill."""
+    def _start_rows(
+        self, rows: Sequence[int], prompts: Sequence[str] | None = None, grouped: bool = False
+    ) -> None:
+        """Pick (or take) prompts for ``rows`` and schedule their prefill.
+
+        One prompt draw per row, or with ``grouped`` (at reset) per group: the rows of a block of
+        ``group_size`` consecutive rows that start together share the draw of the block's first such row's
+        generator (with ``prompts``, each distinct prompt of a block is one draw). Each draw gets a new id.
+        """
         token_lists = []
+        draws: dict[Any, tuple[int, str, list[int], bool]] = {}  # key -> (id, text, tokens, cut)
         for k, row in enumerate(rows):
-            if prompts is not None:
-                text = prompts[k]
-                tokens, cut = self._tokenize(text)
-            else:
-                idx = int(self._rngs[row].integers(len(self.prompts)))
-                text, (tokens, cut) = self.prompts[idx], self._prompt_tokens[idx]
+            block = row // self.group_size if grouped else row
+            key = block if prompts is None else (block, prompts[k])
+            if key not in draws:
+                if prompts is not None:
+                    text = prompts[k]
+                    tokens, cut = self._tokenize(text)
+                else:
+                    idx = int(self._rngs[row].integers(len(self.prompts)))
+                    text, (tokens, cut) = self.prompts[idx], self._prompt_tokens[idx]
+                draws[key] = (self._next_group, text, tokens, cut)
+                self._next_group += 1
+            self._group[row], text, tokens, cut = draws[key]
             self._prompt_text[row] = self.tokenizer.decode(tokens) if cut else text
             self._prompt_len[row] = len(tokens)
             self._seq[row] = list(tokens)
@@ -297,7 +358,8 @@ class TextGenVectorEnv(VectorEnv):
             self._steps[row] = 0
             self._ended[row] = False
             token_lists.append(tokens)
-        self._submit(self._decoder.reset_rows, list(rows), token_lists)
+        if self.per_token_reference:
+            self._submit(self._decoder.reset_rows, list(rows), token_lists)
 
     # ------------------------------------------------------------------------------------------ reference
     def _submit(self, fn: Callable, *args: Any) -> None:
@@ -353,7 +415,7 @@ class TextGenVectorEnv(VectorEnv):
                 f"options['prompts'] must hold one prompt per reset env ({len(rows)}); got {len(prompts)}"
             )
         self._wait()
-        self._start_rows(rows, prompts)
+        self._start_rows(rows, prompts, grouped=True)
         self._fresh[rows] = False
         self._needs_reset = False
         infos = self._columns_to_infos(self._info_columns(restarted=mask))
@@ -372,14 +434,19 @@ class TextGenVectorEnv(VectorEnv):
                 "reset them first (reset(options={'reset_mask': mask}))"
             )
         self._wait()
-        logits = self._decoder.logits  # (N, V)
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        # log pi_ref(a) = log_softmax(logits)[a]: log_softmax is one kernel, measured faster on CPU than
-        # logits[a] - logsumexp(logits), whose max, subtract, exp, sum and log run one by one (V = 257 to 49,152)
-        action_ids = torch.from_numpy(actions).to(logits.device)  # (N,)
-        ref_lp = torch.log_softmax(logits, dim=-1).gather(1, action_ids[:, None])[:, 0]
-        ref_lp = ref_lp.double().cpu().numpy()  # (N,)
+        measured = self.per_token_reference  # else no reference pass: ref_log_prob absent (0.0) everywhere
+        if measured:
+            logits = self._decoder.logits  # (N, V)
+            if self.temperature != 1.0:
+                logits = logits / self.temperature
+            # log pi_ref(a) = log_softmax(logits)[a]: log_softmax is one kernel, measured faster on CPU than
+            # logits[a] - logsumexp(logits), whose max, subtract, exp, sum and log run one by one (V = 257 to
+            # 49,152)
+            action_ids = torch.from_numpy(actions).to(logits.device)  # (N,)
+            ref_lp = torch.log_softmax(logits, dim=-1).gather(1, action_ids[:, None])[:, 0]
+            ref_lp = ref_lp.double().cpu().numpy()  # (N,)
+        else:
+            ref_lp = np.zeros(self.num_envs)  # (N,)
 
         # NEXT_STEP: a fresh row restarted at the last step; its action is ignored, its reward is 0
         running = ~self._fresh
@@ -407,7 +474,7 @@ class TextGenVectorEnv(VectorEnv):
 
         # Advance the reference on the rows that go on; with async_reference this runs in the background
         # while the reward model scores the ended rows and the agent computes its next action.
-        if continuing.any():
+        if measured and continuing.any():
             self._submit(self._decoder.append, action_ids, torch.from_numpy(continuing))
 
         # the texts: every row's for the info (info_text), else only the ended rows' for the reward model
@@ -428,7 +495,7 @@ class TextGenVectorEnv(VectorEnv):
 
         # NEXT_STEP: the fresh rows' info is their reset info (see _info_columns)
         columns = self._info_columns(
-            restarted=~running, ref_log_prob=(ref_lp, running), score=(scores, ended), texts=texts
+            restarted=~running, ref_log_prob=(ref_lp, running & measured), score=(scores, ended), texts=texts
         )
         self._fresh[:] = False
         obs = self._advance_observation(running, actions)
@@ -449,7 +516,9 @@ class TextGenVectorEnv(VectorEnv):
             obs = {key: value.copy() for key, value in obs.items()}  # the old arrays may be views
             self._write_observation_rows(obs, ended_rows)
             # the restarted rows' info is their reset info
-            columns = self._info_columns(restarted=ended, ref_log_prob=(ref_lp, continuing), texts=texts)
+            columns = self._info_columns(
+                restarted=ended, ref_log_prob=(ref_lp, continuing & measured), texts=texts
+            )
         self._obs = obs
         return (
             pack_observation(obs),
@@ -521,6 +590,8 @@ class TextGenVectorEnv(VectorEnv):
             # a property of each row's current episode, so present on every row at every step
             ("prompt_truncated", self._truncated_prompt.copy(), np.ones(n, dtype=bool), False),
         ]
+        if self.group_size > 1:  # the prompt draw of each row's current text, likewise on every row
+            columns.append(("group", self._group.copy(), np.ones(n, dtype=bool), -1))
         if self.info_text:
             everyone = np.ones(n, dtype=bool)
             text = _objects(texts if texts is not None else [""] * n)
