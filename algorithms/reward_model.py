@@ -46,7 +46,6 @@ state, the batch-order generator, the torch RNG states, the history; the trainer
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -61,7 +60,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from algorithms.common.distributed import ProcessGroup
 from algorithms.common.nonfinite import check_finite
-from algorithms.common.trainer import Trainer
+from algorithms.common.trainer import Trainer, data_digest
 from lm_gym.preferences.data import PreferenceRecord
 from lm_gym.rewards import REWARD_INPUT, REWARD_MODEL_INFO, RewardFunction, RewardInput
 
@@ -412,9 +411,8 @@ def train_reward_model(
         max_grad_norm=max_grad_norm,
         seed=seed,
     )
-    digest = hashlib.sha256(json.dumps([r.to_json() for r in records], sort_keys=True).encode())
     run_settings = {"base_model": base, **settings, "include_prompt": include_prompt}
-    run_settings["data"] = digest.hexdigest()[:16]  # the records: a resume on other data is refused
+    run_settings["data"] = data_digest([r.to_json() for r in records])  # a resume on other data is refused
     checkpoint = state = None
     if resume:
         checkpoint, state = Trainer.resume_point(checkpoint_dir, run_settings, "train_reward_model")

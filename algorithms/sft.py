@@ -22,7 +22,6 @@ the weights and metrics of the uninterrupted run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -41,7 +40,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from algorithms.common.distributed import ProcessGroup
 from algorithms.common.lora import add_lora
 from algorithms.common.nonfinite import check_finite
-from algorithms.common.trainer import Trainer, check_arg
+from algorithms.common.trainer import Trainer, check_arg, data_digest
 from lm_gym.preferences.data import is_local_path
 
 __all__ = [
@@ -542,11 +541,9 @@ class SFT:
             "max_nonfinite",
         }
         settings = {k: v for k, v in vars(self).items() if k not in skip}
-        digest = hashlib.sha256(
-            json.dumps([[tuple(e) for e in train], [tuple(e) for e in held_out]]).encode()
-        )
         settings["model"] = getattr(self.model, "name_or_path", None)
-        settings["data"] = digest.hexdigest()[:16]  # the tokenized demonstrations, held-out ones included
+        # the tokenized demonstrations, held-out ones included
+        settings["data"] = data_digest([[tuple(e) for e in train], [tuple(e) for e in held_out]])
         return settings
 
     def _trainable_model(self) -> torch.nn.Module:

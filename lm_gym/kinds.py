@@ -149,6 +149,12 @@ class ModelKind(ABC):
         """The model's inputs for a teacher-forced pass over ``batch`` (a
         :class:`~algorithms.common.buffer.SequenceBatch`, or anything with its sequence fields)."""
 
+    def texts_with_actions(self, obs: dict[str, np.ndarray], last_actions: np.ndarray) -> list[np.ndarray]:
+        """Each row's text (:attr:`text_keys`, its padding dropped) with its last action appended: a segment's
+        last observation holds its whole prefix, so this is the whole sequence the segment's actions extend."""
+        ids, mask = (obs[key] for key in self.text_keys)
+        return [np.append(row[m > 0], action) for row, m, action in zip(ids, mask, last_actions)]
+
     def text(self, batch: Any) -> torch.Tensor:
         """(B, L) the text of ``batch``'s sequences, which its ``action_mask`` is over."""
         return getattr(batch, self.text_keys[0])
@@ -207,11 +213,7 @@ class CausalKind(ModelKind):
         n_actions: Sequence[int],
         pad_token_id: int,
     ) -> dict[str, np.ndarray]:
-        # A segment's last observation holds its whole prefix; append the last action to get the sequence.
-        seqs = [
-            np.append(ids[mask > 0], action)
-            for ids, mask, action in zip(obs["input_ids"], obs["attention_mask"], last_actions)
-        ]
+        seqs = self.texts_with_actions(obs, last_actions)
         width = max(len(s) for s in seqs)
         ids = np.full((len(seqs), width), pad_token_id, dtype=np.int64)  # (B, L) left-padded
         mask = np.zeros((len(seqs), width), dtype=np.int64)
@@ -295,12 +297,7 @@ class Seq2SeqKind(ModelKind):
         # the sources (B, S) and the decoder sequences (B, D), right-padded: the layout of teacher forcing, in
         # which positions are exact for any decoder
         sources = [ids[mask > 0] for ids, mask in zip(obs["input_ids"], obs["attention_mask"])]
-        seqs = [
-            np.append(ids[mask > 0], action)
-            for ids, mask, action in zip(
-                obs["decoder_input_ids"], obs["decoder_attention_mask"], last_actions
-            )
-        ]
+        seqs = self.texts_with_actions(obs, last_actions)
         ids, mask = _right_pad(sources, pad_token_id)
         decoder_ids, decoder_mask = _right_pad(seqs, pad_token_id)
         action_mask = np.zeros_like(decoder_mask)

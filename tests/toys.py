@@ -3,6 +3,7 @@ random model, learnable in seconds), 8 envs x 8 tokens, no KL penalty, one seed.
 
 import copy
 
+import numpy as np
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
@@ -41,6 +42,17 @@ def toy_algo(algo_cls, model_and_tokenizer, **kwargs):
         seed=0,
     )
     return algo_cls(policy, **{**settings, **kwargs})
+
+
+def make_rewards_nan(algo) -> None:
+    """From now on the algorithm's env returns NaN rewards (a reward function's NaN is refused before this)."""
+    step = algo.envs.step
+
+    def nan_rewards(actions):
+        obs, rewards, *rest = step(actions)
+        return obs, np.full_like(rewards, np.nan), *rest
+
+    algo.envs.step = nan_rewards
 
 
 def tiny_bert_classifier(seed: int = 0, num_labels: int = 1, max_positions: int = 128):

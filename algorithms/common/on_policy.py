@@ -237,7 +237,6 @@ class OnPolicyAlgorithm:
         self.iteration = 0
         self.num_timesteps = 0
         self._skipped_updates = 0  # this iteration's, counted by apply_gradients / step_optimizer
-        self._total_iterations = 0
 
     # ------------------------------------------------------------------------------------------ processes
     @property
@@ -367,11 +366,6 @@ class OnPolicyAlgorithm:
         """One update from the buffer: the only method an algorithm must write."""
         raise NotImplementedError
 
-    def _current_lr(self) -> float:
-        if not self._total_iterations:  # outside learn(): the peak
-            return self.learning_rate
-        return self.trainer.learning_rate_at(self.iteration, self._total_iterations)
-
     def make_trainer(self, params: Sequence[torch.nn.Parameter]) -> Trainer:
         """The trainer skeleton (:class:`~algorithms.common.trainer.Trainer`: AdamW over float32 master copies
         of the low-precision ``params``, finite steps, the non-finite guard, checkpoints). An algorithm that
@@ -433,15 +427,13 @@ class OnPolicyAlgorithm:
             NonFiniteLossError: ``max_nonfinite`` consecutive iterations skipped a non-finite update; the
                 iteration is logged and, with a ``run_dir``, checkpointed (the last finite weights) first.
         """
-        self._total_iterations = iterations
         bar = None
         if progress_bar and self.is_main_process:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=iterations, initial=self.iteration, desc="lm-gym", unit="it")
         while self.iteration < iterations:
-            for param_group in self.optimizer.param_groups:
-                param_group["lr"] = self._current_lr()
+            learning_rate = self.trainer.set_learning_rate(self.iteration, iterations)
             rollout = self.collect_rollouts()
             _release_free_memory()  # before the update's peak: the rollout's freed buffers back to the OS
             self._skipped_updates = 0
@@ -453,7 +445,7 @@ class OnPolicyAlgorithm:
             if np.isfinite(kl):  # per text, and stepped by texts: Ziegler et al. 2019, section 2.2; TRL
                 self.kl_controller.update(kl, n_samples=rollout["texts"])
             self.logger.record("train/kl_coef", self.kl_controller.value)
-            self.logger.record("train/learning_rate", self._current_lr())
+            self.logger.record("train/learning_rate", learning_rate)
             self.logger.record("time/total_timesteps", self.num_timesteps)
             self._average_metrics()
             self.iteration += 1

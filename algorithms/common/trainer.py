@@ -21,6 +21,7 @@ what a round is: an RL iteration, an SFT or reward-model epoch):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -42,7 +43,7 @@ from algorithms.common.distributed import ProcessGroup
 from algorithms.common.nonfinite import NonFiniteGuard, step_if_finite
 from algorithms.common.precision import MasterWeights, check_trainable_dtype
 
-__all__ = ["LR_SCHEDULES", "Trainer", "check_arg", "schedule_factor"]
+__all__ = ["LR_SCHEDULES", "Trainer", "check_arg", "data_digest", "schedule_factor"]
 
 LR_SCHEDULES = ("constant", "linear")
 OPTIMIZER_FILE = "optimizer.pt"
@@ -57,6 +58,12 @@ def check_arg(name: str, value: Any, ok: Callable[[Any], bool], allowed: str) ->
         good = False
     if not good:
         raise ValueError(f"{name} must be {allowed}; got {value!r}")
+
+
+def data_digest(data: Any) -> str:
+    """A short fingerprint of a run's training data (anything JSON can write), kept in its settings so that
+    a resume on other data is refused."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def schedule_factor(step: int, total_steps: int, kind: str = "constant", warmup_steps: int = 0) -> float:

@@ -6,7 +6,7 @@ import torch
 
 from algorithms.a2c import A2C
 from tests.learning import INITIAL_MAX, THRESHOLDS, run_toy
-from tests.toys import toy_algo
+from tests.toys import make_rewards_nan, toy_algo
 
 
 def make_a2c(tiny, **kwargs):
@@ -49,13 +49,7 @@ def test_same_seed_same_run(tiny):
 
 def test_non_finite_rollout_is_skipped(tiny):
     algo = make_a2c(tiny)
-    step = algo.envs.step
-
-    def nan_rewards(actions):  # the env's rewards turn NaN (a reward function's NaN is refused before this)
-        obs, rewards, *rest = step(actions)
-        return obs, np.full_like(rewards, np.nan), *rest
-
-    algo.envs.step = nan_rewards
+    make_rewards_nan(algo)
     before = [p.detach().clone() for p in algo.policy.parameters()]
     algo.collect_rollouts()
     algo.train()

@@ -9,7 +9,7 @@ import torch
 from algorithms.common.on_policy import NonFiniteLossError
 from algorithms.trpo import TRPO
 from tests.learning import INITIAL_MAX, THRESHOLDS, run_toy
-from tests.toys import toy_algo
+from tests.toys import make_rewards_nan, toy_algo
 
 
 def make_trpo(tiny, **kwargs):
@@ -137,13 +137,7 @@ def test_same_seed_same_run(tiny):
 
 def test_non_finite_reward_never_reaches_the_weights(tiny):
     algo = make_trpo(tiny, n_envs=4, max_nonfinite=2)
-    step = algo.envs.step
-
-    def nan_rewards(actions):  # the env's rewards turn NaN (a reward function's NaN is refused before this)
-        obs, rewards, *rest = step(actions)
-        return obs, np.full_like(rewards, np.nan), *rest
-
-    algo.envs.step = nan_rewards
+    make_rewards_nan(algo)
     before = [p.detach().clone() for p in algo.policy.parameters()]
     with (
         pytest.warns(RuntimeWarning, match="non-finite"),
