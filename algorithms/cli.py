@@ -39,7 +39,7 @@ from algorithms.pipeline import PipelineConfig
 from algorithms.policy import LMActorCriticPolicy
 from algorithms.presets import DEMO_SEEDS, GRID, GRID_QUICK, PIPELINE_PRESETS
 from algorithms.reward_model import train_reward_model
-from algorithms.run import ALGORITHMS, run_training
+from algorithms.run import ALGORITHMS, RECIPES, run_training
 from algorithms.sft import SENTIMENT_DEMOS, SFT
 from lm_gym.env import DEFAULT_MODEL
 from lm_gym.evaluation import evaluate
@@ -153,27 +153,29 @@ def benchmark_cmd(args: argparse.Namespace) -> list[dict[str, Any]]:
     from algorithms.grid import preset_spec, run_benchmark
 
     names = [a.strip() for a in args.algos.split(",") if a.strip()]
-    unknown = [a for a in names if a not in ALGORITHMS]
+    known = {**{name: (name, {}) for name in ALGORITHMS}, **RECIPES}  # name -> (algorithm, recipe settings)
+    unknown = [a for a in names if a not in known]
     if unknown or not names:
-        raise ValueError(f"--algos: unknown {unknown or names}; choose among {sorted(ALGORITHMS)}")
+        raise ValueError(f"--algos: unknown {unknown or names}; choose among {', '.join(known)}")
     device, dtype = device_and_dtype(args.device, args.dtype)
     config = load_config(args.config, args.flags)
-    settings = {k: v for k, v in config.items() if k not in ALGORITHMS}
+    settings = {k: v for k, v in config.items() if k not in known}
     algo_settings = {}
     for name in names:
+        algo, recipe = known[name]
         section = config.get(name, {})
         if not isinstance(section, dict):
             raise ValueError(
                 f"config {args.config}: {name}: expected a mapping of its settings; got {section!r}"
             )
         own = typed_settings(section, args.flags, f"config {args.config}: {name}")
-        accepted = {p.name for p in parameters(OnPolicyAlgorithm) + parameters(ALGORITHMS[name])}
+        accepted = {p.name for p in parameters(OnPolicyAlgorithm) + parameters(ALGORITHMS[algo])}
         for key in {**settings, **own}:
             if key not in accepted:
-                raise ValueError(f"config {args.config}: {key!r} is not an argument of {name}")
-        algo_settings[name] = own
+                raise ValueError(f"config {args.config}: {key!r} is not an argument of {algo}")
+        algo_settings[name] = {**recipe, **own}
     spec = preset_spec(
-        {name: ALGORITHMS[name] for name in names},
+        {name: ALGORITHMS[known[name][0]] for name in names},
         quick=args.quick,
         settings=settings,
         algo_settings=algo_settings,
@@ -393,7 +395,10 @@ def add_benchmark_parser(sub: Any, train_flags: dict[str, argparse.Action]) -> N
         help="run a grid of algorithms x seeds on a task; tables (md, csv) and plots (resumable)",
     )
     p.add_argument(
-        "--algos", default="ppo,a2c,trpo,nlpo", help=f"comma-separated, among {','.join(ALGORITHMS)}"
+        "--algos",
+        default=",".join(ALGORITHMS),
+        help=f"comma-separated, among {', '.join(ALGORITHMS)} (default all of these) and the named recipes "
+        f"{', '.join(RECIPES)} (docs/algorithms.md)",
     )
     p.add_argument(
         "--task",

@@ -208,7 +208,9 @@ def add_flags(
                 f"--{p.name.replace('_', '-')} (default {p.default})" for p in shared
             )
         group = parser.add_argument_group(title, description.replace("%", "%%") if description else None)
-    helps = docstring_args(obj)
+    helps: dict[str, str] = {}
+    for klass in obj.__mro__ if isinstance(obj, type) else (obj,):  # the first class that documents a name
+        helps = {**docstring_args(klass), **helps}
     types, flag_names = types or {}, flag_names or {}
     out = [p.name for p in shared]
     for p in params:

@@ -217,6 +217,54 @@ class LMActorCriticPolicy(nn.Module):
             ``value`` is the critic's estimate of the state *before* each action. With
             ``return_log_probs_all``, a fourth item: log_probs_all (M, V).
         """
+        logits, hidden, context, actions, inputs = self._teacher_forced(
+            self.model, batch, hidden=self.critic_trunk is None
+        )
+        log_prob, entropy, log_probs_all = self._law_log_probs(
+            context, logits, actions, batch.action_masks, entropy_grad
+        )
+        if hidden is None:
+            rows, cols = batch.action_mask[:, 1:].nonzero(as_tuple=True)  # (M,), (M,)
+            checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
+            with _train_mode(self.critic_trunk, checkpointing):
+                out = self.critic_trunk(**{**inputs, "output_hidden_states": True})
+                hidden = self.kind.last_hidden_states(out)[rows, cols]
+        value = self.value_head(hidden.to(self.value_head.weight.dtype))[:, 0]
+        if return_log_probs_all:
+            return log_prob, entropy, value, log_probs_all
+        return log_prob, entropy, value
+
+    @torch.no_grad()
+    def reference_log_probs(self, batch: SequenceBatch, reference: nn.Module | None = None) -> torch.Tensor:
+        """(M,) log-probs of the batch's actions under the reference, in one teacher-forced pass: with LoRA the
+        model with its adapters off, else ``reference`` (a frozen model of the same tokenizer). The law is the
+        policy's (its temperature), the one the rollout's log-probs are under, so the two compare token by token.
+
+        Args:
+            batch: sequences and actions as for :meth:`evaluate_actions`.
+            reference: the frozen model of full fine-tuning (None with LoRA).
+        """
+        if self.adapter is not None:
+            if reference is not None:
+                raise ValueError(
+                    "reference: with LoRA the reference is the model with its adapters off; pass none"
+                )
+            with self.reference():
+                logits, _, context, actions, _ = self._teacher_forced(self.model, batch, hidden=False)
+        elif reference is None:
+            raise ValueError(
+                "reference_log_probs needs the frozen reference model without LoRA (reference_copy())"
+            )
+        else:
+            logits, _, context, actions, _ = self._teacher_forced(reference, batch, hidden=False)
+        return self._law_log_probs(context, logits, actions, batch.action_masks, entropy_grad=False)[0]
+
+    def _teacher_forced(
+        self, model: nn.Module, batch: SequenceBatch, *, hidden: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """One forward pass of ``model`` over the batch's sequences: the logits that predicted each action
+        (M, V) float32, the trunk's last hidden state where each was taken (M, H) if ``hidden``, each action's
+        preceding token (M, 1), the actions (M,), and the model's inputs (for a separate critic trunk)."""
         text = self.kind.text(batch)  # (B, L) the sequences the action mask is over
         # the logits/hidden state at position j-1 predict/evaluate the action at position j
         rows, cols = batch.action_mask[:, 1:].nonzero(as_tuple=True)  # (M,), (M,)
@@ -225,27 +273,16 @@ class LMActorCriticPolicy(nn.Module):
         keep = {"logits_to_keep": text.shape[1] - first} if self._logits_to_keep else {}
         inputs = {
             **self.kind.forward_inputs(batch),
-            "output_hidden_states": True,
+            "output_hidden_states": hidden,
             "use_cache": False,  # one pass: no KV cache to build (and none allowed with checkpointing)
         }
-        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
-        with _train_mode(self.model, checkpointing):  # transformers checkpoints only in train mode
-            out = self.model(**inputs, **keep)
+        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled() and model is self.model
+        with _train_mode(model, checkpointing):  # transformers checkpoints only in train mode
+            out = model(**inputs, **keep)
         logits = out.logits[rows, cols - first].float()  # (M, V)
-        # (M, H) what the value head reads: the trunk's last hidden state where each action was taken
-        hidden = None if self.critic_trunk is not None else self.kind.last_hidden_states(out)[rows, cols]
+        states = self.kind.last_hidden_states(out)[rows, cols] if hidden else None  # (M, H)
         del out  # the (B, L, V) logits are not needed past this point
-        actions = text[rows, cols + 1]  # (M,)
-        log_prob, entropy, log_probs_all = self._law_log_probs(
-            text[rows, cols][:, None], logits, actions, batch.action_masks, entropy_grad
-        )
-        if hidden is None:
-            with _train_mode(self.critic_trunk, checkpointing):
-                hidden = self.kind.last_hidden_states(self.critic_trunk(**inputs))[rows, cols]
-        value = self.value_head(hidden.to(self.value_head.weight.dtype))[:, 0]
-        if return_log_probs_all:
-            return log_prob, entropy, value, log_probs_all
-        return log_prob, entropy, value
+        return logits, states, text[rows, cols][:, None], text[rows, cols + 1], inputs
 
     def _law_log_probs(
         self,

@@ -13,6 +13,7 @@ from typing import Any
 from lm_gym.env import DEFAULT_MODEL
 
 __all__ = [
+    "CRITIC_FREE_STEPS",
     "DEMO",
     "DEMO_EVAL_PROMPTS",
     "DEMO_ITERATIONS",
@@ -45,8 +46,13 @@ DEMO_ITERATIONS, DEMO_EVAL_PROMPTS = 30, 80
 DEMO_TINY: dict[str, Any] = dict(n_envs=4, learning_rate=1e-3)
 
 # ------------------------------------------------------------------ lm-gym benchmark (the grid)
+# PPO's learning rate and optimizer steps per iteration (2 epochs of minibatches of 4 texts) for the critic-free
+# methods, whose defaults take one on-policy step per rollout (TRL's).
+CRITIC_FREE_STEPS: dict[str, Any] = dict(
+    learning_rate=PPO_SENTIMENT["learning_rate"], n_epochs=2, batch_size=4
+)
 # Shared settings of the grid on the embedded default: 8 texts of 24 tokens per iteration, 10 iterations
-# (4 algorithms x 2 seeds take about 75 minutes on 2 CPU cores).
+# (PPO, A2C, TRPO and NLPO x 2 seeds took about 75 minutes on 2 CPU cores).
 GRID: dict[str, Any] = dict(
     model=DEFAULT_MODEL,
     task="sentiment",
@@ -62,6 +68,15 @@ GRID: dict[str, Any] = dict(
         # learning_rate is the critic's only (sb3-contrib's 1e-3); 5 conjugate-gradient steps instead of 15
         # keep an iteration at ~3x PPO's on 2 CPU cores (each is a double backward through the whole LM)
         "trpo": dict(batch_size=4, learning_rate=1e-3, cg_max_steps=5),
+        # The critic-free methods and the recipes of their fixes (algorithms.run.RECIPES) on PPO's terms: its
+        # learning rate and its 4 optimizer steps per iteration (2 epochs of 2 steps of 4 texts), 2 prompts x 4
+        # texts per rollout (GSPO's ratio moves only from a rollout's second step on); each keeps its own KL
+        # placement.
+        **{
+            name: dict(**CRITIC_FREE_STEPS, group_size=4)
+            for name in ("grpo", "rloo", "dr_grpo", "dapo", "gspo", "reinforce_pp_baseline")
+        },
+        "reinforce_pp": dict(**CRITIC_FREE_STEPS),  # plain REINFORCE++: one text per prompt
     },
 )
 # About a minute per algorithm on `tiny` and the toy "letters" task (a random 0.3M model has no sentiment

@@ -15,15 +15,40 @@ from algorithms.a2c import A2C
 from algorithms.common.checkpoints import check_same_settings, prepare_run_dir
 from algorithms.common.on_policy import OnPolicyAlgorithm
 from algorithms.flags import DTYPES, device_and_dtype, parameters
+from algorithms.grpo import GRPO
 from algorithms.nlpo import NLPO
 from algorithms.policy import LMActorCriticPolicy
 from algorithms.ppo import PPO
+from algorithms.reinforce_pp import REINFORCEPP
+from algorithms.rloo import RLOO
 from algorithms.trpo import TRPO
 from lm_gym.env import DEFAULT_MODEL
 
-__all__ = ["ALGORITHMS", "run_training"]
+__all__ = ["ALGORITHMS", "RECIPES", "run_training"]
 
-ALGORITHMS: dict[str, type[OnPolicyAlgorithm]] = {"ppo": PPO, "a2c": A2C, "trpo": TRPO, "nlpo": NLPO}
+ALGORITHMS: dict[str, type[OnPolicyAlgorithm]] = {
+    "ppo": PPO,
+    "a2c": A2C,
+    "trpo": TRPO,
+    "nlpo": NLPO,
+    "grpo": GRPO,
+    "rloo": RLOO,
+    "reinforce_pp": REINFORCEPP,
+}
+
+# Named recipes of the critic-free methods' fixes, for comparing them in one grid (``lm-gym benchmark --algos
+# grpo,dr_grpo,dapo,gspo``): an algorithm of ALGORITHMS and the settings that make the recipe (docs/algorithms.md).
+RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "dr_grpo": ("grpo", dict(scale="none", aggregation="dr_grpo")),  # Liu et al. 2025, section 3.1
+    # Yu et al. 2025 without the overlong filtering (mask_truncated=True): on short texts that hit the length
+    # limit (the sentiment task's 24 tokens) it would leave little to learn from
+    "dapo": ("grpo", dict(aggregation="dapo", eps_high=0.28, dynamic_sampling=True, kl_coef=0.0)),
+    "gspo": (
+        "grpo",
+        dict(importance="sequence", eps_low=3e-4, eps_high=4e-4, kl_coef=0.0),
+    ),  # Zheng et al. 2025
+    "reinforce_pp_baseline": ("reinforce_pp", dict(baseline=True, group_size=4)),
+}
 
 
 def run_training(

@@ -18,7 +18,7 @@ estimator  as a per-token reward (REINFORCE, ``f`` fixed):    in a loss differen
 =========  =================================================  ============================================
 k1         grad KL(pi || pi_ref), unbiased                    0 in expectation
 k2         not a KL gradient                                  grad KL(pi || pi_ref)
-k3         not a KL gradient: grad KL(pi || pi_ref)           grad KL(pi_ref || pi) (the reverse KL)
+k3         not a KL gradient: grad KL(pi || pi_ref)           grad KL(pi_ref || pi) (the forward KL)
            - grad KL(pi_ref || pi), near 0 close to pi_ref,
            often at more than 90 degrees from it far away
 =========  =================================================  ============================================

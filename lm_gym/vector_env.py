@@ -51,8 +51,10 @@ class TextGenVectorEnv(VectorEnv):
     consecutive rows of each block (0..G-1, G..2G-1, ...) start from one prompt, drawn by the generator of the
     block's first reset row (seeded ``s + i`` as above), so the prompts are the seed's and a group method can
     compare one prompt's G completions. Groups are formed at ``reset`` only: a row that autoresets mid-rollout
-    draws its own prompt with its own generator and is a group of one. A group method that wants whole groups
-    resets all rows together (``DISABLED``, then ``reset`` once every row has ended). ``info["group"]`` (with
+    draws its own prompt with its own generator and is a group of one, under a new id. A group method keeps each
+    row's first text after a ``reset`` and drops what a row generates after it restarts (the critic-free core
+    of ``algorithms/`` does, with ``SAME_STEP``; under ``DISABLED`` an ended row cannot be stepped before its
+    reset, and a batch's rows end at different steps). ``info["group"]`` (with
     ``G > 1``; int64, on every row at every step, like ``prompt_truncated``) is the id of the prompt draw the
     row's current text belongs to: the same for the rows of a group, new at every draw (ids count up over the
     env's life, unique within one env). With ``options={"prompts": [...]}`` each distinct prompt among a

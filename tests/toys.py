@@ -72,3 +72,25 @@ def tiny_bert_classifier(seed: int = 0, num_labels: int = 1, max_positions: int 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return BertForSequenceClassification(config), tokenizer
+
+
+def check_same_seed_and_resume(make, tmp_path, iterations: int = 4, crash_at: int = 2):
+    """Two runs of ``make(**kwargs)`` (an algorithm with fixed settings) with the same seed are bit-equal, and
+    a run resumed from its checkpoint after ``crash_at`` iterations ends bit-equal to the uninterrupted run;
+    return the uninterrupted run (its folder ``tmp_path / "whole"``)."""
+    whole = make(run_dir=tmp_path / "whole", checkpoint_every=crash_at)
+    whole.learn(iterations)
+    again = make()
+    again.learn(iterations)
+    for a, b in zip(whole.policy.parameters(), again.policy.parameters()):
+        assert torch.equal(a, b)
+
+    first = make(run_dir=tmp_path / "resumed", checkpoint_every=crash_at)
+    first.learn(crash_at)  # "crash" here
+    resumed = make(run_dir=tmp_path / "resumed", checkpoint_every=crash_at)
+    resumed.load_checkpoint(tmp_path / "resumed")
+    assert resumed.iteration == crash_at
+    resumed.learn(iterations)
+    for a, b in zip(whole.policy.parameters(), resumed.policy.parameters()):
+        assert torch.equal(a, b)
+    return whole

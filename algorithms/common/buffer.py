@@ -62,6 +62,8 @@ class SequenceBatch(NamedTuple):
     action_masks: torch.Tensor | None = None  # (M, V) bool, the tokens allowed at each action (NLPO), or None
     decoder_input_ids: torch.Tensor | None = None  # (B, D) encoder-decoder policies only
     decoder_attention_mask: torch.Tensor | None = None  # (B, D)
+    # (M,) the reference's log-probs (the critic-free methods' KL in the loss), or None
+    ref_log_prob: torch.Tensor | None = None
 
 
 class RolloutBuffer:
@@ -102,23 +104,37 @@ class RolloutBuffer:
         self.advantages = np.zeros((n_steps, n_envs))
         self.returns = np.zeros((n_steps, n_envs))
         self.action_masks: np.ndarray | None = None  # (T, N, V) bool, allocated by the first add() with masks
+        # (T, N) the reference's log-probs, when an algorithm sets them (the critic-free methods' KL in the loss)
+        self.ref_log_probs: np.ndarray | None = None
 
-    def add(self, t: int, obs: dict, actions, log_probs, values, rewards, dones, action_masks=None) -> None:
+    def add(
+        self,
+        t: int,
+        obs: dict,
+        actions,
+        log_probs,
+        values,
+        rewards,
+        dones,
+        action_masks=None,
+        columns: slice = slice(None),
+    ) -> None:
         """Store step ``t``: the observation the actions were taken in, and what followed.
 
         ``action_masks`` (N, V) bool, optional: the tokens the actions were allowed among (NLPO's masks);
-        ``log_probs`` are then those of the masked law.
+        ``log_probs`` are then those of the masked law. ``columns``: where the N rows go (default every column;
+        the critic-free methods' rounds of dynamic sampling fill one block of columns each).
         """
         for key, array in self.observations.items():
-            array[t] = obs[key]
-        self.actions[t] = _np(actions)
-        self.log_probs[t], self.values[t] = _np(log_probs), _np(values)
-        self.rewards[t], self.dones[t] = rewards, dones
+            array[t, columns] = obs[key]
+        self.actions[t, columns] = _np(actions)
+        self.log_probs[t, columns], self.values[t, columns] = _np(log_probs), _np(values)
+        self.rewards[t, columns], self.dones[t, columns] = rewards, dones
         if action_masks is not None:
             masks = _np(action_masks)
             if self.action_masks is None:
                 self.action_masks = np.zeros((self.n_steps, self.n_envs, masks.shape[-1]), dtype=bool)
-            self.action_masks[t] = masks
+            self.action_masks[t, columns] = masks
 
     def compute_returns_and_advantage(self, last_values: np.ndarray, gamma: float, lam: float) -> None:
         self.advantages, self.returns = compute_gae(
@@ -160,18 +176,25 @@ class RolloutBuffer:
         if it has fewer segments than minibatches.
         """
         segments = self.segments()
-        order = rng.permutation(len(segments))
-        if self.process_group is None or not self.process_group.distributed:
-            chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-        else:
-            n_batches = self.process_group.max(-(-len(order) // batch_size))
-            chunks = np.array_split(np.resize(order, max(n_batches, len(order))), n_batches)
-        for chunk in chunks:
-            yield self._batch([segments[i] for i in chunk], device, pad_token_id)
+        for chunk in self.chunks(len(segments), batch_size, rng):
+            yield self.batch([segments[i] for i in chunk], device, pad_token_id)
 
-    def _batch(
+    def chunks(self, n_items: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+        """A shuffled split of ``range(n_items)`` into minibatches of ``batch_size`` indices. With several
+        processes each one gets as many minibatches as the process that needs the most, so that all take the
+        same optimizer steps together: its items spread evenly over them, some repeated if it has fewer items
+        than minibatches."""
+        order = rng.permutation(n_items)
+        if self.process_group is None or not self.process_group.distributed:
+            return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+        n_batches = self.process_group.max(-(-len(order) // batch_size))
+        return np.array_split(np.resize(order, max(n_batches, len(order))), n_batches)
+
+    def batch(
         self, segments: list[tuple[int, int, int]], device: torch.device, pad_token_id: int
     ) -> SequenceBatch:
+        """The ``(env, first_step, last_step)`` segments as one :class:`SequenceBatch` of teacher-forced
+        sequences on ``device``."""
         # A segment's last observation holds its whole prefix; with its last action, the whole sequence.
         last_obs = {
             key: np.stack([a[last, env] for env, _, last in segments]) for key, a in self.observations.items()
@@ -189,6 +212,7 @@ class RolloutBuffer:
             advantages=tensor(pick(self.advantages)),
             returns=tensor(pick(self.returns)),
             action_masks=None if self.action_masks is None else tensor(pick(self.action_masks), torch.bool),
+            ref_log_prob=None if self.ref_log_probs is None else tensor(pick(self.ref_log_probs)),
         )
 
 

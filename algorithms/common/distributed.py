@@ -117,6 +117,13 @@ class ProcessGroup:
         self._all_reduce(tensor)
         return tensor.div_(self.world_size)
 
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum over processes of a tensor of the same shape everywhere, as a new tensor (the tensor itself
+        when alone)."""
+        if not self.distributed:
+            return tensor
+        return self._all_reduce(tensor.clone())
+
     def sum(self, values: Sequence[float]) -> np.ndarray:
         """Element-wise sums over processes of a few numbers (float64), in one collective."""
         out = torch.tensor(values, dtype=torch.float64)

@@ -12,6 +12,7 @@ each function.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -30,6 +31,8 @@ __all__ = [
 Scale = Literal["group", "batch", "none"]
 Aggregation = Literal["grpo", "dr_grpo", "dapo"]
 Importance = Literal["token", "sequence"]
+# Sums a tensor over the data-parallel processes (ProcessGroup.all_sum); None: this process's batch is the batch.
+AllSum = Callable[[torch.Tensor], torch.Tensor] | None
 
 
 def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -42,7 +45,7 @@ def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def group_advantages(
-    scores: torch.Tensor, group_size: int, scale: Scale = "group", eps: float = 1e-4
+    scores: torch.Tensor, group_size: int, scale: Scale = "group", eps: float = 1e-4, all_sum: AllSum = None
 ) -> torch.Tensor:
     """GRPO's outcome advantage (Shao et al. 2024, section 4.1.2): ``A_i = (r_i - mean(r)) / (std(r) + eps)``
     within each group, the same for every token of completion ``i``.
@@ -57,6 +60,8 @@ def group_advantages(
             mean staying the group's (TRL's ``scale_rewards="batch"``); ``"none"`` does not divide (Dr. GRPO,
             Liu et al. 2025, section 3.1: the std division weights easy and hard prompts unequally).
         eps: added to the std before dividing.
+        all_sum: with ``scale="batch"`` and several processes, sums a tensor over them, so that the batch std
+            is over every process's rewards (groups never span processes).
 
     Returns:
         (B,) advantages.
@@ -72,8 +77,20 @@ def group_advantages(
     if scale == "group":
         std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped)  # (B/G, 1)
     else:
-        std = scores.std() if scores.numel() > 1 else torch.zeros((), dtype=scores.dtype)  # ()
+        std = _std(scores, torch.ones_like(scores), all_sum, unbiased=True)  # ()
     return (centred / (std + eps)).reshape(-1)
+
+
+def _std(x: torch.Tensor, mask: torch.Tensor, all_sum: AllSum, unbiased: bool) -> torch.Tensor:
+    """The std of ``x`` where ``mask`` is 1, over every process's ``x`` when ``all_sum`` is given (two passes,
+    as ``torch.std``: no cancellation); 0 for fewer than two values with ``unbiased``."""
+    total = (lambda t: t) if all_sum is None else all_sum
+    n = total(mask.sum().double())
+    mean = total((x * mask).sum().double()) / n.clamp(min=1.0)
+    squares = total((((x - mean) ** 2) * mask).sum().double())
+    dof = n - 1 if unbiased else n
+    var = squares / dof if dof > 0 else torch.zeros((), dtype=torch.float64)
+    return var.sqrt().to(x.dtype)
 
 
 def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -102,6 +119,7 @@ def reinforce_pp_advantages(
     baseline: bool = False,
     group_size: int = 1,
     scores: torch.Tensor | None = None,
+    all_sum: AllSum = None,
 ) -> torch.Tensor:
     """REINFORCE++ (Hu 2025, section 3): returns-to-go with gamma 1 over each row's valid tokens, then
     normalised by the mean and std of all valid tokens of the batch (global, not per group).
@@ -123,6 +141,8 @@ def reinforce_pp_advantages(
         baseline: subtract the group mean of the scores first.
         group_size: completions per prompt ``G`` (used by ``baseline``).
         scores: (B,) the outcome rewards for the baseline (default: the row sums of ``token_rewards``).
+        all_sum: with several processes, sums a tensor over them, so that the mean and std are over every
+            process's tokens (the "global" of the normalisation).
 
     Returns:
         (B, T) advantages, 0 on padding.
@@ -142,9 +162,10 @@ def reinforce_pp_advantages(
         returns = returns - group_mean[:, None]
     elif scores is not None:
         raise ValueError("scores is used only by the baseline variant; pass baseline=True or drop scores")
-    n = mask.sum().clamp(min=1.0)
-    mean = (returns * mask).sum() / n
-    var = (((returns - mean) ** 2) * mask).sum() / n
+    total = (lambda t: t) if all_sum is None else all_sum
+    n = total(mask.sum().double()).clamp(min=1.0)
+    mean = (total((returns * mask).sum().double()) / n).to(returns.dtype)
+    var = (total((((returns - mean) ** 2) * mask).sum().double()) / n).to(returns.dtype)
     return (returns - mean) * var.clamp(min=1e-8).rsqrt() * mask
 
 
@@ -211,6 +232,8 @@ def policy_loss(
     max_tokens: int | None = None,
     kl: torch.Tensor | None = None,
     beta: float = 0.0,
+    num_sequences: float | None = None,
+    num_tokens: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The clipped surrogate of PPO (Schulman et al. 2017, eq. 7) as the group methods aggregate it.
 
@@ -221,12 +244,16 @@ def policy_loss(
 
     * ``grpo``: ``mean_i (sum_t l m / sum_t m)``, each sequence's token mean then the mean over sequences
       (Shao et al. 2024, eq. 3; the ``1/|o_i|`` that biases length).
-    * ``dapo``: ``sum l m / sum m``, one mean over every token of the batch (Yu et al. 2025, section 3.3). TRL
-      divides by the token count of the whole generation batch over processes and accumulation steps;
-      here, of the batch passed in.
+    * ``dapo``: ``sum l m / sum m``, one mean over every token of the batch (Yu et al. 2025, section 3.3).
     * ``dr_grpo``: ``sum l m / (B * max_tokens)``, a constant normaliser (Liu et al. 2025, section 3.1).
       ``max_tokens`` is TRL's ``max_completion_length``; left ``None`` it is ``T``, verl's choice
       (``loss_agg_mode="seq-mean-token-sum-norm"``).
+
+    When one optimizer step accumulates the gradients of several calls (micro-batches) and averages them over
+    processes, ``num_sequences`` / ``num_tokens`` replace this call's own ``B`` / ``sum m``: pass the counts
+    of the whole step over every process divided by the number of processes. The averaged gradient is then the
+    whole step's aggregate, as TRL divides by the token count of the whole batch over processes and
+    accumulation steps.
 
     ``importance="sequence"`` is GSPO (Zheng et al. 2025, section 4: the GSPO objective and its ``s_i``): one ratio per sequence,
     ``s_i = exp(mean_t log r_t)``, the geometric mean of the token ratios (``(pi(o|q)/pi_old(o|q))^(1/|o|)``),
@@ -245,6 +272,8 @@ def policy_loss(
         max_tokens: dr_grpo's constant normaliser per sequence (default ``T``).
         kl: (B, T) per-token KL term (:func:`kl_penalty`), required when ``beta > 0``.
         beta: the KL coefficient.
+        num_sequences: what ``grpo`` and ``dr_grpo`` count as ``B`` (default this batch's rows).
+        num_tokens: what ``dapo`` divides by (default this batch's valid tokens).
 
     Returns:
         The scalar loss and the stats: ``pg_loss`` (the loss without the KL), ``clip_ratio_low`` (fraction
@@ -280,6 +309,9 @@ def policy_loss(
         raise ValueError("beta > 0 needs the per-token kl term; pass kl= or set beta=0")
     if kl is not None and kl.shape != log_prob.shape:
         raise ValueError(f"kl must be (B, T) = {(batch, steps)}; got {tuple(kl.shape)}")
+    for name, count in (("num_sequences", num_sequences), ("num_tokens", num_tokens)):
+        if count is not None and not (math.isfinite(count) and count > 0):
+            raise ValueError(f"{name} must be a finite count > 0 (or None for this batch's); got {count}")
 
     mask = mask.to(log_prob.dtype)  # (B, T)
     adv = advantages[:, None] if advantages.dim() == 1 else advantages  # (B, 1) or (B, T)
@@ -294,12 +326,15 @@ def policy_loss(
     pg_per_token = -torch.min(ratio * adv, clipped * adv).expand(batch, steps)  # (B, T)
     per_token = pg_per_token if kl is None else pg_per_token + beta * kl  # (B, T)
 
+    sequences = batch if num_sequences is None else num_sequences
+    tokens = mask.sum().clamp(min=1.0) if num_tokens is None else num_tokens
+
     def aggregate(x: torch.Tensor) -> torch.Tensor:
         if aggregation == "grpo":
-            return ((x * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+            return ((x * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / sequences
         if aggregation == "dapo":
-            return (x * mask).sum() / mask.sum().clamp(min=1.0)
-        return (x * mask).sum() / (batch * (steps if max_tokens is None else max_tokens))
+            return (x * mask).sum() / tokens
+        return (x * mask).sum() / (sequences * (steps if max_tokens is None else max_tokens))
 
     loss = aggregate(per_token)
     with torch.no_grad():

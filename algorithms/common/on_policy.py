@@ -44,6 +44,10 @@ GLOBAL_METRICS = frozenset(
         "rollout/entropy",
         "rollout/episodes",
         "rollout/unfinished_texts",
+        "rollout/truncated_texts",
+        "rollout/frac_zero_std_groups",
+        "rollout/sampling_rounds",
+        "rollout/sampling_shortfall",
         "time/tokens_per_s",
         "train/kl_coef",
         "train/learning_rate",
@@ -209,7 +213,7 @@ class OnPolicyAlgorithm:
         # The reference: the policy with its adapters off (LoRA), or a frozen copy of it now. With LoRA, the
         # env's reference rows and the agent's rows run as one pass (algorithms.shared_pass), which the env
         # takes as its reference_decoder and the agent reads.
-        reference, self.shared_pass = policy.env_reference(n_envs, reference)
+        reference, self.shared_pass = self._env_reference(reference)
         self.envs = TextGenVectorEnv(
             n_envs,
             model=reference,
@@ -217,16 +221,15 @@ class OnPolicyAlgorithm:
             task=task,
             reward=reward,
             prompts=prompts,
-            kl_coef=self.kl_controller.value,
             max_new_tokens=max_new_tokens,
             max_prompt_tokens=max_prompt_tokens,
             temperature=policy.temperature,
             stop_token_ids=stop_token_ids,
             reference_decoder=self.shared_pass,
             info_text=True,  # the samples logged
-            autoreset_mode=AutoresetMode.SAME_STEP,
             device=policy.device,  # for a reward model given by name
             dtype=policy.dtype,
+            **self._env_options(),
         )
         # the HF arrays' width (an encoder-decoder's observation (2, W): its source and its decoder's, each W)
         width = self.envs.single_observation_space.shape[-1]
@@ -237,6 +240,16 @@ class OnPolicyAlgorithm:
         self.iteration = 0
         self.num_timesteps = 0
         self._skipped_updates = 0  # this iteration's, counted by apply_gradients / step_optimizer
+
+    def _env_reference(self, reference: torch.nn.Module | None) -> tuple[torch.nn.Module, Any]:
+        """The env's ``(model, reference_decoder)``: the reference of its per-token KL penalty
+        (:meth:`~algorithms.policy.LMActorCriticPolicy.env_reference`). Called once, by ``__init__``."""
+        return self.policy.env_reference(self.n_envs, reference)
+
+    def _env_options(self) -> dict[str, Any]:
+        """The env's settings that an algorithm family chooses (the critic-free methods: groups, no per-token
+        reference). Called once, by ``__init__``."""
+        return {"kl_coef": self.kl_controller.value, "autoreset_mode": AutoresetMode.SAME_STEP}
 
     # ------------------------------------------------------------------------------------------ processes
     @property
@@ -344,16 +357,19 @@ class OnPolicyAlgorithm:
         }
         for key, value in stats.items():
             self.logger.record(key, value)
-        all_scores = [score for _, _, score in samples]
-        if self.iteration == 0 and len(all_scores) > 1 and np.ptp(all_scores) == 0:
-            warnings.warn(
-                f"every text of the first rollout scored {all_scores[0]}: the reward gives this policy nothing to "
-                "learn from (e.g. VADER scores the random bytes of the 'tiny' test model 0; its toy task is "
-                "task='letters')",
-                stacklevel=2,
-            )
+        self._warn_if_constant([score for _, _, score in samples])
         # texts: the number of texts rollout/kl is over, which steps the adaptive KL controller
         return {"stats": stats, "samples": samples, "texts": int(texts)}
+
+    def _warn_if_constant(self, scores: Sequence[float]) -> None:
+        """Warn when every text of the first rollout got one score: nothing to learn from."""
+        if self.iteration == 0 and len(scores) > 1 and np.ptp(scores) == 0:
+            warnings.warn(
+                f"every text of the first rollout scored {scores[0]}: the reward gives this policy nothing to "
+                "learn from (e.g. VADER scores the random bytes of the 'tiny' test model 0; its toy task is "
+                "task='letters')",
+                stacklevel=3,
+            )
 
     def _act(self, agent: RolloutAgent, obs: dict[str, np.ndarray]) -> AgentStep:
         """The agent's move at one rollout step. An algorithm that changes how actions are drawn (NLPO's

@@ -75,14 +75,45 @@ def test_bad_input_gives_one_line_errors(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "algo, flag", [("a2c", "--vf-coef"), ("trpo", "--cg-max-steps"), ("nlpo", "--n-epochs")]
+    "algo, flag, value",
+    [
+        ("a2c", "--vf-coef", "0.5"),
+        ("trpo", "--cg-max-steps", "2"),
+        ("nlpo", "--n-epochs", "2"),
+        ("grpo", "--scale", "none"),  # its own flag
+        ("rloo", "--eps-high", "0.28"),  # the critic-free core's
+        ("reinforce_pp", "--baseline", None),
+    ],
 )
-def test_every_algorithm_trains_from_the_cli_with_its_own_and_inherited_flags(tmp_path, algo, flag):
-    value = "2" if flag != "--vf-coef" else "0.5"
+def test_every_algorithm_trains_from_the_cli_with_its_own_and_inherited_flags(tmp_path, algo, flag, value):
     base = ["train", "--algo", algo, "--model", "tiny", "--run-dir", str(tmp_path), "--quiet"]
-    main([*base, "--n-envs", "2", "--max-new-tokens", "3", "--iterations", "1", flag, value])
-    assert json.loads((tmp_path / "config.json").read_text())["algo"] == algo
+    base += ["--n-envs", "2", "--max-new-tokens", "3", "--iterations", "1"]
+    if algo in ("grpo", "rloo", "reinforce_pp"):
+        base += ["--group-size", "2"]  # one group of the 2 texts
+    main([*base, flag, *([value] if value else [])])
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["algo"] == algo
+    key = flag[2:].replace("-", "_")
+    assert config[key] == (True if value is None else type(config[key])(value))
     assert (tmp_path / "final" / "model.safetensors").exists()
+
+
+def test_a_critic_free_recipe_from_a_config_file_trains_and_resumes(tmp_path):
+    """DAPO's settings in YAML (docs/training.md), then a resume of the same run."""
+    run, config = tmp_path / "run", tmp_path / "dapo.yaml"
+    config.write_text(
+        "algo: grpo\naggregation: dapo\neps_high: 0.28\ndynamic_sampling: true\nkl_coef: 0.0\n"
+        "group_size: 2\nn_envs: 4\nmax_new_tokens: 3\ncheckpoint_every: 1\n"
+    )
+    base = ["train", "--model", "tiny", "--run-dir", str(run), "--config", str(config), "--quiet"]
+    main([*base, "--iterations", "1"])
+    main([*base, "--iterations", "2", "--resume"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["iteration"] for row in rows] == [1, 2]
+    assert all("train/clip_ratio_high" in row and "rollout/kl" not in row for row in rows)
+    assert json.loads((run / "config.json").read_text())["aggregation"] == "dapo"
+    with pytest.raises(SystemExit, match="aggregation"):  # resuming with other settings is refused
+        main([*base, "--iterations", "3", "--resume", "--aggregation", "grpo"])
 
 
 def test_a_flag_of_another_algorithm_is_refused(tmp_path):

@@ -161,7 +161,10 @@ CONFIG = "n_envs: 2\nmax_new_tokens: 2\n"  # keeps a run the old code let throug
         (CONFIG + "whiten_rewards: 1\n", r"config \S+: whiten_rewards: expected true or false; got 1$"),
         (CONFIG + "lr_schedule: true\n", r"config \S+: lr_schedule: expected a string; got True$"),
         (CONFIG + "iterations: 0\n", r"config \S+: iterations: must be an integer >= 1; got 0$"),
-        (CONFIG + "algo: sarsa\n", r"config \S+: algo: expected one of a2c, nlpo, ppo, trpo; got 'sarsa'$"),
+        (
+            CONFIG + "algo: sarsa\n",
+            r"config \S+: algo: expected one of a2c, grpo, nlpo, ppo, reinforce_pp, rloo, trpo; got 'sarsa'$",
+        ),
         (CONFIG + "task: imdb\n", r"config \S+: task: expected one of .*sentiment.*; got 'imdb'$"),
         (CONFIG + "clip-range: {a: 1}\n", r"config \S+: clip_range: expected a number; got \{'a': 1\}$"),
         (

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from algorithms.a2c import A2C
-from algorithms.cli import main
+from algorithms.cli import build_parser, main
 from algorithms.grid import BenchmarkSpec, mean_ci, preset_spec, run_benchmark
 from algorithms.ppo import PPO
 from algorithms.presets import GRID, GRID_QUICK
+from algorithms.run import ALGORITHMS, RECIPES
 
 SETTINGS = dict(n_envs=2, max_new_tokens=4, learning_rate=1e-3, checkpoint_every=1)
 
@@ -108,3 +109,26 @@ def test_cli_quick_benchmark(tmp_path, capsys):
     assert "| a2c | 1 |" in text and "Task letters, model tiny" in text
     with pytest.raises(SystemExit, match="unknown"):
         main(["benchmark", "--algos", "ppo,sarsa", "--out", str(out)])
+
+
+def test_cli_benchmark_runs_the_recipes_of_the_critic_free_fixes(tmp_path, capsys):
+    """``--algos dapo`` is GRPO with DAPO's settings, under its own name in the tables; a config section for a
+    recipe goes on top of the recipe."""
+    out, config = tmp_path / "bench", tmp_path / "grid.yaml"
+    config.write_text("dapo:\n  eps_high: 0.3\n")
+    argv = ["benchmark", "--quick", "--algos", "grpo,dapo,gspo", "--seeds", "1", "--iterations", "2"]
+    main([*argv, "--config", str(config), "--out", str(out)])
+    text = capsys.readouterr().out
+    assert all(f"| {name} | 1 |" in text for name in ("grpo", "dapo", "gspo"))
+    settings = {
+        name: json.loads((out / name / "seed_0" / "settings.json").read_text()) for name in ("grpo", "dapo")
+    }
+    recipe = RECIPES["dapo"][1]
+    assert {**settings["dapo"], "eps_high": recipe["eps_high"]}.items() >= recipe.items()
+    assert settings["dapo"]["eps_high"] == 0.3  # the config's section, on top of the recipe
+    assert not {"aggregation", "dynamic_sampling"} & settings["grpo"].keys()
+
+
+def test_the_benchmark_covers_every_algorithm_by_default():
+    assert build_parser().parse_args(["benchmark"]).algos.split(",") == list(ALGORITHMS)
+    assert {"grpo", "rloo", "reinforce_pp"} <= ALGORITHMS.keys()

@@ -15,7 +15,7 @@ def make_nlpo(tiny, **kwargs):
 
 def full_batch(algo):
     """The whole rollout as one teacher-forced batch (actions in ``in_batch_order`` order)."""
-    return algo.buffer._batch(algo.buffer.segments(), algo.policy.device, algo.policy.tokenizer.pad_token_id)
+    return algo.buffer.batch(algo.buffer.segments(), algo.policy.device, algo.policy.tokenizer.pad_token_id)
 
 
 def in_batch_order(algo, array):

@@ -8,7 +8,7 @@ from algorithms.common.buffer import compute_gae
 from algorithms.common.on_policy import NonFiniteLossError
 from algorithms.ppo import PPO, clipped_value_loss
 from tests.learning import INITIAL_MAX, RUNS, THRESHOLDS, kl_gap, load_model, run_toy
-from tests.toys import toy_algo
+from tests.toys import check_same_seed_and_resume, toy_algo
 
 
 def make_ppo(tiny, **kwargs):
@@ -80,21 +80,7 @@ def test_kl_penalty_keeps_the_policy_near_the_reference(tiny):
 
 
 def test_same_seed_same_run_and_resume_equals_uninterrupted(tiny, tmp_path):
-    whole = make_ppo(tiny, run_dir=tmp_path / "whole", checkpoint_every=2)
-    whole.learn(4)
-    again = make_ppo(tiny)
-    again.learn(4)
-    for a, b in zip(whole.policy.parameters(), again.policy.parameters()):
-        assert torch.equal(a, b)
-
-    first = make_ppo(tiny, run_dir=tmp_path / "resumed", checkpoint_every=2)
-    first.learn(2)  # "crash" after iteration 2
-    resumed = make_ppo(tiny, run_dir=tmp_path / "resumed", checkpoint_every=2)
-    resumed.load_checkpoint(tmp_path / "resumed")
-    assert resumed.iteration == 2
-    resumed.learn(4)
-    for a, b in zip(whole.policy.parameters(), resumed.policy.parameters()):
-        assert torch.equal(a, b)
+    check_same_seed_and_resume(lambda **kwargs: make_ppo(tiny, **kwargs), tmp_path)
     assert (tmp_path / "whole" / "final" / "model.safetensors").exists()
     assert (tmp_path / "whole" / "metrics.jsonl").read_text().count("\n") == 4
 

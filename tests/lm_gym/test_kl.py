@@ -260,7 +260,7 @@ def test_which_estimator_gives_which_gradient(seed: int) -> None:
     close(g["reward k1"], forward)
     close(g["reward k3"], forward - reverse)
     assert all(far(g[f"reward {k}"], target) for k in ("k2", "k3") for target in (forward, reverse))
-    # in a loss through log pi: k1 gives nothing, k2 the KL's gradient, k3 the reverse KL's
+    # in a loss through log pi: k1 gives nothing, k2 the KL's gradient, k3 that of KL(pi_ref || pi)
     close(g["loss k1"], torch.zeros_like(forward))
     close(g["loss k2"], forward)
     close(g["loss k3"], reverse)
