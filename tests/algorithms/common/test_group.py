@@ -301,3 +301,24 @@ def test_gspo_clips_per_sequence_and_counts_sequences() -> None:
 def test_bad_arguments_raise_value_error(call, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("aggregation", ["grpo", "dr_grpo", "dapo"])
+def test_split_batch_with_the_whole_counts_sums_to_the_whole_loss(aggregation: str) -> None:
+    """Two micro-batches (or processes) given the whole step's counts add up to the loss of the whole batch,
+    though they hold different numbers of texts and tokens."""
+    gen = torch.Generator().manual_seed(0)
+    log_prob = torch.randn(5, 4, generator=gen, dtype=F64)
+    old = log_prob + 0.3 * torch.randn(5, 4, generator=gen, dtype=F64)
+    advantages = torch.randn(5, generator=gen, dtype=F64)
+    mask = t([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]])
+    settings = dict(aggregation=aggregation, max_tokens=6)
+    whole, _ = policy_loss(log_prob, old, advantages, mask, **settings)
+    counts = dict(num_sequences=5.0, num_tokens=float(mask.sum()))
+    parts = [
+        policy_loss(log_prob[rows], old[rows], advantages[rows], mask[rows], **settings, **counts)[0]
+        for rows in (slice(0, 2), slice(2, 5))
+    ]
+    close(parts[0] + parts[1], whole)
+    alone = policy_loss(log_prob[:2], old[:2], advantages[:2], mask[:2], **settings)[0]
+    assert not math.isclose(float(alone), float(parts[0]))  # the counts matter
