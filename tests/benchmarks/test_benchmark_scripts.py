@@ -22,6 +22,10 @@ CASES = {
         ["--batch", "2", "--new-tokens", "4", "--repeats", "1"],
         r"ratio ours/baseline: \d+\.\d\d",
     ),
+    "vs_trl": (
+        ["--completions", "4", "--group-size", "2", "--new-tokens", "4", "--steps", "2", "--rounds", "1"],
+        r"ratio ours/trl \(GRPO, samples/s\): \d+\.\d\d",
+    ),
     "vs_sb3": (
         ["--n-envs", "2", "--new-tokens", "4", "--prompt-tokens", "8", "--iterations", "1", "--epochs", "1"],
         r"ratio ours/sb3: \d+\.\d\d",
