@@ -22,7 +22,6 @@ from algorithms.common.group import kl_penalty, policy_loss, zero_std_groups
 from algorithms.common.on_policy import OnPolicyAlgorithm
 from algorithms.common.trainer import check_arg
 from algorithms.policy import LMActorCriticPolicy
-from lm_gym.vector_env import step_values
 
 __all__ = ["CriticFreeAlgorithm", "GroupBatch", "GroupRollout"]
 
@@ -33,6 +32,11 @@ CRITIC_SETTINGS = ("gamma", "gae_lambda", "whiten_rewards", "normalize_advantage
 def _core_setting(kwargs: dict[str, Any], name: str) -> Any:
     """A setting of the on-policy core as given in ``kwargs``, else the core's default."""
     return kwargs.get(name, inspect.signature(OnPolicyAlgorithm.__init__).parameters[name].default)
+
+
+def _first_texts(columns: np.ndarray, lengths: np.ndarray) -> list[tuple[int, int, int]]:
+    """The buffer segments ``(column, 0, length - 1)`` of the first texts of ``columns``."""
+    return [(int(c), 0, int(length) - 1) for c, length in zip(columns, lengths)]
 
 
 class GroupRollout(NamedTuple):
@@ -319,11 +323,7 @@ class CriticFreeAlgorithm(OnPolicyAlgorithm):
         """Roll every row's first text into the buffer's columns of ``round_``; return their statistics."""
         n = self.n_envs
         columns = slice(round_ * n, (round_ + 1) * n)
-        seed = self._round_seed(round_)
-        generator = torch.Generator(device=self.policy.device).manual_seed(seed)
-        agent = self.policy.rollout_agent(n, generator, self.shared_pass)
-        obs, _ = self.envs.reset(seed=seed)
-        obs = self._hf(obs)
+        agent, obs = self._start_rollout(self._round_seed(round_))
         stops = set(self.envs.stop_token_ids.tolist())
         on_first_text = np.ones(n, dtype=bool)
         lengths = np.zeros(n, dtype=np.int64)
@@ -332,17 +332,11 @@ class CriticFreeAlgorithm(OnPolicyAlgorithm):
         samples = []
         steps = 0
         for t in range(self.n_steps):
-            step = self._act(agent, obs)
-            next_obs, rewards, terminated, cut, infos = self.envs.step(step.actions)
-            dones = terminated | cut
-            if self.kl_in_reward:
-                # the env pays beta * log pi_ref(a_t); the agent's half of the k1 penalty is -beta * log pi(a_t)
-                log_pi = step.kl_log_probs.double().cpu().numpy()  # (N,)
-                rewards = rewards - beta * log_pi
-                kls += np.where(on_first_text, log_pi - step_values(infos, "ref_log_prob", dones), 0.0)
-            self.buffer.add(
-                t, obs, step.actions, step.log_probs, step.values, rewards, dones, columns=columns
+            # the agent's half of the k1 penalty joins the reward only with the KL in the reward
+            step, next_obs, dones, infos, k1 = self._rollout_step(
+                agent, obs, t, beta if self.kl_in_reward else 0.0, columns
             )
+            kls += np.where(on_first_text, k1, 0.0)
             steps = t + 1
             final = infos.get("final_info", {})
             actions = step.actions.tolist()
@@ -353,7 +347,7 @@ class CriticFreeAlgorithm(OnPolicyAlgorithm):
                 samples.append((final["prompt"][i], final["text"][i], final["score"][i]))
             if not on_first_text.any():
                 break
-            obs = self._hf(next_obs)
+            obs = next_obs
         return {
             "lengths": lengths,
             "scores": scores,
@@ -371,7 +365,7 @@ class CriticFreeAlgorithm(OnPolicyAlgorithm):
         buffer, policy = self.buffer, self.policy
         if buffer.ref_log_probs is None:
             buffer.ref_log_probs = np.zeros_like(buffer.log_probs)
-        segments = [(int(c), 0, int(length) - 1) for c, length in zip(columns, lengths)]
+        segments = _first_texts(columns, lengths)
         for start in range(0, len(segments), self.micro_batch_size):
             chunk = segments[start : start + self.micro_batch_size]
             batch = buffer.batch(chunk, policy.device, policy.tokenizer.pad_token_id)
@@ -410,7 +404,7 @@ class CriticFreeAlgorithm(OnPolicyAlgorithm):
         per_text = advantages.ndim == 1
         for i, (column, length) in enumerate(zip(rollout.columns, rollout.lengths)):
             buffer.advantages[:length, column] = advantages[i] if per_text else advantages[i, :length]
-        segments = [(int(c), 0, int(length) - 1) for c, length in zip(rollout.columns, rollout.lengths)]
+        segments = _first_texts(rollout.columns, rollout.lengths)
         trains = ~rollout.truncated if self.mask_truncated else np.ones(len(segments), dtype=bool)
         beta = self.kl_controller.value if self.kl_in_loss else 0.0
         rng = np.random.default_rng(self._iteration_seed(self.iteration))

@@ -292,28 +292,16 @@ class OnPolicyAlgorithm:
     def _collect_rollouts(self) -> dict[str, Any]:
         # this process's envs are rows rank * n_envs ... of one global batch: prompts and samples of their own
         seed = self._iteration_seed(self.iteration) + self.rank * self.n_envs
-        generator = torch.Generator(device=self.policy.device).manual_seed(seed)
-        agent = self.policy.rollout_agent(self.n_envs, generator, self.shared_pass)
         beta = self.envs.kl_coef = self.kl_controller.value
         start = time.perf_counter()
-        obs, _ = self.envs.reset(seed=seed)
-        obs = self._hf(obs)
+        agent, obs = self._start_rollout(seed)
         episode_kl, episode_len = np.zeros(self.n_envs), np.zeros(self.n_envs, dtype=np.int64)
         on_first_text = np.ones(self.n_envs, dtype=bool)  # rows whose first text has not ended yet
         scores, kls, lengths, samples = [], [], [], []  # scores, KLs and lengths of the first texts
         for t in range(self.n_steps):
-            step = self._act(agent, obs)
-            next_obs, rewards, terminated, truncated, infos = self.envs.step(step.actions)
-            dones = terminated | truncated
-            # The env pays beta * log pi_ref(a_t); the agent's half of the k1 penalty is -beta * log pi(a_t),
-            # from the log-prob it sampled with: r_t = score - beta * (log pi - log pi_ref), exactly.
-            log_pi = step.kl_log_probs.double().cpu().numpy()  # (N,)
-            rewards = rewards - beta * log_pi
-            self.buffer.add(
-                t, obs, step.actions, step.log_probs, step.values, rewards, dones, step.action_masks
-            )
+            _, next_obs, dones, infos, k1 = self._rollout_step(agent, obs, t, beta)
             # every row took a step (SAME_STEP autoreset: no row idles on a reset step)
-            episode_kl += log_pi - step_values(infos, "ref_log_prob", dones)
+            episode_kl += k1
             episode_len += 1
             final = infos.get("final_info", {})
             for i in np.flatnonzero(dones):
@@ -324,7 +312,7 @@ class OnPolicyAlgorithm:
                     on_first_text[i] = False
                 samples.append((final["prompt"][i], final["text"][i], final["score"][i]))
                 episode_kl[i], episode_len[i] = 0.0, 0
-            obs = self._hf(next_obs)
+            obs = next_obs
         # first texts cut by the rollout's end (n_steps < max_new_tokens): their KL and length so far
         kls.extend(episode_kl[on_first_text])
         lengths.extend(episode_len[on_first_text])
@@ -370,6 +358,42 @@ class OnPolicyAlgorithm:
                 "task='letters')",
                 stacklevel=3,
             )
+
+    def _start_rollout(self, seed: int) -> tuple[RolloutAgent, dict[str, np.ndarray]]:
+        """A fresh agent sampling with a generator seeded ``seed``, and the envs reset with ``seed``: their
+        observations in HF layout."""
+        generator = torch.Generator(device=self.policy.device).manual_seed(seed)
+        agent = self.policy.rollout_agent(self.n_envs, generator, self.shared_pass)
+        obs, _ = self.envs.reset(seed=seed)
+        return agent, self._hf(obs)
+
+    def _rollout_step(
+        self,
+        agent: RolloutAgent,
+        obs: dict[str, np.ndarray],
+        t: int,
+        beta: float,
+        columns: slice = slice(None),
+    ) -> tuple[AgentStep, dict[str, np.ndarray], np.ndarray, dict[str, Any], np.ndarray]:
+        """One step of every env, stored as step ``t`` in the buffer's ``columns``, its rewards carrying the
+        agent's half of a KL penalty of coefficient ``beta`` (0: none).
+
+        Returns:
+            the agent's step; the next observations (HF layout); dones (N,); the env's infos; and each row's
+            k1 term ``log pi(a_t) - log pi_ref(a_t)`` (N,), ``log pi_ref`` 0 where the env priced none.
+        """
+        step = self._act(agent, obs)
+        next_obs, rewards, terminated, truncated, infos = self.envs.step(step.actions)
+        dones = terminated | truncated
+        # The env pays beta * log pi_ref(a_t); the agent's half of the k1 penalty is -beta * log pi(a_t),
+        # from the log-prob it sampled with: r_t = score - beta * (log pi - log pi_ref), exactly.
+        log_pi = step.kl_log_probs.double().cpu().numpy()  # (N,)
+        rewards = rewards - beta * log_pi
+        self.buffer.add(
+            t, obs, step.actions, step.log_probs, step.values, rewards, dones, step.action_masks, columns
+        )
+        k1 = log_pi - step_values(infos, "ref_log_prob", dones)
+        return step, self._hf(next_obs), dones, infos, k1
 
     def _act(self, agent: RolloutAgent, obs: dict[str, np.ndarray]) -> AgentStep:
         """The agent's move at one rollout step. An algorithm that changes how actions are drawn (NLPO's
